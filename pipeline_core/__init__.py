@@ -1,0 +1,51 @@
+"""pipeline_core: plan, split, load and run any PyTorch model by stages. Pure torch, no gRPC.
+
+[Note: one plan, one shard loader, stage forms by purpose]
+* Planning happens on the *meta* device: :func:`make_plan` builds the model skeleton (no weight
+  memory), finds its natural blocks (:mod:`.units`), splits them by bytes (:mod:`.split`) and
+  writes a JSON :class:`Plan` naming every tensor each stage owns.
+* A forward stage is a slice of the model captured by ``torch.export`` and split by
+  ``torch.distributed.pipelining`` (:mod:`.trace`): it works for *any* model that exports (HF
+  or not, CNNs included) with dynamic batch/sequence sizes, and one code path serves all
+  families.  Export cannot carry a KV cache (``DynamicCache`` is not a pytree), so generation
+  builds its stages from the original HF modules of the same units, from the same plan, with the
+  same shard loader: the plan's unit boundaries are module boundaries in both forms.
+* Loading reads only the stage's tensors from the checkpoint index (:mod:`.load`).
+* Activations move over ``torch.distributed`` point-to-point with a header per message
+  (:mod:`.transport`); the fill-drain schedule is data (:mod:`.schedule`) interpreted by
+  :mod:`.runtime`; :mod:`.local` starts stage processes on this machine.
+"""
+
+from torch.distributed.pipelining import pipe_split
+
+from .errors import CheckpointError, PlanError, TraceError, TransportError
+from .load import CheckpointIndex, ReadStats, read_tensors
+from .local import LocalPipeline
+from .plan import PLAN_VERSION, Plan, Policy, StagePlan, make_plan
+from .source import InputSpec, ModelSource, build_skeleton
+from .stage import Stage, build_stage
+from .units import Unit, find_units
+
+__all__ = [
+    "PLAN_VERSION",
+    "CheckpointError",
+    "CheckpointIndex",
+    "InputSpec",
+    "LocalPipeline",
+    "ModelSource",
+    "Plan",
+    "PlanError",
+    "Policy",
+    "ReadStats",
+    "Stage",
+    "StagePlan",
+    "TraceError",
+    "TransportError",
+    "Unit",
+    "build_skeleton",
+    "build_stage",
+    "find_units",
+    "make_plan",
+    "pipe_split",
+    "read_tensors",
+]

@@ -1,0 +1,282 @@
+"""Where a model comes from, and how to build its skeleton without weights.
+
+A :class:`ModelSource` names either a Hugging Face checkpoint directory (``config.json`` plus
+weights) or a user factory ``"package.module:function"`` returning any ``nn.Module`` (its
+weights still come from a checkpoint directory).  Both are plain data so a plan can be sent to
+a worker on another host, which rebuilds the same skeleton.
+
+[Note: meta parameters, real buffers]
+The skeleton's parameters live on the ``meta`` device (no memory), but buffers stay real on the
+CPU.  Non-persistent buffers (rotary ``inv_freq``, causal masks, ...) are not in checkpoints:
+they are computed in ``__init__``, so keeping the constructed value is the only generic way to
+get them right.  They are tiny next to the parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import PlanError
+
+__all__ = [
+    "InputSpec",
+    "ModelSource",
+    "build_skeleton",
+    "default_inputs",
+    "meta_parameters",
+    "parse_dtype",
+]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"bf16"`` / ``"bfloat16"`` / ``torch.bfloat16`` -> ``torch.bfloat16``."""
+    if isinstance(name, torch.dtype):
+        return name
+    key = str(name).removeprefix("torch.").lower()
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(kw_only=True)
+class InputSpec:
+    """One model input, as used for tracing.
+
+    ``dynamic`` maps a dimension index to a symbolic name; those dimensions may change per
+    request without re-tracing (``{0: "batch", 1: "seq"}``).  Other dimensions are fixed.
+    """
+
+    name: str
+    shape: list[int]
+    dtype: str = "float32"
+    dynamic: dict[int, str] = field(default_factory=dict)
+    high: int | None = None
+    """For integer inputs: exclusive upper bound of example values (e.g. the vocab size)."""
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dynamic"] = {str(k): v for k, v in self.dynamic.items()}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> InputSpec:
+        d = dict(d)
+        d["dynamic"] = {int(k): v for k, v in d.get("dynamic", {}).items()}
+        return cls(**d)
+
+    def example(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        dtype = parse_dtype(self.dtype)
+        if dtype.is_floating_point:
+            return torch.randn(self.shape, dtype=dtype, device=device)
+        if dtype == torch.bool:
+            return torch.ones(self.shape, dtype=dtype, device=device)
+        return torch.randint(0, self.high or 2, self.shape, dtype=dtype, device=device)
+
+
+@dataclass(kw_only=True)
+class ModelSource:
+    """Where the model's code and weights come from (plain data, JSON-serializable).
+
+    ``checkpoint``: a directory with weights (and ``config.json`` for Hugging Face models).
+    ``factory``: ``"package.module:function"`` returning an ``nn.Module``; when empty the
+    model is a Hugging Face model described by ``checkpoint/config.json``.
+    """
+
+    checkpoint: str
+    factory: str = ""
+
+    @property
+    def is_hf(self) -> bool:
+        return not self.factory
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ModelSource:
+        return cls(**d)
+
+
+@contextlib.contextmanager
+def meta_parameters() -> Iterator[None]:
+    """Create every ``nn.Parameter`` on the meta device; buffers stay real (see module note)."""
+    original = nn.Module.register_parameter
+
+    def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(self, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _load_factory(spec: str) -> Any:
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise ValueError(f"factory {spec!r} must look like 'package.module:function'")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import model factory {spec!r}: {e}") from e
+    return obj
+
+
+def hf_config(checkpoint: str | Path) -> Any:
+    from transformers import AutoConfig
+
+    path = Path(checkpoint)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path}/config.json not found: a Hugging Face checkpoint directory needs it "
+            "(or pass a model factory for a plain nn.Module)"
+        )
+    return AutoConfig.from_pretrained(path)
+
+
+def _hf_model_class(config: Any) -> Any:
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    if getattr(config, "is_encoder_decoder", False):
+        return transformers.AutoModelForSeq2SeqLM
+    try:
+        transformers.AutoModelForCausalLM._model_mapping[type(config)]
+        return transformers.AutoModelForCausalLM
+    except (KeyError, ValueError):
+        return transformers.AutoModel
+
+
+def build_skeleton(source: ModelSource, dtype: torch.dtype | None = None) -> nn.Module:
+    """The full model with meta parameters and real buffers, in eval mode.
+
+    Floating-point parameters are cast to ``dtype`` when given (still on meta: free).
+    """
+    with meta_parameters():
+        if source.is_hf:
+            config = hf_config(source.checkpoint)
+            cls = _hf_model_class(config)
+            if hasattr(cls, "from_config"):
+                model = cls.from_config(config)
+            else:
+                model = cls._from_config(config)
+        else:
+            model = _load_factory(source.factory)()
+            if not isinstance(model, nn.Module):
+                raise ValueError(
+                    f"factory {source.factory!r} returned {type(model)}, not nn.Module"
+                )
+    model.eval()
+    if dtype is not None:
+        for mod in model.modules():
+            for name, p in list(mod._parameters.items()):
+                if p is not None and p.is_floating_point() and p.dtype != dtype:
+                    mod._parameters[name] = nn.Parameter(p.to(dtype), requires_grad=False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def default_inputs(source: ModelSource, model: nn.Module | None = None) -> list[InputSpec]:
+    """Example inputs for tracing a Hugging Face model, by its main input.
+
+    Text models get ``input_ids`` + ``attention_mask`` (and ``decoder_input_ids`` for
+    encoder-decoders) with dynamic batch and sequence; vision models get ``pixel_values``
+    with a dynamic batch.  A factory model must bring its own (``inputs.json`` in the
+    checkpoint directory, or pass them explicitly).
+    """
+    path = Path(source.checkpoint)
+    if (path / "inputs.json").is_file():
+        return [InputSpec.from_json(d) for d in json.loads((path / "inputs.json").read_text())]
+    if not source.is_hf:
+        raise PlanError(
+            f"factory model {source.factory!r} needs example inputs: pass InputSpecs or write "
+            f"{path}/inputs.json"
+        )
+    config = hf_config(path)
+    main = getattr(model, "main_input_name", "input_ids") if model is not None else "input_ids"
+    if main == "pixel_values":
+        size = getattr(config, "image_size", 224)
+        size = size if isinstance(size, int) else int(size[0])
+        ch = getattr(config, "num_channels", 3)
+        return [
+            InputSpec(name="pixel_values", shape=[2, ch, size, size], dynamic={0: "batch"}),
+        ]
+    vocab = int(getattr(config, "vocab_size", 2))
+    text = {0: "batch", 1: "seq"}
+    specs = [
+        InputSpec(name="input_ids", shape=[2, 8], dtype="int64", dynamic=text, high=vocab),
+        InputSpec(name="attention_mask", shape=[2, 8], dtype="int64", dynamic=text, high=2),
+    ]
+    if getattr(config, "is_encoder_decoder", False):
+        specs.append(
+            InputSpec(
+                name="decoder_input_ids",
+                shape=[2, 5],
+                dtype="int64",
+                dynamic={0: "batch", 1: "dec_seq"},
+                high=vocab,
+            )
+        )
+    return specs
+
+
+class HFForward(nn.Module):
+    """Wrap a Hugging Face model so it takes tensors positionally and returns one tensor.
+
+    Returns ``logits`` when the model produces them, else the first output
+    (``last_hidden_state``).  No cache: generation uses another stage form.
+    """
+
+    def __init__(self, model: nn.Module, input_names: list[str]) -> None:
+        super().__init__()
+        self.m = model
+        self.input_names = list(input_names)
+        params = inspect.signature(model.forward).parameters
+        self.extra: dict[str, Any] = {}
+        if "use_cache" in params:
+            self.extra["use_cache"] = False
+        if "return_dict" in params:
+            self.extra["return_dict"] = True
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        out = self.m(**dict(zip(self.input_names, args, strict=True)), **self.extra)
+        logits = getattr(out, "logits", None)
+        if logits is not None:
+            return logits
+        return out[0] if isinstance(out, tuple | list) else out.to_tuple()[0]

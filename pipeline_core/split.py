@@ -1,0 +1,166 @@
+"""Split policies: pure functions from ordered unit sizes (bytes) to stage boundaries.
+
+A split is the list of unit indices where each stage starts (the first is always 0), so
+``[0, 5, 9]`` means stages ``units[0:5]``, ``units[5:9]``, ``units[9:]``.
+
+* :func:`equal_size` -- n contiguous stages minimizing the largest stage's bytes, exactly
+  (binary search on the answer with a greedy feasibility check, then the lexicographically
+  balanced boundaries). PiPPy used a greedy guess over parameter counts.
+* :func:`threshold` -- start a new stage whenever the next unit would pass the limit.
+* :func:`manual` -- split before the named modules.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from .errors import PlanError
+
+__all__ = ["equal_size", "manual", "parse_size", "stage_sizes", "threshold"]
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_size(text: str | int | float) -> int:
+    """``"500MB"`` -> 500_000_000, ``"1.5GiB"`` -> 1610612736, ``1024`` -> 1024."""
+    if isinstance(text, int | float):
+        value = float(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+        if not m or m.group(2).upper() not in _UNITS:
+            raise PlanError(
+                f"cannot read size {text!r}: use a number of bytes or e.g. '500MB', '1.5GiB'"
+            )
+        value = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if value <= 0:
+        raise PlanError(f"size must be positive, got {text!r}")
+    return int(value)
+
+
+def stage_sizes(sizes: Sequence[int], starts: Sequence[int]) -> list[int]:
+    ends = [*starts[1:], len(sizes)]
+    return [sum(sizes[a:b]) for a, b in zip(starts, ends, strict=True)]
+
+
+def _greedy_starts(sizes: Sequence[int], cap: int) -> list[int] | None:
+    """Fewest stages with every stage <= cap, filling each stage as far as it goes."""
+    starts, acc = [0], 0
+    for i, s in enumerate(sizes):
+        if s > cap:
+            return None
+        if acc + s > cap and i > 0 and acc > 0:
+            starts.append(i)
+            acc = 0
+        acc += s
+    return starts
+
+
+def equal_size(sizes: Sequence[int], n: int, names: Sequence[str] | None = None) -> list[int]:
+    """Split ``sizes`` into exactly ``n`` contiguous non-empty stages minimizing the largest.
+
+    Raises:
+        PlanError: ``n`` < 1 or more stages than units.
+    """
+    if n < 1:
+        raise PlanError(f"number of stages must be at least 1, got {n}")
+    if n > len(sizes):
+        raise PlanError(
+            f"cannot make {n} stages from {len(sizes)} units"
+            + (f" ({', '.join(names)})" if names and len(names) <= 12 else "")
+            + f"; use at most {len(sizes)} stages"
+        )
+    if any(s < 0 for s in sizes):
+        raise PlanError("unit sizes must not be negative")
+    lo, hi = max(sizes), sum(sizes)
+    while lo < hi:  # smallest cap that fits in n stages
+        mid = (lo + hi) // 2
+        starts = _greedy_starts(sizes, mid)
+        if starts is not None and len(starts) <= n:
+            hi = mid
+        else:
+            lo = mid + 1
+    return _exactly_n(sizes, n, lo)
+
+
+def _exactly_n(sizes: Sequence[int], n: int, cap: int) -> list[int]:
+    """Boundaries for exactly ``n`` non-empty stages, each <= cap.
+
+    Stages are filled greedily from the back while leaving at least one unit per remaining
+    stage, so when ``cap`` allows fewer stages the surplus splits off single units.
+    """
+    ends: list[int] = []
+    end = len(sizes)
+    for remaining in range(n, 1, -1):
+        acc, start = 0, end
+        while start - 1 >= remaining - 1 and acc + sizes[start - 1] <= cap:
+            start -= 1
+            acc += sizes[start]
+            if start == remaining - 1:
+                break
+        if start == end:  # nothing fit: take one unit (only possible when cap < max)
+            start = end - 1
+        ends.append(start)
+        end = start
+    return [0, *reversed(ends)]
+
+
+def threshold(sizes: Sequence[int], limit: int, names: Sequence[str]) -> list[int]:
+    """A new stage whenever the next unit would pass ``limit`` bytes.
+
+    Raises:
+        PlanError: ``limit`` is not positive, or one unit alone is larger than ``limit``.
+    """
+    if limit <= 0:
+        raise PlanError(f"threshold must be a positive number of bytes, got {limit}")
+    for name, s in zip(names, sizes, strict=True):
+        if s > limit:
+            raise PlanError(
+                f"unit {name!r} is {s} bytes ({_human(s)}), larger than the threshold "
+                f"{limit} bytes ({_human(limit)}); raise the threshold to at least {_human(s)}"
+            )
+    starts = _greedy_starts(sizes, limit)
+    assert starts is not None
+    return starts
+
+
+def manual(names: Sequence[str], split_at: Sequence[str]) -> list[int]:
+    """Stages begin at the named units (module FQNs), e.g. ``["model.layers.4"]``."""
+    index = {n: i for i, n in enumerate(names)}
+    starts = [0]
+    for point in split_at:
+        if point not in index:
+            close = [n for n in names if point.split(".")[-1] in n.split(".")][:5] or names[:5]
+            raise PlanError(
+                f"unknown split point {point!r}: it is not a unit of this model. Units look "
+                f"like {', '.join(close)} (see `pipeserve plan MODEL --units`)"
+            )
+        i = index[point]
+        if i == 0:
+            raise PlanError(f"split point {point!r} is the first unit; a stage cannot be empty")
+        if i <= starts[-1]:
+            raise PlanError(
+                f"split points must be in model order without repeats; {point!r} comes "
+                f"before or at {names[starts[-1]]!r}"
+            )
+        starts.append(i)
+    return starts
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -1,0 +1,231 @@
+"""Capture a model with ``torch.export`` and cut it into stage graph modules.
+
+The model is traced with *fake* parameters (no memory; see :mod:`.source`) on the target
+device, with dynamic batch / sequence dimensions so a new shape never needs a re-trace, then
+split by ``torch.distributed.pipelining`` at ``SplitPoint.BEGINNING`` of the chosen units (or at
+the user's own ``pipe_split()`` markers).
+
+The split's root graph says which value feeds which stage; we turn it into plain data
+(:class:`Wire`) so the runtime can route values between processes, including values that skip
+stages (a mask made on stage 0 and used on stage 2) and graph inputs that a later stage reads.
+
+[Note: placeholder order]
+A stage module's placeholders are not in the model's input order (the export sorts them), so
+the wiring must be read from the root graph, never assumed.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.distributed.pipelining import SplitPoint
+from torch.distributed.pipelining._IR import MultiUseParameterConfig, Pipe, annotate_split_points
+from torch.export import Dim
+
+from .errors import TraceError
+from .source import HFForward, InputSpec
+
+__all__ = ["TracedPipeline", "Wire", "trace_pipeline"]
+
+WRAP_PREFIX = "m."
+WHOLE = -2
+
+
+@dataclass(kw_only=True)
+class Wire:
+    """Where one stage argument (or one pipeline output) comes from.
+
+    ``src`` is ``"input"`` (a model input named ``name``), ``"stage"`` (output ``index`` of
+    stage ``stage``; index -2 means the stage's whole return value) or ``"const"`` (the literal
+    ``value``).
+    """
+
+    src: str
+    name: str = ""
+    stage: int = -1
+    index: int = 0
+    value: Any = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: v for k, v in d.items() if k == "src" or v != _DEFAULTS[k]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Wire:
+        return cls(**d)
+
+
+_DEFAULTS = {"name": "", "stage": -1, "index": 0, "value": None}
+
+
+@dataclass
+class TracedPipeline:
+    modules: list[fx.GraphModule]
+    """One graph module per stage; parameters are still fake until materialized."""
+    args: list[list[Wire]]
+    """Per stage, where each positional argument comes from."""
+    outputs: list[Wire]
+    """Where each pipeline output comes from."""
+    prefix: str
+    """Prefix of parameter names in ``modules`` relative to the user's model ("m." for HF)."""
+    meta: list[list[tuple[str, list[Any]]]]
+    """Per stage, (dtype, symbolic shape) of each output, for plans and checks."""
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.modules)
+
+
+def _fake_parameters(model: nn.Module, device: torch.device) -> FakeTensorMode:
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None and p.device.type == "meta":
+                mod._parameters[name] = nn.Parameter(
+                    FakeTensor(mode, p.data, device), requires_grad=False
+                )
+        for name, b in list(mod._buffers.items()):
+            if b is not None and b.device != device and b.device.type != "meta":
+                mod._buffers[name] = b.to(device)
+    return mode
+
+
+def _dynamic_shapes(inputs: list[InputSpec]) -> tuple[Any, ...]:
+    dims: dict[str, Any] = {}
+    per_input = []
+    for spec in inputs:
+        for d in spec.dynamic:
+            if spec.shape[d] < 2:
+                raise ValueError(
+                    f"input {spec.name!r}: dynamic dimension {d} needs an example size >= 2 "
+                    f"(got {spec.shape[d]}); torch.export specializes sizes 0 and 1"
+                )
+        per_input.append({d: dims.setdefault(n, Dim(n, min=1)) for d, n in spec.dynamic.items()})
+    return (tuple(per_input),)
+
+
+class _Positional(nn.Module):
+    """Give a plain model a ``*args`` forward so every model is exported the same way."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.m = model
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        return self.m(*args)
+
+
+def trace_pipeline(
+    model: nn.Module,
+    inputs: list[InputSpec],
+    split_points: list[str] | None,
+    *,
+    is_hf: bool,
+    device: torch.device | str = "cpu",
+) -> TracedPipeline:
+    """Export ``model`` (a skeleton from :func:`build_skeleton`) and split it.
+
+    Args:
+        model: skeleton with meta parameters; it is modified (split annotations, fake
+            parameters) and must not be reused.
+        inputs: example input specs; dynamic dims stay symbolic.
+        split_points: unit FQNs where stages 1.. begin, or None to use ``pipe_split()``
+            markers inside the model's forward.
+        is_hf: wrap a Hugging Face model so it returns one tensor (logits).
+        device: where the stage will run (the graph records devices of created tensors).
+    """
+    device = torch.device(device)
+    names = [s.name for s in inputs]
+    wrapper: nn.Module = HFForward(model, names) if is_hf else _Positional(model)
+    if split_points:
+        try:
+            annotate_split_points(
+                wrapper, {WRAP_PREFIX + p: SplitPoint.BEGINNING for p in split_points}
+            )
+        except AttributeError as e:
+            raise TraceError(f"cannot place split points {split_points}: {e}") from e
+    mode = _fake_parameters(wrapper, device)
+    example = tuple(mode.from_tensor(s.example(device)) for s in inputs)
+    try:
+        ep = torch.export.export(wrapper, example, dynamic_shapes=_dynamic_shapes(inputs))
+        pipe = Pipe._from_traced(
+            wrapper,
+            ep,
+            MultiUseParameterConfig.REPLICATE,
+            output_loss_value_spec=None,
+            split_policy=None,
+        )
+    except Exception as e:
+        raise TraceError(
+            f"torch.export could not capture {type(model).__name__} for pipelining: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Models need a "
+            "full graph (no data-dependent control flow); check the example inputs' shapes "
+            "and dtypes, or split a submodule that exports."
+        ) from e
+    return _wiring(pipe, names)
+
+
+def _wiring(pipe: Pipe, input_names: list[str]) -> TracedPipeline:
+    graph = pipe.split_gm.graph
+    stage_of: dict[str, int] = {}
+    placeholder_input: dict[str, str] = {}
+    getitem: dict[str, tuple[int, int]] = {}
+    modules: list[fx.GraphModule] = []
+    args: list[list[Wire]] = []
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node, name in zip(placeholders, input_names, strict=True):
+        placeholder_input[node.name] = name
+
+    def wire(a: Any, consumer: str) -> Wire:
+        if isinstance(a, fx.Node):
+            if a.name in placeholder_input:
+                return Wire(src="input", name=placeholder_input[a.name])
+            if a.name in getitem:
+                st, idx = getitem[a.name]
+                return Wire(src="stage", stage=st, index=idx)
+            if a.name in stage_of:  # no getitem: the stage returns one value
+                return Wire(src="stage", stage=stage_of[a.name], index=WHOLE)
+            raise TraceError(f"unexpected value {a.name} feeding {consumer}")
+        if a is None or isinstance(a, int | float | bool):
+            return Wire(src="const", value=a)
+        raise TraceError(f"unsupported constant {a!r} feeding {consumer}")
+
+    for node in graph.nodes:
+        if node.op == "call_module":
+            if node.kwargs:
+                raise TraceError(f"stage {node.target} takes keyword arguments; not supported")
+            stage_of[node.name] = len(modules)
+            modules.append(pipe.split_gm.get_submodule(node.target))
+            args.append([wire(a, node.target) for a in node.args])
+        elif node.op == "call_function" and node.target is operator.getitem:
+            src, idx = node.args
+            if src.name not in stage_of:
+                raise TraceError(f"unexpected getitem on {src.name}")
+            getitem[node.name] = (stage_of[src.name], idx)
+        elif node.op == "output":
+            out = node.args[0]
+            outs = list(out) if isinstance(out, tuple | list) else [out]
+            outputs = [wire(o, "output") for o in outs]
+    meta = [_output_meta(m) for m in modules]
+    return TracedPipeline(
+        modules=modules, args=args, outputs=outputs, prefix=WRAP_PREFIX, meta=meta
+    )
+
+
+def _output_meta(gm: fx.GraphModule) -> list[tuple[str, list[Any]]]:
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    vals = out_node.args[0]
+    vals = list(vals) if isinstance(vals, tuple | list) else [vals]
+    result: list[tuple[str, list[Any]]] = []
+    for v in vals:
+        val = v.meta.get("val") if isinstance(v, fx.Node) else v
+        if isinstance(val, torch.Tensor):
+            result.append((str(val.dtype).removeprefix("torch."), [str(s) for s in val.shape]))
+        else:
+            result.append((type(val).__name__, []))
+    return result

@@ -1,0 +1,171 @@
+"""Point-to-point transport of activation values over ``torch.distributed``.
+
+A message is a list of values (tensors, ints, floats, bools, None, and tuples of those).  Each
+message goes as: a one-element int64 length, an int64 header describing every value (kind,
+dtype, shape), then one byte payload per non-empty tensor.  Because every message carries its
+own header, shapes may change from one request to the next, and a receiver never guesses.
+Payloads travel as raw bytes (``uint8`` views), so any dtype works on any backend (gloo has no
+bool or bfloat16 send), with no conversion cost.
+
+gloo serves CPU stages; NCCL serves CUDA stages (tensors stay on the GPU).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .errors import TransportError
+
+__all__ = ["Channel", "decode_header", "encode_header"]
+
+_DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.complex64,
+]
+_CODE = {d: i for i, d in enumerate(_DTYPES)}
+_TENSOR, _INT, _NONE, _BOOL, _FLOAT, _TUPLE = range(6)
+
+
+class _Slot:
+    """Placeholder for the i-th tensor of a message while its header is decoded."""
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+
+def encode_header(values: Sequence[Any]) -> tuple[list[int], list[torch.Tensor]]:
+    """Header ints and the tensors to send after it, in order."""
+    header: list[int] = [len(values)]
+    tensors: list[torch.Tensor] = []
+
+    def put(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            if v.dtype not in _CODE:
+                raise TransportError(f"cannot send dtype {v.dtype}")
+            header.extend([_TENSOR, _CODE[v.dtype], v.dim(), *v.shape])
+            if v.numel():
+                tensors.append(v)
+        elif isinstance(v, bool):
+            header.extend([_BOOL, int(v)])
+        elif isinstance(v, int):
+            header.extend([_INT, v])
+        elif isinstance(v, float):
+            header.extend([_FLOAT, struct.unpack("<q", struct.pack("<d", v))[0]])
+        elif v is None:
+            header.append(_NONE)
+        elif isinstance(v, tuple | list):
+            header.extend([_TUPLE, len(v)])
+            for item in v:
+                put(item)
+        else:
+            raise TransportError(f"cannot send a value of type {type(v).__name__}")
+
+    for v in values:
+        put(v)
+    return header, tensors
+
+
+def decode_header(header: list[int]) -> tuple[list[Any], list[tuple[torch.dtype, list[int]]]]:
+    """Values with tensor placeholders, and the (dtype, shape) of each tensor to receive."""
+    pos = 0
+    specs: list[tuple[torch.dtype, list[int]]] = []
+
+    def take() -> int:
+        nonlocal pos
+        pos += 1
+        return header[pos - 1]
+
+    def get() -> Any:
+        kind = take()
+        if kind == _TENSOR:
+            dtype = _DTYPES[take()]
+            shape = [take() for _ in range(take())]
+            specs.append((dtype, shape))
+            return _Slot(len(specs) - 1)
+        if kind == _INT:
+            return take()
+        if kind == _BOOL:
+            return bool(take())
+        if kind == _FLOAT:
+            return struct.unpack("<d", struct.pack("<q", take()))[0]
+        if kind == _NONE:
+            return None
+        if kind == _TUPLE:
+            return tuple(get() for _ in range(take()))
+        raise TransportError(f"corrupt message header (kind {kind})")
+
+    values = [get() for _ in range(take())]
+    if pos != len(header):
+        raise TransportError("corrupt message header (trailing data)")
+    return values, specs
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+class Channel:
+    """Send and receive value lists to/from ranks of one process group."""
+
+    def __init__(self, pg: dist.ProcessGroup, device: torch.device | str = "cpu") -> None:
+        self.pg = pg
+        self.device = torch.device(device)
+        self._pending: list[tuple[Any, Any]] = []
+        self.bytes_sent = 0
+
+    def send(self, values: Sequence[Any], dst: int) -> None:
+        """Queue ``values`` for rank ``dst`` (non-blocking; see :meth:`flush`)."""
+        header, tensors = encode_header(values)
+        h = torch.tensor(header, dtype=torch.int64, device=self.device)
+        n = torch.tensor([len(header)], dtype=torch.int64, device=self.device)
+        for t in (n, h, *(_as_bytes(x.to(self.device)) for x in tensors)):
+            self._pending.append((self.pg.send([t], dst, 0), t))
+            self.bytes_sent += t.numel() * t.element_size()
+        if len(self._pending) > 256:
+            self.flush()
+
+    def flush(self) -> None:
+        """Wait until every queued send has completed."""
+        for work, _t in self._pending:
+            work.wait()
+        self._pending.clear()
+
+    def recv(self, src: int) -> list[Any]:
+        """Receive one message from rank ``src`` (blocking)."""
+        n = torch.empty(1, dtype=torch.int64, device=self.device)
+        self.pg.recv([n], src, 0).wait()
+        h = torch.empty(int(n.item()), dtype=torch.int64, device=self.device)
+        self.pg.recv([h], src, 0).wait()
+        values, specs = decode_header(h.tolist())
+        tensors = []
+        for dtype, shape in specs:
+            numel = 1
+            for s in shape:
+                numel *= s
+            buf = torch.empty(numel * dtype.itemsize, dtype=torch.uint8, device=self.device)
+            if numel:
+                self.pg.recv([buf], src, 0).wait()
+            tensors.append(buf.view(dtype).reshape(shape))
+
+        def fill(v: Any) -> Any:
+            if isinstance(v, _Slot):
+                return tensors[v.i]
+            if isinstance(v, tuple):
+                return tuple(fill(x) for x in v)
+            return v
+
+        return [fill(v) for v in values]
