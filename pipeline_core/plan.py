@@ -15,7 +15,7 @@ import torch
 from . import split as policies
 from .errors import PlanError
 from .source import InputSpec, ModelSource, build_skeleton, default_inputs, parse_dtype
-from .trace import WHOLE, TracedPipeline, Wire, trace_pipeline
+from .trace import WHOLE, TracedPipeline, Wire, call_order, trace_pipeline
 from .units import Unit, find_units, stage_nbytes, tensor_table
 
 __all__ = ["PLAN_VERSION", "Plan", "Policy", "StagePlan", "make_plan"]
@@ -135,6 +135,22 @@ def _starts(policy: Policy, units: list[Unit]) -> list[int]:
     raise PlanError(f"unknown split policy {policy.kind!r}")
 
 
+def _merge_repeated(
+    units: list[Unit], calls: dict[str, int], tensors: dict[str, torch.Tensor]
+) -> list[Unit]:
+    """Fold units whose module runs more than once into the unit before them."""
+    out: list[Unit] = []
+    for u in units:
+        if calls.get(u.name, 0) > 1 and out:
+            prev = out[-1]
+            prev.modules += u.modules
+            prev.tensors = list(dict.fromkeys(prev.tensors + u.tensors))
+            prev.nbytes = stage_nbytes(tensors, prev.tensors)
+        else:
+            out.append(u)
+    return out
+
+
 def _starts_from_markers(traced: TracedPipeline, units: list[Unit]) -> list[int]:
     owner: list[int] = []
     param_stage = {}
@@ -169,14 +185,19 @@ def make_plan(
         raise PlanError(f"model {type(model).__name__} has no submodules to split")
     infos, groups = tensor_table(model)
     inputs = inputs if inputs is not None else default_inputs(source, model)
+    model_tensors = dict(model.named_parameters(remove_duplicate=False))
+    model_tensors.update(model.named_buffers(remove_duplicate=False))
+    by_name = {u.name: u for u in units}
+    order, calls = call_order(model, inputs, [u.name for u in units], is_hf=source.is_hf)
+    units = _merge_repeated([by_name[n] for n in order], calls, model_tensors)
     traced = None
     if policy.kind == "markers":
-        traced = trace_pipeline(model, inputs, None, is_hf=source.is_hf)
+        traced = trace_pipeline(
+            build_skeleton(source, torch_dtype), inputs, None, is_hf=source.is_hf
+        )
         starts = _starts_from_markers(traced, units)
     else:
         starts = _starts(policy, units)
-    model_tensors = dict(model.named_parameters(remove_duplicate=False))
-    model_tensors.update(model.named_buffers(remove_duplicate=False))
     ends = [*starts[1:], len(units)]
     stages = []
     for i, (a, b) in enumerate(zip(starts, ends, strict=True)):

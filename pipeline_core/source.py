@@ -79,16 +79,20 @@ class InputSpec:
     dynamic: dict[int, str] = field(default_factory=dict)
     high: int | None = None
     """For integer inputs: exclusive upper bound of example values (e.g. the vocab size)."""
+    max: dict[int, int] = field(default_factory=dict)
+    """Largest size of a dynamic dimension, where the model has one (learned positions)."""
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["dynamic"] = {str(k): v for k, v in self.dynamic.items()}
+        d["max"] = {str(k): v for k, v in self.max.items()}
         return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> InputSpec:
         d = dict(d)
         d["dynamic"] = {int(k): v for k, v in d.get("dynamic", {}).items()}
+        d["max"] = {int(k): v for k, v in d.get("max", {}).items()}
         return cls(**d)
 
     def example(self, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -239,9 +243,16 @@ def default_inputs(source: ModelSource, model: nn.Module | None = None) -> list[
         ]
     vocab = int(getattr(config, "vocab_size", 2))
     text = {0: "batch", 1: "seq"}
+    # Learned position tables bound the sequence; export needs the bound stated.
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    seq_max = {1: int(limit) - 1} if isinstance(limit, int) and limit > 8 else {}
     specs = [
-        InputSpec(name="input_ids", shape=[2, 8], dtype="int64", dynamic=text, high=vocab),
-        InputSpec(name="attention_mask", shape=[2, 8], dtype="int64", dynamic=text, high=2),
+        InputSpec(
+            name="input_ids", shape=[2, 8], dtype="int64", dynamic=text, high=vocab, max=seq_max
+        ),
+        InputSpec(
+            name="attention_mask", shape=[2, 8], dtype="int64", dynamic=text, high=2, max=seq_max
+        ),
     ]
     if getattr(config, "is_encoder_decoder", False):
         specs.append(

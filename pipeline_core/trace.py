@@ -83,12 +83,15 @@ class TracedPipeline:
 
 def _fake_parameters(model: nn.Module, device: torch.device) -> FakeTensorMode:
     mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes: dict[int, nn.Parameter] = {}  # one fake per tensor: tied weights stay tied
     for mod in model.modules():
         for name, p in list(mod._parameters.items()):
             if p is not None and p.device.type == "meta":
-                mod._parameters[name] = nn.Parameter(
-                    FakeTensor(mode, p.data, device), requires_grad=False
-                )
+                if id(p) not in fakes:
+                    fakes[id(p)] = nn.Parameter(
+                        FakeTensor(mode, p.data, device), requires_grad=False
+                    )
+                mod._parameters[name] = fakes[id(p)]
         for name, b in list(mod._buffers.items()):
             if b is not None and b.device != device and b.device.type != "meta":
                 mod._buffers[name] = b.to(device)
@@ -105,7 +108,12 @@ def _dynamic_shapes(inputs: list[InputSpec]) -> tuple[Any, ...]:
                     f"input {spec.name!r}: dynamic dimension {d} needs an example size >= 2 "
                     f"(got {spec.shape[d]}); torch.export specializes sizes 0 and 1"
                 )
-        per_input.append({d: dims.setdefault(n, Dim(n, min=1)) for d, n in spec.dynamic.items()})
+        per_input.append(
+            {
+                d: dims.setdefault(n, Dim(n, min=1, max=spec.max.get(d, 2**31 - 2)))
+                for d, n in spec.dynamic.items()
+            }
+        )
     return (tuple(per_input),)
 
 
@@ -168,6 +176,57 @@ def trace_pipeline(
             "and dtypes, or split a submodule that exports."
         ) from e
     return _wiring(pipe, names)
+
+
+def call_order(
+    model: nn.Module, inputs: list[InputSpec], names: list[str], *, is_hf: bool
+) -> tuple[list[str], dict[str, int]]:
+    """``names`` (module FQNs) sorted by when ``forward`` first calls them.
+
+    Registration order is not execution order (OPT registers ``final_layer_norm`` before the
+    layers; Llama registers ``rotary_emb`` last but runs it first), so the planner orders units
+    by one forward pass on fake tensors (no memory, no real compute).  Modules that are never
+    called keep their place before the next called module.  ``model``'s parameters become fake.
+
+    Returns the ordered names and how many times each was called (a module called twice, like
+    T5's shared dropout, cannot begin a stage).
+    """
+    wrapper: nn.Module = HFForward(model, [s.name for s in inputs]) if is_hf else model
+    mode = _fake_parameters(wrapper, torch.device("cpu"))
+    first: dict[str, int] = {}
+    calls: dict[str, int] = dict.fromkeys(names, 0)
+    hooks = []
+    for name in names:
+        mod = model.get_submodule(name)
+
+        def hook(_m: nn.Module, _a: Any, name: str = name) -> None:
+            first.setdefault(name, len(first))
+            calls[name] += 1
+
+        hooks.append(mod.register_forward_pre_hook(hook))
+    try:
+        with mode, torch.no_grad():
+            wrapper(*(mode.from_tensor(s.example()) for s in inputs))
+    except Exception as e:
+        raise TraceError(
+            f"running {type(model).__name__} on fake example inputs failed: "
+            f"{type(e).__name__}: {e}; check the example inputs"
+        ) from e
+    finally:
+        for h in hooks:
+            h.remove()
+    key: dict[int, tuple[int, int]] = {}
+    pending: list[int] = []
+    for i, name in enumerate(names):
+        if name in first:
+            key.update({j: (first[name], j - len(names)) for j in pending})
+            pending.clear()
+            key[i] = (first[name], 0)
+        else:
+            pending.append(i)
+    key.update({j: (len(names), j) for j in pending})
+    order = sorted(range(len(names)), key=key.__getitem__)
+    return [names[i] for i in order], calls
 
 
 def _wiring(pipe: Pipe, input_names: list[str]) -> TracedPipeline:

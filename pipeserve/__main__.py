@@ -1,0 +1,3 @@
+from pipeserve.cli import main
+
+raise SystemExit(main())

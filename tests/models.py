@@ -1,0 +1,136 @@
+"""Tiny random-init models for tests (no downloads), saved as sharded checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from pipeline_core import pipe_split
+
+VOCAB = 96
+
+HF_CONFIGS = {
+    "gpt2": dict(model_type="gpt2", vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4,
+                 n_positions=128),
+    "opt": dict(model_type="opt", vocab_size=VOCAB, hidden_size=32, ffn_dim=64,
+                num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=128,
+                word_embed_proj_dim=32),
+    "bloom": dict(model_type="bloom", vocab_size=VOCAB, hidden_size=32, n_layer=4, n_head=4),
+    "gpt_neo": dict(model_type="gpt_neo", vocab_size=VOCAB, hidden_size=32, num_layers=4,
+                    num_heads=4, attention_types=[[["global", "local"], 2]],
+                    max_position_embeddings=128, window_size=8),
+    "codegen": dict(model_type="codegen", vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4,
+                    n_positions=128, rotary_dim=4),
+    "llama": dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  tie_word_embeddings=True),
+    "t5": dict(model_type="t5", vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=3,
+               num_decoder_layers=3, num_heads=4, decoder_start_token_id=0),
+    "resnet": dict(model_type="resnet", embedding_size=8, hidden_sizes=[8, 16, 16, 32],
+                   depths=[1, 1, 2, 1], num_labels=5, image_size=32),
+}
+
+
+def hf_model(family: str, seed: int = 0) -> nn.Module:
+    import transformers
+    from transformers import AutoConfig
+
+    cfg = dict(HF_CONFIGS[family])
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    torch.manual_seed(seed)
+    if family == "t5":
+        return transformers.AutoModelForSeq2SeqLM.from_config(config).eval()
+    if family == "resnet":
+        return transformers.ResNetForImageClassification(config).eval()
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def save_hf(model: nn.Module, path: Path, shard: str = "40KB", bin_index: bool = False) -> Path:
+    """save_pretrained with sharded safetensors, or a pytorch_model.bin.index.json layout."""
+    model.save_pretrained(path, max_shard_size=shard)
+    if bin_index:
+        for f in path.glob("model*.safetensors*"):
+            f.unlink()
+        write_bin_index(dict(model.state_dict()), path, tied=model)
+    return path
+
+
+def write_bin_index(state: dict[str, torch.Tensor], path: Path, tied: nn.Module | None = None,
+                    per_file: int = 6) -> None:
+    """Write torch.save shards + pytorch_model.bin.index.json (like older save_pretrained)."""
+    seen: dict[int, str] = {}
+    unique = {}
+    for k, v in state.items():
+        if id(v) in seen or v.data_ptr() in seen:
+            continue
+        seen[v.data_ptr()] = k
+        unique[k] = v.contiguous().clone()
+    names = list(unique)
+    chunks = [names[i:i + per_file] for i in range(0, len(names), per_file)]
+    weight_map = {}
+    for i, chunk in enumerate(chunks):
+        fname = f"pytorch_model-{i + 1:05d}-of-{len(chunks):05d}.bin"
+        torch.save({k: unique[k] for k in chunk}, path / fname)
+        weight_map.update(dict.fromkeys(chunk, fname))
+    (path / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+
+
+def save_safetensors_sharded(state: dict[str, torch.Tensor], path: Path, per_file: int = 4) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    names = list(state)
+    chunks = [names[i:i + per_file] for i in range(0, len(names), per_file)]
+    weight_map = {}
+    for i, chunk in enumerate(chunks):
+        fname = f"model-{i + 1:05d}-of-{len(chunks):05d}.safetensors"
+        save_file({k: state[k].contiguous() for k in chunk}, str(path / fname))
+        weight_map.update(dict.fromkeys(chunk, fname))
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    return path
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(self.norm(x))))
+
+
+class UserMLP(nn.Module):
+    """A plain user model (not HF) with uneven blocks and a big head."""
+
+    def __init__(self, markers: bool = False) -> None:
+        super().__init__()
+        self.markers = markers
+        self.embed = nn.Linear(12, 32)
+        self.blocks = nn.ModuleList(Block(32, h) for h in (32, 128, 64, 256, 32, 96))
+        self.head = nn.Linear(32, 200)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for i, b in enumerate(self.blocks):
+            if self.markers and i in (2, 4):
+                pipe_split()
+            x = b(x)
+        return self.head(x)
+
+
+def make_user_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return UserMLP()
+
+
+def make_user_mlp_markers() -> nn.Module:
+    torch.manual_seed(0)
+    return UserMLP(markers=True)
