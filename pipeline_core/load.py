@@ -134,10 +134,13 @@ def read_tensors(
     """
     stats = stats if stats is not None else ReadStats()
     by_file: dict[str, list[str]] = defaultdict(list)
+    same: dict[str, list[str]] = defaultdict(list)  # stored name -> targets (tied names)
     for target, (stored, _shape, _dtype) in wanted.items():
         if stored not in index.weight_map:
             raise CheckpointError(f"tensor {stored!r} is not in the checkpoint index")
-        by_file[index.weight_map[stored]].append(target)
+        if not same[stored]:
+            by_file[index.weight_map[stored]].append(target)
+        same[stored].append(target)
     out: dict[str, torch.Tensor] = {}
     for fname, targets in sorted(by_file.items()):
         path = index.root / fname
@@ -164,7 +167,8 @@ def read_tensors(
                 )
             else:
                 tensor = tensor.to(device=device)
-            out[target] = tensor
+            for alias in same[stored]:  # tied names share one tensor, read once
+                out[alias] = tensor
     return out
 
 

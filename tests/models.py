@@ -14,24 +14,68 @@ from pipeline_core import pipe_split
 VOCAB = 96
 
 HF_CONFIGS = {
-    "gpt2": dict(model_type="gpt2", vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4,
-                 n_positions=128),
-    "opt": dict(model_type="opt", vocab_size=VOCAB, hidden_size=32, ffn_dim=64,
-                num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=128,
-                word_embed_proj_dim=32),
+    "gpt2": dict(
+        model_type="gpt2", vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=128
+    ),
+    "opt": dict(
+        model_type="opt",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        word_embed_proj_dim=32,
+    ),
     "bloom": dict(model_type="bloom", vocab_size=VOCAB, hidden_size=32, n_layer=4, n_head=4),
-    "gpt_neo": dict(model_type="gpt_neo", vocab_size=VOCAB, hidden_size=32, num_layers=4,
-                    num_heads=4, attention_types=[[["global", "local"], 2]],
-                    max_position_embeddings=128, window_size=8),
-    "codegen": dict(model_type="codegen", vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4,
-                    n_positions=128, rotary_dim=4),
-    "llama": dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                  tie_word_embeddings=True),
-    "t5": dict(model_type="t5", vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=3,
-               num_decoder_layers=3, num_heads=4, decoder_start_token_id=0),
-    "resnet": dict(model_type="resnet", embedding_size=8, hidden_sizes=[8, 16, 16, 32],
-                   depths=[1, 1, 2, 1], num_labels=5, image_size=32),
+    "gpt_neo": dict(
+        model_type="gpt_neo",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=4,
+        num_heads=4,
+        attention_types=[[["global", "local"], 2]],
+        max_position_embeddings=128,
+        window_size=8,
+    ),
+    "codegen": dict(
+        model_type="codegen",
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=4,
+        n_head=4,
+        n_positions=128,
+        rotary_dim=4,
+    ),
+    "llama": dict(
+        model_type="llama",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "t5": dict(
+        model_type="t5",
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=3,
+        num_decoder_layers=3,
+        num_heads=4,
+        decoder_start_token_id=0,
+    ),
+    "resnet": dict(
+        model_type="resnet",
+        embedding_size=8,
+        hidden_sizes=[8, 16, 16, 32],
+        depths=[1, 1, 2, 1],
+        num_labels=5,
+        image_size=32,
+    ),
 }
 
 
@@ -59,8 +103,9 @@ def save_hf(model: nn.Module, path: Path, shard: str = "40KB", bin_index: bool =
     return path
 
 
-def write_bin_index(state: dict[str, torch.Tensor], path: Path, tied: nn.Module | None = None,
-                    per_file: int = 6) -> None:
+def write_bin_index(
+    state: dict[str, torch.Tensor], path: Path, tied: nn.Module | None = None, per_file: int = 6
+) -> None:
     """Write torch.save shards + pytorch_model.bin.index.json (like older save_pretrained)."""
     seen: dict[int, str] = {}
     unique = {}
@@ -70,7 +115,7 @@ def write_bin_index(state: dict[str, torch.Tensor], path: Path, tied: nn.Module 
         seen[v.data_ptr()] = k
         unique[k] = v.contiguous().clone()
     names = list(unique)
-    chunks = [names[i:i + per_file] for i in range(0, len(names), per_file)]
+    chunks = [names[i : i + per_file] for i in range(0, len(names), per_file)]
     weight_map = {}
     for i, chunk in enumerate(chunks):
         fname = f"pytorch_model-{i + 1:05d}-of-{len(chunks):05d}.bin"
@@ -84,7 +129,7 @@ def write_bin_index(state: dict[str, torch.Tensor], path: Path, tied: nn.Module 
 def save_safetensors_sharded(state: dict[str, torch.Tensor], path: Path, per_file: int = 4) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     names = list(state)
-    chunks = [names[i:i + per_file] for i in range(0, len(names), per_file)]
+    chunks = [names[i : i + per_file] for i in range(0, len(names), per_file)]
     weight_map = {}
     for i, chunk in enumerate(chunks):
         fname = f"model-{i + 1:05d}-of-{len(chunks):05d}.safetensors"
