@@ -5,11 +5,13 @@ Supported layouts (the ones ``save_pretrained`` writes):
 * ``model.safetensors.index.json`` + shards, or a single ``model.safetensors``;
 * ``pytorch_model.bin.index.json`` + shards, or a single ``pytorch_model.bin``.
 
-safetensors files are opened lazily (``safe_open``: mmap, one tensor at a time); ``.bin`` files
-with ``torch.load(weights_only=True, mmap=True)`` -- never unpickling code, and touching only the
-pages of the tensors we copy.  Only the files that hold the stage's tensors are opened.  Every
-byte handed out is counted in :class:`ReadStats`, which tests use to prove a stage read nothing
-but its own tensors.
+safetensors files are read directly: the JSON header gives each tensor's byte range, and only
+the stage's ranges are read (``readinto`` a buffer the stage then owns -- no mmap of the whole
+file, no page-cache pages held, no second copy; a truncated or corrupt file is an error here,
+not a crash mid-request).  ``.bin`` files are opened with ``torch.load(weights_only=True,
+mmap=True)`` -- never unpickling code -- and only the stage's tensors are copied out.  Only the
+files that hold the stage's tensors are opened.  Every byte read is counted in
+:class:`ReadStats`, which tests use to prove a stage read nothing but its own tensors.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -94,13 +97,9 @@ class CheckpointIndex:
 
 def _single_file_map(path: Path, fmt: str) -> dict[str, str]:
     if fmt == "safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                keys = list(f.keys())
-        except Exception as e:
-            raise CheckpointError(f"cannot read {path}: {e} (corrupt or not safetensors?)") from e
+        with open(path, "rb") as f:
+            header, _ = _safetensors_header(f, path, path.stat().st_size)
+        keys = [k for k in header if k != "__metadata__"]
     else:
         keys = list(_torch_load(path).keys())
     return dict.fromkeys(keys, path.name)
@@ -159,31 +158,89 @@ def read_tensors(
                 )
             stats.bytes_by_file[fname] += tensor.numel() * tensor.element_size()
             stats.tensors.append(stored)
+            owned = index.format == "safetensors"  # .bin tensors are mmap views: copy out
             if tensor.is_floating_point() and dtype.is_floating_point:
-                tensor = tensor.to(device=device, dtype=dtype)
+                tensor = tensor.to(device=device, dtype=dtype, copy=not owned)
             elif tensor.dtype != dtype:
                 raise CheckpointError(
                     f"tensor {stored!r} in {fname} is {tensor.dtype}, expected {dtype}"
                 )
             else:
-                tensor = tensor.to(device=device)
+                tensor = tensor.to(device=device, copy=not owned)
             for alias in same[stored]:  # tied names share one tensor, read once
                 out[alias] = tensor
     return out
 
 
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "C64": torch.complex64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _safetensors_header(f: Any, path: Path, size: int) -> tuple[dict[str, Any], int]:
+    raw = f.read(8)
+    n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+    if n <= 0 or 8 + n > size:
+        raise CheckpointError(f"cannot read {path}: not a safetensors file (bad header length)")
+    try:
+        header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: corrupt safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"cannot read {path}: corrupt safetensors header")
+    return header, 8 + n
+
+
+def _read_safetensors(path: Path, names: list[str]) -> Iterator[torch.Tensor]:
+    size = path.stat().st_size
+    with open(path, "rb", buffering=0) as f:
+        header, start = _safetensors_header(f, path, size)
+        for name in names:
+            meta = header.get(name)
+            if not isinstance(meta, dict):
+                raise CheckpointError(f"tensor {name!r} is listed for {path.name} but absent")
+            try:
+                dtype = _ST_DTYPES[meta["dtype"]]
+                shape = [int(s) for s in meta["shape"]]
+                begin, end = (int(x) for x in meta["data_offsets"])
+            except (KeyError, ValueError, TypeError) as e:
+                raise CheckpointError(f"cannot read {path}: bad entry for {name!r}: {e}") from e
+            numel = 1
+            for s in shape:
+                numel *= s
+            nbytes = end - begin
+            if nbytes != numel * dtype.itemsize or begin < 0 or start + end > size:
+                raise CheckpointError(
+                    f"cannot read {path}: tensor {name!r} has an inconsistent byte range "
+                    "(truncated or corrupt file)"
+                )
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            view, done = memoryview(buf.numpy()), 0
+            f.seek(start + begin)
+            while done < nbytes:
+                got = f.readinto(view[done:])
+                if not got:
+                    raise CheckpointError(f"cannot read {path}: file ended inside {name!r}")
+                done += got
+            yield buf.view(dtype).reshape(shape)
+
+
 def _read_file(path, fmt, targets, wanted):  # type: ignore[no-untyped-def]
     if fmt == "safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for target in targets:
-                    yield target, f.get_tensor(wanted[target][0])
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"cannot read {path}: {e} (corrupt file?)") from e
+        stored = [wanted[t][0] for t in targets]
+        yield from zip(targets, _read_safetensors(path, stored), strict=False)
     else:
         state = _torch_load(path)
         for target in targets:

@@ -1,13 +1,16 @@
-"""Start N stage processes on this machine and drive them from the calling process.
+"""Start stage processes on this machine and drive them from the calling process.
 
 Used by tests and the embedded default (``pipeserve local``).  Each stage process rebuilds its
 stage from the plan (loading only its shard), joins the process group and serves until the
 pipeline is closed.  The caller is the driver: ``pipe(input_ids=..., chunks=4)`` returns the
-model's output, gathered back from the stages.
+model's output.  By default the caller also hosts the last stage (see :mod:`.runtime`), so the
+output never crosses a process boundary; ``host_last_stage=False`` puts every stage in its own
+process.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import multiprocessing as mp
@@ -21,57 +24,98 @@ import torch.distributed as dist
 from .errors import PlanError
 from .load import ReadStats
 from .plan import Plan
-from .runtime import Driver, Mesh, gloo_group, nccl_group, serve_stage
-from .stage import build_stage, trace_plan
+from .runtime import Driver, Mesh, RankMap, gloo_group, nccl_group, serve_stage
+from .stage import Stage, build_stage
 from .transport import Channel
 
-__all__ = ["LocalPipeline"]
+__all__ = ["LocalPipeline", "memory_probe"]
 
 log = logging.getLogger(__name__)
 
 
-def _peak_rss() -> int:
-    import resource
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+class memory_probe:
+    """Peak memory of this process while its checkpoint is read (Linux ``/proc``).
+
+    ``ru_maxrss`` is useless for a spawned child (exec folds the parent's peak into it), so we
+    read ``VmHWM`` and reset it at :meth:`mark` (``/proc/self/clear_refs``).
+    """
+
+    def __init__(self) -> None:
+        self.rss_before = 0
+        self.reset_ok = False
+
+    def mark(self) -> None:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.reset_ok = True
+        except OSError:
+            self.reset_ok = False
+        self.rss_before = _status_kib("VmRSS") * 1024
+
+    def report(self, stats: ReadStats) -> dict[str, Any]:
+        peak = _status_kib("VmHWM") * 1024
+        return {
+            "bytes_read": stats.total_bytes,
+            "files": dict(stats.bytes_by_file),
+            "tensors": len(stats.tensors),
+            "rss_before_load": self.rss_before,
+            "peak_rss_load": peak if self.reset_ok else None,
+            "rss_after_load": _status_kib("VmRSS") * 1024,
+        }
 
 
 def _stage_main(
-    plan_json: str, index: int, port: int, device: str, threads: int, timeout_s: float
+    plan_json: str,
+    index: int,
+    port: int,
+    device: str,
+    threads: int,
+    timeout_s: float,
+    host_last: bool,
 ) -> None:
     torch.set_num_threads(threads)
     logging.basicConfig(level=os.environ.get("PIPESERVE_LOG", "WARNING"))
     plan = Plan.from_json(plan_json)
-    world = plan.num_stages + 1
-    store = dist.TCPStore("127.0.0.1", port, world, False, timeout=_td(timeout_s))
+    ranks = RankMap(plan.num_stages, host_last)
+    store = dist.TCPStore("127.0.0.1", port, ranks.world_size, False, timeout=_td(timeout_s))
     try:
-        rss0 = _peak_rss()
-        stats = ReadStats()
-        stage = build_stage(plan, index, device, stats=stats)
-        info = {
-            "bytes_read": stats.total_bytes,
-            "files": dict(stats.bytes_by_file),
-            "tensors": len(stats.tensors),
-            "peak_rss_before": rss0,
-            "peak_rss": _peak_rss(),
-        }
-        store.set(f"ready/{index}", json.dumps(info))
+        stats, probe = ReadStats(), memory_probe()
+        stage = build_stage(plan, index, device, stats=stats, on_traced=probe.mark)
+        store.set(f"ready/{index}", json.dumps(probe.report(stats)))
     except Exception as e:  # report any failure to the driver, which raises it
         store.set(f"error/{index}", f"{type(e).__name__}: {e}")
         return
-    edge = Channel(gloo_group(dist.PrefixStore("edge", store), index + 1, world, timeout_s))
-    stages = None
-    if torch.device(device).type == "cuda":
-        torch.cuda.set_device(torch.device(device))
-        pg = nccl_group(dist.PrefixStore("nccl", store), index, plan.num_stages, timeout_s)
-        stages = Channel(pg, device)
-    times = serve_stage(stage, Mesh(edge, stages))
+    mesh = _mesh(store, ranks, index, device, timeout_s)
+    times = serve_stage(stage, mesh)
     store.set(f"times/{index}", json.dumps(vars(times)))
 
 
-def _td(seconds: float):  # type: ignore[no-untyped-def]
-    import datetime
+def _mesh(store: dist.Store, ranks: RankMap, node: int, device: str, timeout_s: float) -> Mesh:
+    from .runtime import DRIVER
 
+    edge_rank = ranks.rank(node)
+    edge = Channel(
+        gloo_group(dist.PrefixStore("edge", store), edge_rank, ranks.world_size, timeout_s)
+    )
+    stages = None
+    if torch.device(device).type == "cuda":
+        stage = ranks.num_stages - 1 if node == DRIVER else node
+        torch.cuda.set_device(torch.device(device))
+        pg = nccl_group(dist.PrefixStore("nccl", store), stage, ranks.num_stages, timeout_s)
+        stages = Channel(pg, device)
+    return Mesh(ranks, edge, stages)
+
+
+def _td(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
@@ -80,8 +124,10 @@ class LocalPipeline:
 
     Args:
         plan: the plan to run.
-        devices: one device per stage (default: all ``cpu``).
-        threads_per_stage: torch intra-op threads in each stage process.
+        devices: one device per stage (default: all ``cpu``); CUDA stages talk over NCCL.
+        threads_per_stage: torch intra-op threads in each stage process (and, for the hosted
+            last stage, in this process while it runs).
+        host_last_stage: run the last stage in this process (default) instead of its own.
         timeout_s: start-up and data-plane timeout.
     """
 
@@ -91,66 +137,86 @@ class LocalPipeline:
         *,
         devices: list[str] | None = None,
         threads_per_stage: int = 1,
+        host_last_stage: bool = True,
         timeout_s: float = 300.0,
     ) -> None:
+        from .runtime import DRIVER
+
         self.plan = plan
+        self.threads = threads_per_stage
         n = plan.num_stages
         devices = devices or ["cpu"] * n
         if len(devices) != n:
             raise PlanError(f"{n} stages need {n} devices, got {len(devices)}")
-        world = n + 1
+        self.ranks = ranks = RankMap(n, host_last_stage)
         self.store = dist.TCPStore(
-            "127.0.0.1", 0, world, True, timeout=_td(timeout_s), wait_for_workers=False
+            "127.0.0.1", 0, ranks.world_size, True, timeout=_td(timeout_s), wait_for_workers=False
         )
         ctx = mp.get_context("spawn")
-        self.procs = [
-            ctx.Process(
+        plan_json = json.dumps(plan.to_json())
+        self.procs = {
+            k: ctx.Process(
                 target=_stage_main,
                 args=(
-                    json.dumps(plan.to_json()),
+                    plan_json,
                     k,
                     self.store.port,
                     devices[k],
                     threads_per_stage,
                     timeout_s,
+                    host_last_stage,
                 ),
                 daemon=True,
             )
-            for k in range(n)
-        ]
-        for p in self.procs:
+            for k in ranks.remote_stages()
+        }
+        for p in self.procs.values():
             p.start()
+        self._closed = True
         try:
-            self.stage_info = self._wait_ready(timeout_s)
-            pg = gloo_group(dist.PrefixStore("edge", self.store), 0, world, timeout_s)
+            hosted: Stage | None = None
+            local_info = {}
+            if host_last_stage:
+                stats, probe = ReadStats(), memory_probe()
+                with _threads(threads_per_stage):
+                    hosted = build_stage(
+                        plan, n - 1, devices[-1], stats=stats, on_traced=probe.mark
+                    )
+                local_info = {n - 1: probe.report(stats)}
+            remote = self._wait_ready(timeout_s)
+            self.stage_info = [local_info.get(k) or remote[k] for k in range(n)]
+            mesh = _mesh(self.store, ranks, DRIVER, devices[-1], timeout_s)
         except BaseException:
             self._kill()
             raise
-        _, traced = trace_plan(plan)
-        self.driver = Driver(Mesh(Channel(pg)), traced.args, traced.outputs)
+        if hosted is None:
+            from .stage import trace_plan
+
+            _, traced = trace_plan(plan)
+            args, outputs = traced.args, traced.outputs
+        else:
+            args, outputs = hosted.args, hosted.outputs
+        self.driver = Driver(mesh, args, outputs, hosted=hosted)
         self._closed = False
 
-    def _wait_ready(self, timeout_s: float) -> list[dict[str, Any]]:
+    def _wait_ready(self, timeout_s: float) -> dict[int, dict[str, Any]]:
         deadline = time.monotonic() + timeout_s
-        info: list[dict[str, Any] | None] = [None] * len(self.procs)
-        while any(i is None for i in info):
-            for k, p in enumerate(self.procs):
-                if info[k] is not None:
+        info: dict[int, dict[str, Any]] = {}
+        while len(info) < len(self.procs):
+            for k, p in self.procs.items():
+                if k in info:
                     continue
                 if self.store.check([f"error/{k}"]):
-                    raise RuntimeError(
-                        f"stage {k} failed to start: {self.store.get(f'error/{k}').decode()}"
-                    )
+                    err = self.store.get(f"error/{k}").decode()
+                    raise RuntimeError(f"stage {k} failed to start: {err}")
                 if self.store.check([f"ready/{k}"]):
                     info[k] = json.loads(self.store.get(f"ready/{k}"))
                 elif not p.is_alive():
-                    raise RuntimeError(
-                        f"stage {k} process exited with code {p.exitcode} while loading"
-                    )
+                    raise RuntimeError(f"stage {k} process died (exit code {p.exitcode})")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"stages not ready after {timeout_s:.0f}s")
-            time.sleep(0.05)
-        return [i for i in info if i is not None]
+            time.sleep(0.02)
+        return info
 
     def __call__(self, *args: Any, chunks: int = 1, **inputs: Any) -> Any:
         """Run the model on a batch; positional args follow the plan's input order."""
@@ -163,25 +229,32 @@ class LocalPipeline:
         missing = [n for n in self.driver.input_names if n not in inputs]
         if missing:
             raise TypeError(f"missing inputs {missing}; the model takes {names}")
-        return self.driver.run(inputs, chunks)
+        with _threads(self.threads if self.driver.hosted else torch.get_num_threads()):
+            return self.driver.run(inputs, chunks)
 
     def stage_times(self) -> list[dict[str, float]]:
-        """Compute/wait seconds per stage (available after close)."""
-        return [json.loads(self.store.get(f"times/{k}")) for k in range(len(self.procs))]
+        """Compute/wait seconds per stage (after close)."""
+        out = []
+        for k in range(self.plan.num_stages):
+            if k in self.procs:
+                out.append(json.loads(self.store.get(f"times/{k}")))
+            elif self.driver.hosted is not None:
+                out.append(vars(self.driver.hosted.times))
+        return out
 
     def close(self) -> None:
-        if getattr(self, "_closed", True):
+        if self._closed:
             return
         self._closed = True
         try:
             self.driver.stop()
-            for p in self.procs:
+            for p in self.procs.values():
                 p.join(timeout=30)
         finally:
             self._kill()
 
     def _kill(self) -> None:
-        for p in self.procs:
+        for p in self.procs.values():
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
@@ -191,3 +264,16 @@ class LocalPipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _threads:
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.saved = 0
+
+    def __enter__(self) -> None:
+        self.saved = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.saved)

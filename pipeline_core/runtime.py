@@ -1,22 +1,28 @@
-"""Run a split model across processes: per-stage loops and the driver that feeds them.
+"""Run a split model across processes: per-stage executors and the driver that feeds them.
 
-Ranks: the driver (the caller, which owns inputs and gets outputs back) is rank 0 of the
-*edge* group; stage ``k`` is rank ``k + 1``.  On CPU the edge group (gloo) also carries
-stage-to-stage activations.  On CUDA, activations between stages use a separate NCCL group
-(stage ``k`` = rank ``k``) and only inputs/outputs cross the gloo edge group.
+Nodes are the driver (``DRIVER``: owns inputs, gets outputs back) and stages ``0..S-1``.  A
+:class:`RankMap` places nodes on ranks of the *edge* group (gloo).  By default the driver
+process also hosts the last stage (rank 0), so the model's output (e.g. logits, the largest
+activation) never crosses a process boundary, and there is no idle extra process; stage ``k <
+S-1`` is rank ``k + 1``.  With a separate driver, stage ``k`` is rank ``k + 1`` for every ``k``.
 
-Routing comes from the traced wiring (:class:`~pipeline_core.trace.Wire`): for every
-(producer, consumer) pair we know which values flow, so a value may skip stages, and a later
-stage may read a model input directly.  Within one microbatch a consumer receives from its
-producers in a fixed order (driver first, then stages ascending); every producer sends without
-blocking, so the fill-drain order of :mod:`.schedule` cannot deadlock.
+On CPU the edge group also carries stage-to-stage activations.  On CUDA, activations between
+stages use a separate NCCL group (stage ``k`` = rank ``k``) and only inputs/outputs cross gloo.
+
+Routing comes from the traced wiring (:class:`~pipeline_core.trace.Wire`): for every (producer,
+consumer) pair we know which values flow, so a value may skip stages and a later stage may read
+a model input directly.  Within one microbatch a consumer receives from its producers in a fixed
+order (driver first, then stages ascending); producers never block on sends, and values between
+two nodes of the same process go through a local queue; so the fill-drain order of
+:mod:`.schedule` cannot deadlock.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,17 +30,38 @@ import torch
 import torch.distributed as dist
 
 from .microbatch import merge_microbatches, split_microbatches
-from .schedule import fill_drain
+from .schedule import Action, fill_drain
 from .stage import Stage
 from .trace import WHOLE, Wire
 from .transport import Channel
 
-__all__ = ["Driver", "Mesh", "Routes", "serve_stage"]
+__all__ = ["DRIVER", "Driver", "Mesh", "RankMap", "Routes", "StageExecutor", "serve_stage"]
 
 log = logging.getLogger(__name__)
 
 DRIVER = -1
 OP_STOP, OP_RUN = 0, 1
+
+
+@dataclass(frozen=True)
+class RankMap:
+    """Which edge-group rank each node (DRIVER or stage index) lives on."""
+
+    num_stages: int
+    driver_hosts_last: bool = True
+
+    @property
+    def world_size(self) -> int:
+        return self.num_stages + (0 if self.driver_hosts_last else 1)
+
+    def rank(self, node: int) -> int:
+        if node == DRIVER or (self.driver_hosts_last and node == self.num_stages - 1):
+            return 0
+        return node + 1
+
+    def remote_stages(self) -> list[int]:
+        """Stages that run in their own process (not in the driver's)."""
+        return [s for s in range(self.num_stages) if self.rank(s) != 0]
 
 
 @dataclass
@@ -57,51 +84,50 @@ class Routes:
         for w in outputs:
             if w.src == "stage":
                 flows[(w.stage, DRIVER)].add(w.index)
-            elif w.src == "input":
-                flows[(DRIVER, DRIVER)].add(w.name)
         return cls(len(args), {k: sorted(v, key=str) for k, v in flows.items()})
 
     def producers(self, consumer: int) -> list[int]:
-        return sorted(p for (p, c) in self.flows if c == consumer and p != consumer)
+        return sorted(p for (p, c) in self.flows if c == consumer)
 
     def consumers(self, producer: int) -> list[int]:
-        return sorted(
-            (c for (p, c) in self.flows if p == producer and c != producer),
-            key=lambda c: (c == DRIVER, c),
-        )
+        return sorted((c for (p, c) in self.flows if p == producer), key=lambda c: (c == DRIVER, c))
 
 
 def _pick(raw: Any, index: int) -> Any:
     return raw if index == WHOLE else raw[index]
 
 
-def _resolve(w: Wire, received: dict[tuple[int, Any], Any]) -> Any:
+def _resolve(w: Wire, received: dict[tuple[int, Any], Any], inputs: dict[str, Any]) -> Any:
     if w.src == "const":
         return w.value
     if w.src == "input":
-        return received[(DRIVER, w.name)]
+        return received.get((DRIVER, w.name), inputs.get(w.name))
     return received[(w.stage, w.index)]
 
 
 class Mesh:
-    """The channels one process uses: to the driver/edge, and between stages."""
+    """Moves value lists between nodes: a local queue within a process, else a channel."""
 
-    def __init__(self, edge: Channel, stages: Channel | None = None) -> None:
+    def __init__(self, ranks: RankMap, edge: Channel, stages: Channel | None = None) -> None:
+        self.ranks = ranks
         self.edge = edge
-        self.stages = stages  # None: stage traffic uses the edge group
+        self.stages = stages  # None: stage-to-stage traffic uses the edge group
+        self._local: dict[tuple[int, int], deque[list[Any]]] = defaultdict(deque)
 
     def send(self, values: list[Any], src: int, dst: int) -> None:
-        if DRIVER in (src, dst) or self.stages is None:
-            if DRIVER in (src, dst):
-                values = [_to_cpu(v) for v in values]
-            self.edge.send(values, dst + 1)
-        else:
+        if self.ranks.rank(src) == self.ranks.rank(dst):
+            self._local[(src, dst)].append(list(values))
+        elif self.stages is not None and DRIVER not in (src, dst):
             self.stages.send(values, dst)
+        else:
+            self.edge.send([_to_cpu(v) for v in values], self.ranks.rank(dst))
 
     def recv(self, src: int, dst: int) -> list[Any]:
-        if DRIVER in (src, dst) or self.stages is None:
-            return self.edge.recv(src + 1)
-        return self.stages.recv(src)
+        if self.ranks.rank(src) == self.ranks.rank(dst):
+            return self._local[(src, dst)].popleft()
+        if self.stages is not None and DRIVER not in (src, dst):
+            return self.stages.recv(src)
+        return self.edge.recv(self.ranks.rank(src))
 
     def flush(self) -> None:
         self.edge.flush()
@@ -124,84 +150,109 @@ class StageTimes:
     microbatches: int = 0
 
 
+class StageExecutor:
+    """Interprets one stage's schedule actions (R: receive, F: forward, S: send)."""
+
+    def __init__(self, stage: Stage, mesh: Mesh, routes: Routes) -> None:
+        self.stage = stage
+        self.mesh = mesh
+        self.routes = routes
+        self.times = StageTimes()
+        self._received: dict[tuple[int, Any], Any] = {}
+        self._raw: Any = None
+
+    def run(self, action: Action) -> None:
+        me, routes = self.stage.index, self.routes
+        if action.op == "R":
+            t0 = time.perf_counter()
+            self._received = {}
+            for p in routes.producers(me):
+                vals = self.mesh.recv(p, me)
+                for key, v in zip(routes.flows[(p, me)], vals, strict=True):
+                    dev = self.stage.device
+                    self._received[(p, key)] = v.to(dev) if torch.is_tensor(v) else v
+            self.times.wait_s += time.perf_counter() - t0
+        elif action.op == "F":
+            t0 = time.perf_counter()
+            args = [_resolve(w, self._received, {}) for w in self.stage.my_args]
+            self._raw = self.stage.forward(args)
+            self._received = {}
+            self.times.compute_s += time.perf_counter() - t0
+            self.times.microbatches += 1
+        else:
+            for c in routes.consumers(me):
+                self.mesh.send([_pick(self._raw, i) for i in routes.flows[(me, c)]], me, c)
+            self._raw = None
+
+
 def serve_stage(stage: Stage, mesh: Mesh) -> StageTimes:
-    """Run ``stage`` until the driver says stop. Returns time spent computing vs waiting."""
-    routes = Routes.from_wiring(stage.args, stage.outputs)
-    me = stage.index
-    times = StageTimes()
+    """Run ``stage`` in its own process until the driver says stop."""
+    ex = StageExecutor(stage, mesh, Routes.from_wiring(stage.args, stage.outputs))
     while True:
-        op, n = mesh.recv(DRIVER, me)
+        op, n = mesh.recv(DRIVER, stage.index)
         if op == OP_STOP:
             mesh.flush()
-            return times
-        for action in fill_drain(routes.num_stages, n)[me]:
-            if action.op == "R":
-                t0 = time.perf_counter()
-                received: dict[tuple[int, Any], Any] = {}
-                for p in routes.producers(me):
-                    vals = mesh.recv(p, me)
-                    for key, v in zip(routes.flows[(p, me)], vals, strict=True):
-                        received[(p, key)] = v.to(stage.device) if torch.is_tensor(v) else v
-                times.wait_s += time.perf_counter() - t0
-            elif action.op == "F":
-                t0 = time.perf_counter()
-                raw = stage.forward([_resolve(w, received) for w in stage.my_args])
-                times.compute_s += time.perf_counter() - t0
-                times.microbatches += 1
-            else:
-                for c in routes.consumers(me):
-                    mesh.send([_pick(raw, i) for i in routes.flows[(me, c)]], me, c)
+            return ex.times
+        for action in fill_drain(ex.routes.num_stages, n)[stage.index]:
+            ex.run(action)
         mesh.flush()
 
 
 class Driver:
-    """Feeds microbatches to the stages and gathers the outputs (rank 0 of the edge group)."""
+    """Feeds microbatches to the stages and gathers the outputs (edge rank 0).
 
-    def __init__(self, mesh: Mesh, args: list[list[Wire]], outputs: list[Wire]) -> None:
+    With ``hosted`` (the last stage, built in this process) the driver runs that stage's
+    actions itself, between feeding inputs and collecting outputs.
+    """
+
+    def __init__(
+        self,
+        mesh: Mesh,
+        args: list[list[Wire]],
+        outputs: list[Wire],
+        hosted: Stage | None = None,
+    ) -> None:
         self.mesh = mesh
         self.outputs = outputs
         self.routes = Routes.from_wiring(args, outputs)
         self.input_names = sorted({w.name for a in args for w in a if w.src == "input"})
+        self.hosted = StageExecutor(hosted, mesh, self.routes) if hosted is not None else None
 
     def run(self, inputs: dict[str, Any], chunks: int = 1) -> Any:
         """One fill-drain pass over ``inputs`` (cut into ``chunks`` microbatches)."""
         micro = split_microbatches(inputs, chunks)
         routes = self.routes
-        for s in range(routes.num_stages):
+        for s in self.mesh.ranks.remote_stages():
             self.mesh.send([OP_RUN, len(micro)], DRIVER, s)
         for mb in micro:
             for c in routes.consumers(DRIVER):
-                if c != DRIVER:
-                    self.mesh.send([mb[k] for k in routes.flows[(DRIVER, c)]], DRIVER, c)
+                self.mesh.send([mb[k] for k in routes.flows[(DRIVER, c)]], DRIVER, c)
         results = []
-        for mb in micro:
+        for i, mb in enumerate(micro):
+            if self.hosted is not None:
+                for op in "RFS":
+                    self.hosted.run(Action(self.hosted.stage.index, op, i))
             got: dict[tuple[int, Any], Any] = {}
             for p in routes.producers(DRIVER):
                 vals = self.mesh.recv(p, DRIVER)
                 for key, v in zip(routes.flows[(p, DRIVER)], vals, strict=True):
                     got[(p, key)] = v
-            for name in routes.flows.get((DRIVER, DRIVER), []):
-                got[(DRIVER, name)] = mb[name]
-            outs = [_resolve(w, got) for w in self.outputs]
+            outs = [_resolve(w, got, mb) for w in self.outputs]
             results.append(outs[0] if len(outs) == 1 else tuple(outs))
         self.mesh.flush()
         return merge_microbatches(results)
 
     def stop(self) -> None:
-        for s in range(self.routes.num_stages):
+        for s in self.mesh.ranks.remote_stages():
             self.mesh.send([OP_STOP, 0], DRIVER, s)
         self.mesh.flush()
 
 
 def gloo_group(store: dist.Store, rank: int, size: int, timeout_s: float) -> dist.ProcessGroup:
-    import datetime
-
     return dist.ProcessGroupGloo(store, rank, size, datetime.timedelta(seconds=timeout_s))
 
 
 def nccl_group(store: dist.Store, rank: int, size: int, timeout_s: float) -> dist.ProcessGroup:
-    import datetime
-
     opts = dist.ProcessGroupNCCL.Options()
     opts._timeout = datetime.timedelta(seconds=timeout_s)
     return dist.ProcessGroupNCCL(store, rank, size, opts)

@@ -9,6 +9,7 @@ lifted out of ``forward`` are already real.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,9 +63,16 @@ def trace_plan(plan: Plan, device: torch.device | str = "cpu") -> tuple[nn.Modul
 
 
 def build_stage(
-    plan: Plan, index: int, device: torch.device | str = "cpu", *, stats: ReadStats | None = None
+    plan: Plan,
+    index: int,
+    device: torch.device | str = "cpu",
+    *,
+    stats: ReadStats | None = None,
+    on_traced: Callable[[], None] | None = None,
 ) -> Stage:
     """Materialize stage ``index`` of ``plan`` on ``device`` from the checkpoint.
+
+    ``on_traced`` is called after tracing, just before the checkpoint is read (memory probes).
 
     Raises:
         PlanError: index out of range or the plan does not match the traced model.
@@ -75,6 +83,9 @@ def build_stage(
     device = torch.device(device)
     skeleton, traced = trace_plan(plan, device)
     gm = traced.modules[index]
+    del traced.modules[:]  # other stages' graphs (fake tensors) are not needed
+    if on_traced is not None:
+        on_traced()
     stats = stats if stats is not None else ReadStats()
     _materialize(gm, plan, index, traced.prefix, skeleton._pipeserve_buffers, device, stats)
     log.info("[stage %d] loaded %d bytes from %s", index, stats.total_bytes, plan.source.checkpoint)

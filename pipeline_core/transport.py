@@ -1,8 +1,9 @@
 """Point-to-point transport of activation values over ``torch.distributed``.
 
 A message is a list of values (tensors, ints, floats, bools, None, and tuples of those).  Each
-message goes as: a one-element int64 length, an int64 header describing every value (kind,
-dtype, shape), then one byte payload per non-empty tensor.  Because every message carries its
+message goes as an int64 header describing every value (kind, dtype, shape) -- in one fixed-size
+frame of ``FRAME`` ints whose first int is the header length, plus a second frame only when the
+header is longer -- then one byte payload per non-empty tensor.  Because every message carries its
 own header, shapes may change from one request to the next, and a receiver never guesses.
 Payloads travel as raw bytes (``uint8`` views), so any dtype works on any backend (gloo has no
 bool or bfloat16 send), with no conversion cost.
@@ -38,6 +39,8 @@ _DTYPES = [
 ]
 _CODE = {d: i for i, d in enumerate(_DTYPES)}
 _TENSOR, _INT, _NONE, _BOOL, _FLOAT, _TUPLE = range(6)
+FRAME = 64
+"""Ints in the first header frame (512 bytes): most messages need no second frame."""
 
 
 class _Slot:
@@ -130,9 +133,16 @@ class Channel:
     def send(self, values: Sequence[Any], dst: int) -> None:
         """Queue ``values`` for rank ``dst`` (non-blocking; see :meth:`flush`)."""
         header, tensors = encode_header(values)
-        h = torch.tensor(header, dtype=torch.int64, device=self.device)
-        n = torch.tensor([len(header)], dtype=torch.int64, device=self.device)
-        for t in (n, h, *(_as_bytes(x.to(self.device)) for x in tensors)):
+        frame = torch.zeros(FRAME, dtype=torch.int64)
+        frame[0] = len(header)
+        head = header[: FRAME - 1]
+        frame[1 : 1 + len(head)] = torch.tensor(head, dtype=torch.int64)
+        parts = [frame.to(self.device)]
+        if len(header) > FRAME - 1:
+            rest = header[FRAME - 1 :]
+            parts.append(torch.tensor(rest, dtype=torch.int64, device=self.device))
+        parts += [_as_bytes(x.to(self.device)) for x in tensors]
+        for t in parts:
             self._pending.append((self.pg.send([t], dst, 0), t))
             self.bytes_sent += t.numel() * t.element_size()
         if len(self._pending) > 256:
@@ -146,11 +156,15 @@ class Channel:
 
     def recv(self, src: int) -> list[Any]:
         """Receive one message from rank ``src`` (blocking)."""
-        n = torch.empty(1, dtype=torch.int64, device=self.device)
-        self.pg.recv([n], src, 0).wait()
-        h = torch.empty(int(n.item()), dtype=torch.int64, device=self.device)
-        self.pg.recv([h], src, 0).wait()
-        values, specs = decode_header(h.tolist())
+        frame = torch.empty(FRAME, dtype=torch.int64, device=self.device)
+        self.pg.recv([frame], src, 0).wait()
+        ints = frame.tolist()
+        length, header = ints[0], ints[1 : 1 + min(ints[0], FRAME - 1)]
+        if length > FRAME - 1:
+            rest = torch.empty(length - (FRAME - 1), dtype=torch.int64, device=self.device)
+            self.pg.recv([rest], src, 0).wait()
+            header += rest.tolist()
+        values, specs = decode_header(header)
         tensors = []
         for dtype, shape in specs:
             numel = 1
