@@ -57,6 +57,8 @@ class CheckpointIndex:
     root: Path
     weight_map: dict[str, str]
     format: str
+    renames: dict[str, str] = field(default_factory=dict)
+    """Model tensor name -> checkpoint key where the checkpoint uses other (legacy) names."""
 
     @classmethod
     def open(cls, root: str | Path) -> CheckpointIndex:
@@ -85,6 +87,8 @@ class CheckpointIndex:
         for candidate in (name, *aliases):
             if candidate in self.weight_map:
                 return candidate
+            if self.renames.get(candidate) in self.weight_map:
+                return self.renames[candidate]
         raise CheckpointError(
             f"tensor {name!r} is not in the checkpoint index of {self.root}"
             + (f" (nor its tied aliases {list(aliases)})" if aliases else "")

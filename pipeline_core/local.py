@@ -107,7 +107,9 @@ def _mesh(store: dist.Store, ranks: RankMap, node: int, device: str, timeout_s: 
         gloo_group(dist.PrefixStore("edge", store), edge_rank, ranks.world_size, timeout_s)
     )
     stages = None
-    if torch.device(device).type == "cuda":
+    # A separate driver only talks over gloo; a driver hosting the last stage is that stage.
+    joins_nccl = node != DRIVER or ranks.driver_hosts_last
+    if torch.device(device).type == "cuda" and joins_nccl:
         stage = ranks.num_stages - 1 if node == DRIVER else node
         torch.cuda.set_device(torch.device(device))
         pg = nccl_group(dist.PrefixStore("nccl", store), stage, ranks.num_stages, timeout_s)
@@ -128,6 +130,8 @@ class LocalPipeline:
         threads_per_stage: torch intra-op threads in each stage process (and, for the hosted
             last stage, in this process while it runs).
         host_last_stage: run the last stage in this process (default) instead of its own.
+            Loading it resets this process's ``VmHWM`` (peak RSS in ``/proc``) to measure the
+            load's peak memory.
         timeout_s: start-up and data-plane timeout.
     """
 
@@ -231,6 +235,20 @@ class LocalPipeline:
             raise TypeError(f"missing inputs {missing}; the model takes {names}")
         with _threads(self.threads if self.driver.hosted else torch.get_num_threads()):
             return self.driver.run(inputs, chunks)
+
+    def map(self, batches: list[dict[str, Any]], chunks: int = 1) -> list[Any]:
+        """Run several batches back to back without draining the pipeline between them.
+
+        Each batch is a dict of named inputs; returns one output per batch, in order.
+        """
+        if self._closed:
+            raise RuntimeError("pipeline is closed")
+        for b in batches:
+            missing = [n for n in self.driver.input_names if n not in b]
+            if missing:
+                raise TypeError(f"missing inputs {missing}")
+        with _threads(self.threads if self.driver.hosted else torch.get_num_threads()):
+            return self.driver.run_many(batches, chunks)
 
     def stage_times(self) -> list[dict[str, float]]:
         """Compute/wait seconds per stage (after close)."""

@@ -220,7 +220,13 @@ class Driver:
 
     def run(self, inputs: dict[str, Any], chunks: int = 1) -> Any:
         """One fill-drain pass over ``inputs`` (cut into ``chunks`` microbatches)."""
-        micro = split_microbatches(inputs, chunks)
+        return self.run_many([inputs], chunks)[0]
+
+    def run_many(self, batches: list[dict[str, Any]], chunks: int = 1) -> list[Any]:
+        """Stream several batches through one fill-drain pass: the pipeline fills once, and
+        stage 0 starts the next batch while later stages still work on the previous one."""
+        split = [split_microbatches(b, chunks) for b in batches]
+        micro = [mb for s in split for mb in s]
         routes = self.routes
         for s in self.mesh.ranks.remote_stages():
             self.mesh.send([OP_RUN, len(micro)], DRIVER, s)
@@ -240,7 +246,11 @@ class Driver:
             outs = [_resolve(w, got, mb) for w in self.outputs]
             results.append(outs[0] if len(outs) == 1 else tuple(outs))
         self.mesh.flush()
-        return merge_microbatches(results)
+        merged, start = [], 0
+        for s in split:
+            merged.append(merge_microbatches(results[start : start + len(s)]))
+            start += len(s)
+        return merged
 
     def stop(self) -> None:
         for s in self.mesh.ranks.remote_stages():

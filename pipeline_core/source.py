@@ -18,7 +18,7 @@ import contextlib
 import importlib
 import inspect
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,6 +265,41 @@ def default_inputs(source: ModelSource, model: nn.Module | None = None) -> list[
             )
         )
     return specs
+
+
+def hf_checkpoint_names(model: nn.Module, keys: Iterable[str]) -> dict[str, str]:
+    """Model tensor name -> checkpoint key, where they differ.
+
+    transformers 5 keeps legacy key names in checkpoints (``vit.encoder.layer.0...``) and renames
+    them on load (``vit.layers.0...``); a checkpoint of the base model may also lack (or carry)
+    the ``base_model_prefix``.  We apply the library's own renaming rules to the checkpoint's
+    keys.  Keys that need a tensor *conversion* (merging experts, fusing q/k/v) are left out;
+    a stage that needs one fails with a clear missing-tensor error.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+    except ImportError:  # an older transformers: checkpoint keys are module names
+        return {}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    names = dict.fromkeys(
+        [n for n, _ in model.named_parameters(remove_duplicate=False)]
+        + [n for n, _ in model.named_buffers(remove_duplicate=False)],
+        True,
+    )
+    prefix = getattr(model, "base_model_prefix", None) or None
+    out: dict[str, str] = {}
+    for key in keys:
+        new, converted = rename_source_key(key, renamings, converters, prefix, names)
+        if converted is None and new != key and new in names:
+            out[new] = key
+    return out
 
 
 class HFForward(nn.Module):

@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from .errors import CheckpointError, PlanError
 from .load import CheckpointIndex, ReadStats, read_tensors
 from .plan import Plan
-from .source import build_skeleton, parse_dtype
+from .source import build_skeleton, hf_checkpoint_names, parse_dtype
 from .trace import TracedPipeline, Wire, trace_pipeline
 
 __all__ = ["Stage", "build_stage", "trace_plan"]
@@ -87,7 +87,7 @@ def build_stage(
     if on_traced is not None:
         on_traced()
     stats = stats if stats is not None else ReadStats()
-    _materialize(gm, plan, index, traced.prefix, skeleton._pipeserve_buffers, device, stats)
+    _materialize(gm, plan, index, traced.prefix, skeleton, device, stats)
     log.info("[stage %d] loaded %d bytes from %s", index, stats.total_bytes, plan.source.checkpoint)
     return Stage(
         index=index,
@@ -115,11 +115,14 @@ def _materialize(
     plan: Plan,
     index: int,
     prefix: str,
-    skeleton_buffers: dict[str, torch.Tensor],
+    skeleton: nn.Module,
     device: torch.device,
     stats: ReadStats,
 ) -> None:
+    skeleton_buffers: dict[str, torch.Tensor] = skeleton._pipeserve_buffers  # type: ignore[assignment]
     ckpt = CheckpointIndex.open(plan.source.checkpoint)
+    if plan.source.is_hf:
+        ckpt.renames = hf_checkpoint_names(skeleton, ckpt.weight_map)
     owned = set(plan.stages[index].tensors)
     wanted: dict[str, tuple[str, list[int], torch.dtype]] = {}
     for name, p in gm.named_parameters(remove_duplicate=False):
@@ -134,7 +137,10 @@ def _materialize(
     for name, b in gm.named_buffers(remove_duplicate=False):
         model_name = name.removeprefix(prefix)
         aliases = plan.tied.get(model_name, [])
-        in_ckpt = any(n in ckpt.weight_map for n in (model_name, *aliases))
+        in_ckpt = any(
+            n in ckpt.weight_map or ckpt.renames.get(n) in ckpt.weight_map
+            for n in (model_name, *aliases)
+        )
         if model_name in owned and in_ckpt:
             wanted[name] = (ckpt.resolve(model_name, aliases), list(b.shape), b.dtype)
         elif model_name in skeleton_buffers:

@@ -68,8 +68,78 @@ HF_CONFIGS = {
         num_heads=4,
         decoder_start_token_id=0,
     ),
+    # more families, traced and split by the same generic code
+    "mistral": dict(
+        model_type="mistral",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+    ),
+    "qwen2": dict(
+        model_type="qwen2",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "falcon": dict(
+        model_type="falcon",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+    ),
+    "gptj": dict(
+        model_type="gptj",
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=4,
+        n_head=4,
+        rotary_dim=4,
+        n_positions=128,
+    ),
+    "bart": dict(
+        model_type="bart",
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+    ),
+    "bert": dict(
+        model_type="bert",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        architectures=["BertForMaskedLM"],
+    ),
+    # checkpoint keys differ from module names (legacy names, renamed on load)
+    "vit": dict(
+        model_type="vit",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        num_labels=3,
+        architectures=["ViTForImageClassification"],
+    ),
     "resnet": dict(
         model_type="resnet",
+        architectures=["ResNetForImageClassification"],
         embedding_size=8,
         hidden_sizes=[8, 16, 16, 32],
         depths=[1, 1, 2, 1],
@@ -84,12 +154,14 @@ def hf_model(family: str, seed: int = 0) -> nn.Module:
     from transformers import AutoConfig
 
     cfg = dict(HF_CONFIGS[family])
+    arch = cfg.pop("architectures", None)
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     torch.manual_seed(seed)
-    if family == "t5":
+    if arch:
+        config.architectures = arch
+        return getattr(transformers, arch[0])(config).eval()
+    if config.is_encoder_decoder:
         return transformers.AutoModelForSeq2SeqLM.from_config(config).eval()
-    if family == "resnet":
-        return transformers.ResNetForImageClassification(config).eval()
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
@@ -107,37 +179,39 @@ def write_bin_index(
     state: dict[str, torch.Tensor], path: Path, tied: nn.Module | None = None, per_file: int = 6
 ) -> None:
     """Write torch.save shards + pytorch_model.bin.index.json (like older save_pretrained)."""
-    seen: dict[int, str] = {}
-    unique = {}
-    for k, v in state.items():
-        if id(v) in seen or v.data_ptr() in seen:
-            continue
-        seen[v.data_ptr()] = k
-        unique[k] = v.contiguous().clone()
-    names = list(unique)
-    chunks = [names[i : i + per_file] for i in range(0, len(names), per_file)]
-    weight_map = {}
-    for i, chunk in enumerate(chunks):
-        fname = f"pytorch_model-{i + 1:05d}-of-{len(chunks):05d}.bin"
-        torch.save({k: unique[k] for k in chunk}, path / fname)
-        weight_map.update(dict.fromkeys(chunk, fname))
-    (path / "pytorch_model.bin.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map})
-    )
+    unique: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in state.items():  # tied tensors are stored once, under their first name
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            unique[k] = v.contiguous().clone()
+    write_sharded(unique, path, "bin", per_file)
 
 
 def save_safetensors_sharded(state: dict[str, torch.Tensor], path: Path, per_file: int = 4) -> Path:
+    return write_sharded(state, path, "safetensors", per_file)
+
+
+def write_sharded(state: dict[str, torch.Tensor], path: Path, fmt: str, per_file: int) -> Path:
+    """Shard ``state`` into files of ``per_file`` tensors plus the matching index JSON."""
     path.mkdir(parents=True, exist_ok=True)
     names = list(state)
     chunks = [names[i : i + per_file] for i in range(0, len(names), per_file)]
+    stem, index = (
+        ("model", "model.safetensors.index.json")
+        if fmt == "safetensors"
+        else ("pytorch_model", "pytorch_model.bin.index.json")
+    )
     weight_map = {}
     for i, chunk in enumerate(chunks):
-        fname = f"model-{i + 1:05d}-of-{len(chunks):05d}.safetensors"
-        save_file({k: state[k].contiguous() for k in chunk}, str(path / fname))
+        fname = f"{stem}-{i + 1:05d}-of-{len(chunks):05d}.{fmt}"
+        part = {k: state[k].contiguous() for k in chunk}
+        if fmt == "safetensors":
+            save_file(part, str(path / fname))
+        else:
+            torch.save(part, path / fname)
         weight_map.update(dict.fromkeys(chunk, fname))
-    (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map})
-    )
+    (path / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return path
 
 

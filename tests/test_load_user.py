@@ -108,3 +108,10 @@ def test_user_module_pipeline(tmp_path, factory, policy):
         for chunks in (1, 2, 4):
             out = pipe(x, chunks=chunks)
             assert (out - ref).abs().max().item() <= 1e-5
+        # several batches streamed through one fill-drain pass, results in order
+        xs = [torch.randn(n, 12) for n in (3, 5, 2)]
+        with torch.no_grad():
+            refs = [model(b) for b in xs]
+        outs = pipe.map([{"x": b} for b in xs], chunks=2)
+        assert [o.shape for o in outs] == [r.shape for r in refs]
+        assert all((o - r).abs().max().item() <= 1e-5 for o, r in zip(outs, refs, strict=True))

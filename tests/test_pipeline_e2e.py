@@ -22,21 +22,26 @@ FAMILIES = ["gpt2", "opt", "bloom", "gpt_neo", "codegen", "llama", "t5", "resnet
 ATOL = 1e-5
 
 
+EXTRA_FAMILIES = ["mistral", "qwen2", "falcon", "gptj", "bart", "bert", "vit"]
+IMAGE = {"resnet", "vit"}
+NO_CACHE_ARG = IMAGE | {"bert"}
+
+
 def _inputs(family: str, batch: int, seq: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    if family == "resnet":
+    if family in IMAGE:
         return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=gen)}
     ids = torch.randint(0, VOCAB, (batch, seq), generator=gen)
     mask = torch.ones_like(ids)
     mask[0, : seq // 3] = 0  # a left-padded row
     out = {"input_ids": ids, "attention_mask": mask}
-    if family == "t5":
+    if family in ("t5", "bart"):
         out["decoder_input_ids"] = torch.randint(0, VOCAB, (batch, seq - 2), generator=gen)
     return out
 
 
 def _reference(model: torch.nn.Module, family: str, inputs: dict) -> torch.Tensor:
     with torch.no_grad():
-        if family == "resnet":
+        if family in NO_CACHE_ARG:
             return model(**inputs).logits
         return model(**inputs, use_cache=False).logits
 
@@ -59,6 +64,18 @@ def test_family_pipeline_matches_single_process(family, stages, tmp_path):
     # 2 stages: the driver hosts the last stage; 3 stages: every stage in its own process
     with LocalPipeline(plan, host_last_stage=stages == 2) as pipe:
         for batch, seq, chunks in [(4, 9, 1), (5, 7, 2), (5, 12, 4), (1, 5, 2)]:
+            inputs = _inputs(family, batch, seq, gen)
+            _check(pipe(**inputs, chunks=chunks), _reference(model, family, inputs))
+
+
+@pytest.mark.parametrize("family", EXTRA_FAMILIES)
+def test_more_families(family, tmp_path):
+    """Families nobody wrote code for: 3 stages, the driver hosting the last one."""
+    model = hf_model(family)
+    plan = make_plan(ModelSource(checkpoint=str(save_hf(model, tmp_path))), Policy.equal_size(3))
+    gen = torch.Generator().manual_seed(1)
+    with LocalPipeline(plan) as pipe:
+        for batch, seq, chunks in [(3, 9, 2), (5, 6, 4)]:
             inputs = _inputs(family, batch, seq, gen)
             _check(pipe(**inputs, chunks=chunks), _reference(model, family, inputs))
 

@@ -1,0 +1,47 @@
+"""The `pipeserve plan` command: table, JSON, units, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeserve.cli import main
+
+from .models import hf_model, save_hf
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    return save_hf(hf_model("gpt2"), tmp_path_factory.mktemp("gpt2"))
+
+
+def test_plan_table_and_json(gpt2_dir, capsys):
+    assert main(["plan", str(gpt2_dir), "--equal-size", "3", "--no-trace"]) == 0
+    table = capsys.readouterr().out
+    assert "equal_size(3)" in table
+    assert [line.split()[0] for line in table.splitlines()[-3:]] == ["0", "1", "2"]
+    assert main(["plan", str(gpt2_dir), "--split-at", "transformer.h.2", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["version"] == 1 and len(plan["stages"]) == 2
+    assert plan["stages"][1]["units"][0] == "transformer.h.2"
+    assert plan["stages"][1]["receives"], "traced plans record stage inputs"
+
+
+def test_plan_units_and_threshold(gpt2_dir, capsys):
+    assert main(["plan", str(gpt2_dir), "--units", "--no-trace"]) == 0
+    units = capsys.readouterr().out.splitlines()
+    assert units[0].endswith("transformer.wte") and units[-1].endswith("lm_head")
+    assert main(["plan", str(gpt2_dir), "--threshold", "100KB", "--no-trace"]) == 0
+    assert "threshold(100000 bytes)" in capsys.readouterr().out
+
+
+def test_plan_errors_are_clear(gpt2_dir, tmp_path, capsys):
+    assert main(["plan", str(gpt2_dir), "--threshold", "1KB", "--no-trace"]) == 2
+    assert "larger than the threshold" in capsys.readouterr().err
+    assert main(["plan", str(gpt2_dir), "--split-at", "transformer.h.9"]) == 2
+    assert "unknown split point 'transformer.h.9'" in capsys.readouterr().err
+    assert main(["plan", str(tmp_path / "nowhere")]) == 2
+    assert "config.json not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["plan", str(gpt2_dir), "--equal-size", "2", "--threshold", "1MB"])
