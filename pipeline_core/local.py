@@ -16,6 +16,7 @@ import logging
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -241,6 +242,12 @@ class LocalPipeline:
 
         Each batch is a dict of named inputs; returns one output per batch, in order.
         """
+        return list(self.imap(batches, chunks))
+
+    def imap(self, batches: Iterable[dict[str, Any]], chunks: int = 1) -> Iterator[Any]:
+        """Like :meth:`map`, yielding each batch's output as soon as it is complete (so the
+        caller need not hold every output).  Exhaust it before using the pipeline again."""
+        batches = list(batches)
         if self._closed:
             raise RuntimeError("pipeline is closed")
         for b in batches:
@@ -248,7 +255,7 @@ class LocalPipeline:
             if missing:
                 raise TypeError(f"missing inputs {missing}")
         with _threads(self.threads if self.driver.hosted else torch.get_num_threads()):
-            return self.driver.run_many(batches, chunks)
+            yield from self.driver.run_iter(batches, chunks)
 
     def stage_times(self) -> list[dict[str, float]]:
         """Compute/wait seconds per stage (after close)."""

@@ -20,9 +20,11 @@ two nodes of the same process go through a local queue; so the fill-drain order 
 from __future__ import annotations
 
 import datetime
+import itertools
 import logging
 import time
 from collections import defaultdict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,8 +213,10 @@ class Driver:
         args: list[list[Wire]],
         outputs: list[Wire],
         hosted: Stage | None = None,
+        window: int = 0,
     ) -> None:
         self.mesh = mesh
+        self.window = window  # microbatches fed ahead of outputs; 0: twice the stage count
         self.outputs = outputs
         self.routes = Routes.from_wiring(args, outputs)
         self.input_names = sorted({w.name for a in args for w in a if w.src == "input"})
@@ -223,17 +227,37 @@ class Driver:
         return self.run_many([inputs], chunks)[0]
 
     def run_many(self, batches: list[dict[str, Any]], chunks: int = 1) -> list[Any]:
-        """Stream several batches through one fill-drain pass: the pipeline fills once, and
-        stage 0 starts the next batch while later stages still work on the previous one."""
+        """All outputs of :meth:`run_iter`, in order."""
+        return list(self.run_iter(batches, chunks))
+
+    def run_iter(self, batches: list[dict[str, Any]], chunks: int = 1) -> Iterator[Any]:
+        """Stream several batches through one fill-drain pass, yielding each batch's output
+        as soon as it is complete: the pipeline fills once, and stage 0 starts the next batch
+        while later stages still work on the previous one.
+
+        Inputs are fed at most ``window`` microbatches ahead of the outputs collected, so the
+        first stage cannot run far ahead of the last (bounded memory in every process).  The
+        iterator must be exhausted before the pipeline is used again.
+        """
         split = [split_microbatches(b, chunks) for b in batches]
         micro = [mb for s in split for mb in s]
         routes = self.routes
+        window = self.window or 2 * routes.num_stages
         for s in self.mesh.ranks.remote_stages():
             self.mesh.send([OP_RUN, len(micro)], DRIVER, s)
-        for mb in micro:
-            for c in routes.consumers(DRIVER):
-                self.mesh.send([mb[k] for k in routes.flows[(DRIVER, c)]], DRIVER, c)
-        results = []
+        fed = 0
+
+        def feed(upto: int) -> None:
+            nonlocal fed
+            while fed < min(upto, len(micro)):
+                for c in routes.consumers(DRIVER):
+                    values = [micro[fed][k] for k in routes.flows[(DRIVER, c)]]
+                    self.mesh.send(values, DRIVER, c)
+                fed += 1
+
+        feed(window)
+        ends = list(itertools.accumulate(len(s) for s in split))
+        results: list[Any] = []
         for i, mb in enumerate(micro):
             if self.hosted is not None:
                 for op in "RFS":
@@ -245,12 +269,13 @@ class Driver:
                     got[(p, key)] = v
             outs = [_resolve(w, got, mb) for w in self.outputs]
             results.append(outs[0] if len(outs) == 1 else tuple(outs))
-        self.mesh.flush()
-        merged, start = [], 0
-        for s in split:
-            merged.append(merge_microbatches(results[start : start + len(s)]))
-            start += len(s)
-        return merged
+            feed(i + 1 + window)
+            if i + 1 == ends[0]:
+                ends.pop(0)
+                if not ends:
+                    self.mesh.flush()
+                yield merge_microbatches(results)
+                results = []
 
     def stop(self) -> None:
         for s in self.mesh.ranks.remote_stages():
