@@ -207,10 +207,13 @@ def build_skeleton(source: ModelSource, dtype: torch.dtype | None = None) -> nn.
                 )
     model.eval()
     if dtype is not None:
+        cast: dict[int, nn.Parameter] = {}  # one cast per tensor: tied weights stay tied
         for mod in model.modules():
             for name, p in list(mod._parameters.items()):
                 if p is not None and p.is_floating_point() and p.dtype != dtype:
-                    mod._parameters[name] = nn.Parameter(p.to(dtype), requires_grad=False)
+                    if id(p) not in cast:
+                        cast[id(p)] = nn.Parameter(p.to(dtype), requires_grad=False)
+                    mod._parameters[name] = cast[id(p)]
     for p in model.parameters():
         p.requires_grad_(False)
     return model

@@ -253,3 +253,24 @@ def make_user_mlp() -> nn.Module:
 def make_user_mlp_markers() -> nn.Module:
     torch.manual_seed(0)
     return UserMLP(markers=True)
+
+
+class TwoInTwoOut(nn.Module):
+    """Two inputs (one read by every block), a tuple of two outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.inp(x)
+        for b in self.blocks:
+            h = torch.relu(b(h)) + y
+        return self.head(h), h.sum(-1)
+
+
+def make_two_in_two_out() -> nn.Module:
+    torch.manual_seed(0)
+    return TwoInTwoOut()

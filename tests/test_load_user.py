@@ -9,6 +9,7 @@ import torch
 
 from pipeline_core import (
     CheckpointError,
+    InputSpec,
     LocalPipeline,
     ModelSource,
     Policy,
@@ -115,3 +116,27 @@ def test_user_module_pipeline(tmp_path, factory, policy):
         outs = pipe.map([{"x": b} for b in xs], chunks=2)
         assert [o.shape for o in outs] == [r.shape for r in refs]
         assert all((o - r).abs().max().item() <= 1e-5 for o, r in zip(outs, refs, strict=True))
+
+
+@pytest.mark.slow
+def test_user_module_two_inputs_tuple_outputs(tmp_path):
+    """A model input read by every stage, and a tuple of outputs from the last stage."""
+    from .models import make_two_in_two_out
+
+    model = make_two_in_two_out()
+    save_safetensors_sharded(dict(model.state_dict()), tmp_path)
+    src = ModelSource(checkpoint=str(tmp_path), factory="tests.models:make_two_in_two_out")
+    inputs = [
+        InputSpec(name="x", shape=[4, 4], dynamic={0: "batch"}),
+        InputSpec(name="y", shape=[4, 8], dynamic={0: "batch"}),
+    ]
+    plan = make_plan(src, Policy.equal_size(3), inputs=inputs)
+    assert [r for r in plan.stages[2].receives if r.get("name") == "y"]
+    x, y = torch.randn(5, 4), torch.randn(5, 8)
+    with torch.no_grad():
+        ref = model(x, y)
+    with LocalPipeline(plan, host_last_stage=False) as pipe:
+        out = pipe(x, y, chunks=2)
+    assert isinstance(out, tuple) and len(out) == 2
+    for o, r in zip(out, ref, strict=True):
+        assert (o - r).abs().max().item() <= 1e-6

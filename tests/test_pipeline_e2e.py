@@ -91,3 +91,20 @@ def test_bin_index_checkpoint(tmp_path):
     with LocalPipeline(plan) as pipe:
         inputs = _inputs("opt", 3, 8, gen)
         _check(pipe(**inputs, chunks=2), _reference(model, "opt", inputs))
+
+
+def test_bfloat16_tied_weights_and_tiny_shapes(tmp_path):
+    """bf16 stages (tied lm_head), batch 1, sequence length 1 and 100; bf16 tolerance 1e-2."""
+    model = hf_model("llama")
+    ckpt = save_hf(model, tmp_path / "llama")
+    plan = make_plan(ModelSource(checkpoint=str(ckpt)), Policy.equal_size(2), dtype="bf16")
+    model = model.to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(3)
+    with LocalPipeline(plan) as pipe:
+        for batch, seq in [(1, 1), (2, 1), (3, 100)]:
+            ids = torch.randint(0, VOCAB, (batch, seq), generator=gen)
+            mask = torch.ones_like(ids)
+            out = pipe(input_ids=ids, attention_mask=mask, chunks=2)
+            ref = _reference(model, "llama", {"input_ids": ids, "attention_mask": mask})
+            assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+            assert (out.float() - ref.float()).abs().max().item() <= 1e-2
