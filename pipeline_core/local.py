@@ -231,11 +231,21 @@ class LocalPipeline:
         if len(args) > len(names):
             raise TypeError(f"expected at most {len(names)} positional inputs ({names})")
         inputs.update(zip(names, args, strict=False))
+        self._check(inputs)
+        with _threads(self.threads if self.driver.hosted else torch.get_num_threads()):
+            return self.driver.run(inputs, chunks)
+
+    def _check(self, inputs: dict[str, Any]) -> None:
+        names = [s.name for s in self.plan.inputs]
         missing = [n for n in self.driver.input_names if n not in inputs]
         if missing:
             raise TypeError(f"missing inputs {missing}; the model takes {names}")
-        with _threads(self.threads if self.driver.hosted else torch.get_num_threads()):
-            return self.driver.run(inputs, chunks)
+        unknown = [n for n in inputs if n not in names]
+        if unknown:
+            raise TypeError(f"unknown inputs {unknown}; the model takes {names}")
+        for spec in self.plan.inputs:
+            if spec.name in inputs:
+                spec.check(inputs[spec.name])
 
     def map(self, batches: list[dict[str, Any]], chunks: int = 1) -> list[Any]:
         """Run several batches back to back without draining the pipeline between them.
@@ -251,9 +261,7 @@ class LocalPipeline:
         if self._closed:
             raise RuntimeError("pipeline is closed")
         for b in batches:
-            missing = [n for n in self.driver.input_names if n not in b]
-            if missing:
-                raise TypeError(f"missing inputs {missing}")
+            self._check(b)
         with _threads(self.threads if self.driver.hosted else torch.get_num_threads()):
             yield from self.driver.run_iter(batches, chunks)
 

@@ -35,7 +35,7 @@ from .microbatch import merge_microbatches, split_microbatches
 from .schedule import Action, fill_drain
 from .stage import Stage
 from .trace import WHOLE, Wire
-from .transport import Channel
+from .transport import Channel, StageFailure
 
 __all__ = ["DRIVER", "Driver", "Mesh", "RankMap", "Routes", "StageExecutor", "serve_stage"]
 
@@ -162,28 +162,44 @@ class StageExecutor:
         self.times = StageTimes()
         self._received: dict[tuple[int, Any], Any] = {}
         self._raw: Any = None
+        self._failure: StageFailure | None = None
 
     def run(self, action: Action) -> None:
         me, routes = self.stage.index, self.routes
         if action.op == "R":
             t0 = time.perf_counter()
             self._received = {}
+            self._failure = None
             for p in routes.producers(me):
                 vals = self.mesh.recv(p, me)
+                if vals and isinstance(vals[0], StageFailure):
+                    self._failure = self._failure or vals[0]
+                    continue
                 for key, v in zip(routes.flows[(p, me)], vals, strict=True):
                     dev = self.stage.device
                     self._received[(p, key)] = v.to(dev) if torch.is_tensor(v) else v
             self.times.wait_s += time.perf_counter() - t0
         elif action.op == "F":
             t0 = time.perf_counter()
-            args = [_resolve(w, self._received, {}) for w in self.stage.my_args]
-            self._raw = self.stage.forward(args)
+            if self._failure is not None:
+                self._raw = self._failure  # an earlier stage failed on this microbatch
+            else:
+                try:
+                    args = [_resolve(w, self._received, {}) for w in self.stage.my_args]
+                    self._raw = self.stage.forward(args)
+                except Exception as e:  # a bad request must not kill the stage
+                    log.warning("[stage %d] forward failed: %s", me, e)
+                    msg = f"stage {me} failed: {type(e).__name__}: {e}"
+                    self._raw = StageFailure(msg)
             self._received = {}
             self.times.compute_s += time.perf_counter() - t0
             self.times.microbatches += 1
         else:
             for c in routes.consumers(me):
-                self.mesh.send([_pick(self._raw, i) for i in routes.flows[(me, c)]], me, c)
+                if isinstance(self._raw, StageFailure):
+                    self.mesh.send([self._raw], me, c)
+                else:
+                    self.mesh.send([_pick(self._raw, i) for i in routes.flows[(me, c)]], me, c)
             self._raw = None
 
 
@@ -258,6 +274,7 @@ class Driver:
         feed(window)
         ends = list(itertools.accumulate(len(s) for s in split))
         results: list[Any] = []
+        failure: StageFailure | None = None
         for i, mb in enumerate(micro):
             if self.hosted is not None:
                 for op in "RFS":
@@ -265,17 +282,24 @@ class Driver:
             got: dict[tuple[int, Any], Any] = {}
             for p in routes.producers(DRIVER):
                 vals = self.mesh.recv(p, DRIVER)
+                if vals and isinstance(vals[0], StageFailure):
+                    failure = failure or vals[0]
+                    continue
                 for key, v in zip(routes.flows[(p, DRIVER)], vals, strict=True):
                     got[(p, key)] = v
-            outs = [_resolve(w, got, mb) for w in self.outputs]
-            results.append(outs[0] if len(outs) == 1 else tuple(outs))
+            if failure is None:
+                outs = [_resolve(w, got, mb) for w in self.outputs]
+                results.append(outs[0] if len(outs) == 1 else tuple(outs))
             feed(i + 1 + window)
             if i + 1 == ends[0]:
                 ends.pop(0)
                 if not ends:
                     self.mesh.flush()
-                yield merge_microbatches(results)
+                if failure is None:  # after a failure, drain the rest, then raise
+                    yield merge_microbatches(results)
                 results = []
+        if failure is not None:
+            raise RuntimeError(failure.message)
 
     def stop(self) -> None:
         for s in self.mesh.ranks.remote_stages():

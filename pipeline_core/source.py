@@ -95,6 +95,30 @@ class InputSpec:
         d["max"] = {int(k): v for k, v in d.get("max", {}).items()}
         return cls(**d)
 
+    def check(self, value: Any) -> None:
+        """Raise ValueError if ``value`` cannot be fed where this input was traced."""
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"input {self.name!r} must be a tensor, got {type(value).__name__}")
+        want = parse_dtype(self.dtype)
+        if value.dtype.is_floating_point != want.is_floating_point:
+            raise ValueError(f"input {self.name!r} must be {self.dtype}-like, got {value.dtype}")
+        if value.dim() != len(self.shape):
+            raise ValueError(
+                f"input {self.name!r} must have {len(self.shape)} dimensions "
+                f"(like {self.shape}), got shape {list(value.shape)}"
+            )
+        for d, size in enumerate(value.shape):
+            if d not in self.dynamic and size != self.shape[d]:
+                raise ValueError(
+                    f"input {self.name!r} dimension {d} must be {self.shape[d]} (fixed when "
+                    f"traced), got {size}"
+                )
+            if d in self.max and size > self.max[d]:
+                raise ValueError(
+                    f"input {self.name!r} dimension {d} ({self.dynamic[d]}) is {size}; this "
+                    f"model supports at most {self.max[d]}"
+                )
+
     def example(self, device: torch.device | str = "cpu") -> torch.Tensor:
         dtype = parse_dtype(self.dtype)
         if dtype.is_floating_point:

@@ -26,7 +26,24 @@ import torch.distributed as dist
 
 from .errors import TransportError
 
-__all__ = ["Channel", "decode_header", "encode_header"]
+__all__ = ["Channel", "StageFailure", "decode_header", "encode_header"]
+
+
+class StageFailure:
+    """Sent instead of a stage's outputs when its forward raised: consumers pass it on and the
+    driver raises it, so one bad request fails alone and the pipeline stays usable."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"StageFailure({self.message!r})"
+
+
+class _Fail:
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
 
 _DTYPES = [
     torch.float32,
@@ -42,7 +59,7 @@ _DTYPES = [
     torch.complex64,
 ]
 _CODE = {d: i for i, d in enumerate(_DTYPES)}
-_TENSOR, _INT, _NONE, _BOOL, _FLOAT, _TUPLE = range(6)
+_TENSOR, _INT, _NONE, _BOOL, _FLOAT, _TUPLE, _FAIL = range(7)
 FRAME = 64
 """Ints in the first header frame (512 bytes): most messages need no second frame."""
 PACK_LIMIT = 256 * 1024
@@ -80,6 +97,9 @@ def encode_header(values: Sequence[Any]) -> tuple[list[int], list[torch.Tensor]]
             header.extend([_FLOAT, struct.unpack("<q", struct.pack("<d", v))[0]])
         elif v is None:
             header.append(_NONE)
+        elif isinstance(v, StageFailure):
+            header.append(_FAIL)
+            put(torch.tensor(list(v.message.encode()), dtype=torch.uint8))
         elif isinstance(v, tuple | list):
             header.extend([_TUPLE, len(v)])
             for item in v:
@@ -119,6 +139,8 @@ def decode_header(header: list[int]) -> tuple[list[Any], list[tuple[torch.dtype,
             return None
         if kind == _TUPLE:
             return tuple(get() for _ in range(take()))
+        if kind == _FAIL:
+            return _Fail(get())
         raise TransportError(f"corrupt message header (kind {kind})")
 
     values = [get() for _ in range(take())]
@@ -205,6 +227,8 @@ class Channel:
                 return tensors[v.i]
             if isinstance(v, tuple):
                 return tuple(fill(x) for x in v)
+            if isinstance(v, _Fail):
+                return StageFailure(bytes(fill(v.inner).tolist()).decode(errors="replace"))
             return v
 
         return [fill(v) for v in values]

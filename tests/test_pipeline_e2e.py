@@ -108,3 +108,25 @@ def test_bfloat16_tied_weights_and_tiny_shapes(tmp_path):
             ref = _reference(model, "llama", {"input_ids": ids, "attention_mask": mask})
             assert out.dtype == torch.bfloat16 and out.shape == ref.shape
             assert (out.float() - ref.float()).abs().max().item() <= 1e-2
+
+
+def test_bad_requests_fail_alone(tmp_path):
+    """Bad inputs get clear errors; a stage that raises fails only that request, and the
+    pipeline keeps serving (no hang, no dead stage)."""
+    model = hf_model("gpt2")
+    plan = make_plan(
+        ModelSource(checkpoint=str(save_hf(model, tmp_path / "gpt2"))), Policy.equal_size(3)
+    )
+    good = _inputs("gpt2", 2, 6, torch.Generator().manual_seed(0))
+    with LocalPipeline(plan, host_last_stage=False) as pipe:
+        with pytest.raises(ValueError, match="must have 2 dimensions"):
+            pipe(input_ids=good["input_ids"][0], attention_mask=good["attention_mask"][0])
+        with pytest.raises(ValueError, match="at most 127"):
+            long = torch.zeros(1, 300, dtype=torch.long)
+            pipe(input_ids=long, attention_mask=torch.ones_like(long))
+        with pytest.raises(TypeError, match="missing inputs"):
+            pipe(input_ids=good["input_ids"])
+        bad = dict(good, input_ids=good["input_ids"] + 10_000)  # token ids past the vocab
+        with pytest.raises(RuntimeError, match="stage 0 failed"):
+            pipe(**bad, chunks=2)
+        _check(pipe(**good, chunks=2), _reference(model, "gpt2", good))

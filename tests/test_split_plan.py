@@ -12,7 +12,7 @@ from pipeline_core import ModelSource, Plan, PlanError, Policy, make_plan
 from pipeline_core import split as sp
 from pipeline_core.schedule import fill_drain, render, validate
 from pipeline_core.source import InputSpec, build_skeleton
-from pipeline_core.transport import decode_header, encode_header
+from pipeline_core.transport import StageFailure, decode_header, encode_header
 
 from .models import hf_model, save_hf, save_safetensors_sharded
 
@@ -169,6 +169,9 @@ def test_transport_header_roundtrip():
     assert [s[1] for s in specs] == [[2, 3], [1], [0, 4]]
     assert decoded[1:5] == [7, None, True, 2.5]
     assert len(tensors) == 2  # the empty tensor sends no payload
+    header, tensors = encode_header([StageFailure("stage 1 failed: ValueError: ü")])
+    (decoded,), _specs = decode_header(header)
+    assert type(decoded).__name__ == "_Fail" and len(tensors) == 1
 
 
 def test_save_helper_roundtrip(tmp_path):
