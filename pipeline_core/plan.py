@@ -32,6 +32,10 @@ class Policy:
     stages: int = 0
     max_bytes: int = 0
     split_at: list[str] = field(default_factory=list)
+    memory: list[int] = field(default_factory=list)
+    """``balanced``: bytes each stage's worker can hold (empty: unlimited)."""
+    speeds: list[float] = field(default_factory=list)
+    """``balanced``: relative speed of each stage's worker (empty: all equal)."""
 
     @classmethod
     def equal_size(cls, n: int) -> Policy:
@@ -46,6 +50,17 @@ class Policy:
         return cls(kind="manual", split_at=list(split_at))
 
     @classmethod
+    def balanced(
+        cls, n: int, memory: list[int | str] | None = None, speeds: list[float] | None = None
+    ) -> Policy:
+        return cls(
+            kind="balanced",
+            stages=n,
+            memory=[policies.parse_size(m) for m in memory or []],
+            speeds=[float(s) for s in speeds or []],
+        )
+
+    @classmethod
     def markers(cls) -> Policy:
         return cls(kind="markers")
 
@@ -56,6 +71,10 @@ class Policy:
             return f"threshold({self.max_bytes} bytes)"
         if self.kind == "manual":
             return f"manual({', '.join(self.split_at)})"
+        if self.kind == "balanced":
+            return f"balanced({self.stages}) by FLOPs" + (
+                " within worker memory" * bool(self.memory)
+            )
         return "pipe_split() markers"
 
 
@@ -68,6 +87,8 @@ class StagePlan:
     """Checkpoint tensors this stage loads (parameters and persistent buffers)."""
     nbytes: int
     """Parameter + buffer bytes (tied tensors once)."""
+    flops: int = 0
+    """FLOPs of the stage's units on the example inputs (relative compute cost)."""
     receives: list[dict[str, Any]] = field(default_factory=list)
     sends: list[dict[str, Any]] = field(default_factory=list)
 
@@ -132,6 +153,15 @@ def _starts(policy: Policy, units: list[Unit]) -> list[int]:
         return policies.threshold(sizes, policy.max_bytes, names)
     if policy.kind == "manual":
         return policies.manual(names, policy.split_at)
+    if policy.kind == "balanced":
+        return policies.balanced(
+            [u.flops for u in units],
+            sizes,
+            policy.stages,
+            names,
+            memory=policy.memory or None,
+            speeds=policy.speeds or None,
+        )
     raise PlanError(f"unknown split policy {policy.kind!r}")
 
 
@@ -146,6 +176,7 @@ def _merge_repeated(
             prev.modules += u.modules
             prev.tensors = list(dict.fromkeys(prev.tensors + u.tensors))
             prev.nbytes = stage_nbytes(tensors, prev.tensors)
+            prev.flops += u.flops
         else:
             out.append(u)
     return out
@@ -188,7 +219,9 @@ def make_plan(
     model_tensors = dict(model.named_parameters(remove_duplicate=False))
     model_tensors.update(model.named_buffers(remove_duplicate=False))
     by_name = {u.name: u for u in units}
-    order, calls = call_order(model, inputs, [u.name for u in units], is_hf=source.is_hf)
+    order, calls, flops = call_order(model, inputs, [u.name for u in units], is_hf=source.is_hf)
+    for u in units:
+        u.flops = flops[u.name]
     units = _merge_repeated([by_name[n] for n in order], calls, model_tensors)
     traced = None
     if policy.kind == "markers":
@@ -208,6 +241,7 @@ def make_plan(
                 units=[u.name for u in units[a:b]],
                 tensors=[t for t in dict.fromkeys(names) if infos[t].persistent],
                 nbytes=stage_nbytes(model_tensors, names),
+                flops=sum(u.flops for u in units[a:b]),
             )
         )
     plan = Plan(
@@ -215,7 +249,7 @@ def make_plan(
         dtype=str(torch_dtype).removeprefix("torch."),
         inputs=inputs,
         policy=policy,
-        units=[{"name": u.name, "nbytes": u.nbytes} for u in units],
+        units=[{"name": u.name, "nbytes": u.nbytes, "flops": u.flops} for u in units],
         stages=stages,
         tied={n: [a for a in g if a != n] for n, g in groups.items() if len(g) > 1},
     )

@@ -8,6 +8,10 @@ A split is the list of unit indices where each stage starts (the first is always
   balanced boundaries). PiPPy used a greedy guess over parameter counts.
 * :func:`threshold` -- start a new stage whenever the next unit would pass the limit.
 * :func:`manual` -- split before the named modules.
+* :func:`balanced` -- n stages minimizing the slowest stage's *compute* (FLOPs / worker
+  speed) while every stage fits its worker's memory.  ``equal_size`` balances bytes, which is
+  right for memory and wrong for speed: an embedding is big and nearly free, an output layer
+  is big and expensive.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Sequence
 
 from .errors import PlanError
 
-__all__ = ["equal_size", "manual", "parse_size", "stage_sizes", "threshold"]
+__all__ = ["balanced", "equal_size", "manual", "parse_size", "stage_sizes", "threshold"]
 
 _UNITS = {
     "": 1,
@@ -156,6 +160,81 @@ def manual(names: Sequence[str], split_at: Sequence[str]) -> list[int]:
             )
         starts.append(i)
     return starts
+
+
+def balanced(
+    costs: Sequence[float],
+    sizes: Sequence[int],
+    n: int,
+    names: Sequence[str],
+    *,
+    memory: Sequence[int] | None = None,
+    speeds: Sequence[float] | None = None,
+) -> list[int]:
+    """Contiguous stages minimizing ``max_k cost_k / speeds[k]`` with ``bytes_k <= memory[k]``.
+
+    Stage ``k`` runs on worker ``k``.  Binary search on the slowest stage's time with a greedy
+    feasibility check (fill each worker as far as its time and memory allow).  Returns at most
+    ``n`` stages: fewer only when one more stage would not make the slowest one faster.
+
+    Raises:
+        PlanError: bad arguments, a unit larger than every worker, or too little memory in
+            total (the message says how much is missing).
+    """
+    if n < 1 or n > len(costs):
+        equal_size(sizes, n, names)  # raises the same clear errors
+    speeds = list(speeds or [1.0] * n)
+    memory = list(memory or [])
+    if len(speeds) != n or (memory and len(memory) != n):
+        raise PlanError(f"give one speed and one memory size per stage ({n} stages)")
+    if any(s <= 0 for s in speeds) or any(m <= 0 for m in memory):
+        raise PlanError("worker speeds and memory sizes must be positive")
+    caps = memory or [sum(sizes)] * n
+    need, have = sum(sizes), sum(caps)
+    if need > have:
+        raise PlanError(
+            f"the model needs {_human(need)} but the {n} workers hold {_human(have)} in total: "
+            f"{_human(need - have)} missing; add workers or memory, or use a smaller dtype"
+        )
+    for name, s in zip(names, sizes, strict=True):
+        if s > max(caps):
+            raise PlanError(
+                f"unit {name!r} ({_human(s)}) is larger than any worker's memory "
+                f"({_human(max(caps))})"
+            )
+
+    def fill(limit: float) -> list[int] | None:
+        starts, k, cost, size = [0], 0, 0.0, 0
+        for i, (c, b) in enumerate(zip(costs, sizes, strict=True)):
+            if cost + c > limit * speeds[k] or size + b > caps[k]:
+                if i == starts[-1]:
+                    return None  # the unit alone does not fit this worker
+                k += 1
+                if k == n:
+                    return None
+                starts.append(i)
+                cost, size = 0.0, 0
+                if c > limit * speeds[k] or b > caps[k]:
+                    return None
+            cost += c
+            size += b
+        return starts
+
+    lo, hi = 0.0, float(sum(costs)) / min(speeds) + 1.0
+    best = fill(hi)
+    if best is None:
+        raise PlanError(
+            "the units cannot be laid out in order within the workers' memory; the biggest "
+            "units need bigger workers earlier or later in the pipeline"
+        )
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        starts = fill(mid)
+        if starts is None:
+            lo = mid
+        else:
+            hi, best = mid, starts
+    return best
 
 
 def _human(n: float) -> str:

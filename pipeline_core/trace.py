@@ -180,7 +180,7 @@ def trace_pipeline(
 
 def call_order(
     model: nn.Module, inputs: list[InputSpec], names: list[str], *, is_hf: bool
-) -> tuple[list[str], dict[str, int]]:
+) -> tuple[list[str], dict[str, int], dict[str, int]]:
     """``names`` (module FQNs) sorted by when ``forward`` first calls them.
 
     Registration order is not execution order (OPT registers ``final_layer_norm`` before the
@@ -188,9 +188,12 @@ def call_order(
     by one forward pass on fake tensors (no memory, no real compute).  Modules that are never
     called keep their place before the next called module.  ``model``'s parameters become fake.
 
-    Returns the ordered names and how many times each was called (a module called twice, like
-    T5's shared dropout, cannot begin a stage).
+    Returns the ordered names, how many times each was called (a module called twice, like
+    T5's shared dropout, cannot begin a stage) and the FLOPs each ran on the example inputs
+    (``torch.utils.flop_counter``: matmuls, convolutions, attention; lookups count 0).
     """
+    from torch.utils.flop_counter import FlopCounterMode
+
     wrapper: nn.Module = HFForward(model, [s.name for s in inputs]) if is_hf else model
     mode = _fake_parameters(wrapper, torch.device("cpu"))
     first: dict[str, int] = {}
@@ -204,8 +207,9 @@ def call_order(
             calls[name] += 1
 
         hooks.append(mod.register_forward_pre_hook(hook))
+    counter = FlopCounterMode(display=False)
     try:
-        with mode, torch.no_grad():
+        with mode, torch.no_grad(), counter:
             wrapper(*(mode.from_tensor(s.example()) for s in inputs))
     except Exception as e:
         raise TraceError(
@@ -226,7 +230,10 @@ def call_order(
             pending.append(i)
     key.update({j: (len(names), j) for j in pending})
     order = sorted(range(len(names)), key=key.__getitem__)
-    return [names[i] for i in order], calls
+    root = type(wrapper).__name__ + (".m." if is_hf else ".")
+    counts = counter.get_flop_counts()
+    flops = {n: int(sum(counts.get(root + n, {}).values())) for n in names}
+    return [names[i] for i in order], calls, flops
 
 
 def _wiring(pipe: Pipe, input_names: list[str]) -> TracedPipeline:

@@ -44,6 +44,8 @@ class Unit:
     modules: list[str] = field(default_factory=list)
     tensors: list[str] = field(default_factory=list)
     nbytes: int = 0
+    flops: int = 0
+    """FLOPs of this unit's forward on the plan's example inputs (compute cost estimate)."""
 
 
 def _is_block_list(m: nn.Module) -> bool:

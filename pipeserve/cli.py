@@ -27,7 +27,9 @@ def _human(n: float) -> str:
 def _policy(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from pipeline_core import Policy
 
-    chosen = [x for x in (args.equal_size, args.threshold, args.split_at) if x is not None]
+    chosen = [
+        x for x in (args.equal_size, args.threshold, args.split_at, args.balanced) if x is not None
+    ]
     if len(chosen) + int(args.markers) > 1:
         raise SystemExit("choose one of --equal-size, --threshold, --split-at, --markers")
     if args.threshold is not None:
@@ -36,6 +38,10 @@ def _policy(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         return Policy.manual([p for p in args.split_at.split(",") if p])
     if args.markers:
         return Policy.markers()
+    if args.balanced is not None:
+        memory = args.stage_memory.split(",") if args.stage_memory else None
+        speeds = [float(s) for s in args.stage_speed.split(",")] if args.stage_speed else None
+        return Policy.balanced(args.balanced, memory=memory, speeds=speeds)
     return Policy.equal_size(args.equal_size or 2)
 
 
@@ -45,12 +51,15 @@ def format_plan(plan) -> str:  # type: ignore[no-untyped-def]
         f"policy  {plan.policy.describe()}   dtype {plan.dtype}   "
         f"total {_human(plan.total_bytes)} in {len(plan.units)} units",
         "",
-        f"{'stage':>5}  {'bytes':>12}  {'tensors':>7}  {'recv':>4}  {'send':>4}  units",
+        f"{'stage':>5}  {'bytes':>12}  {'compute':>7}  {'tensors':>7}  {'recv':>4}  {'send':>4}"
+        "  units",
     ]
+    total_flops = sum(s.flops for s in plan.stages) or 1
     for s in plan.stages:
         units = s.units if len(s.units) <= 4 else [*s.units[:2], "...", s.units[-1]]
         lines.append(
-            f"{s.index:>5}  {_human(s.nbytes):>12}  {len(s.tensors):>7}  "
+            f"{s.index:>5}  {_human(s.nbytes):>12}  {100 * s.flops / total_flops:>6.1f}%  "
+            f"{len(s.tensors):>7}  "
             f"{len(s.receives):>4}  {len(s.sends):>4}  {', '.join(units)} ({len(s.units)})"
         )
     return "\n".join(lines)
@@ -139,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", metavar="SIZE", help="new stage past SIZE (e.g. 500MB)")
     p.add_argument("--split-at", metavar="A,B", help="begin stages at these modules")
     p.add_argument("--markers", action="store_true", help="split at pipe_split() calls")
+    p.add_argument("--balanced", type=int, metavar="N", help="N stages of balanced compute")
+    p.add_argument("--stage-memory", metavar="M1,M2", help="with --balanced: memory per stage")
+    p.add_argument("--stage-speed", metavar="S1,S2", help="with --balanced: speed per stage")
     p.add_argument("--factory", help="package.module:function building a plain nn.Module")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")

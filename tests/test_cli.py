@@ -34,6 +34,9 @@ def test_plan_units_and_threshold(gpt2_dir, capsys):
     assert units[0].endswith("transformer.wte") and units[-1].endswith("lm_head")
     assert main(["plan", str(gpt2_dir), "--threshold", "100KB", "--no-trace"]) == 0
     assert "threshold(100000 bytes)" in capsys.readouterr().out
+    assert main(["plan", str(gpt2_dir), "--balanced", "2", "--stage-speed", "1,2"]) == 0
+    out = capsys.readouterr().out
+    assert "balanced(2) by FLOPs" in out and "%" in out
 
 
 def test_plan_errors_are_clear(gpt2_dir, tmp_path, capsys):
