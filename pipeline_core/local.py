@@ -26,7 +26,7 @@ from .errors import PlanError
 from .load import ReadStats
 from .plan import Plan
 from .runtime import Driver, Mesh, RankMap, gloo_group, nccl_group, serve_stage
-from .stage import Stage, build_stage
+from .stage import Stage, build_stage, trace_plan
 from .transport import Channel
 
 __all__ = ["LocalPipeline", "memory_probe"]
@@ -195,9 +195,7 @@ class LocalPipeline:
             self._kill()
             raise
         if hosted is None:
-            from .stage import trace_plan
-
-            _, traced = trace_plan(plan)
+            traced = trace_plan(plan).pipeline
             args, outputs = traced.args, traced.outputs
         else:
             args, outputs = hosted.args, hosted.outputs

@@ -48,8 +48,17 @@ class Stage:
         return self.module(*args)
 
 
-def trace_plan(plan: Plan, device: torch.device | str = "cpu") -> tuple[nn.Module, TracedPipeline]:
-    """Rebuild the skeleton and the traced split for ``plan``; returns (skeleton, traced)."""
+@dataclass
+class Traced:
+    skeleton: nn.Module
+    """The model skeleton (its parameters are fake after tracing)."""
+    pipeline: TracedPipeline
+    buffers: dict[str, torch.Tensor]
+    """The skeleton's real buffers by name, taken before tracing moved or faked anything."""
+
+
+def trace_plan(plan: Plan, device: torch.device | str = "cpu") -> Traced:
+    """Rebuild the skeleton and the traced split for ``plan``."""
     model = build_skeleton(plan.source, parse_dtype(plan.dtype))
     points = None if plan.policy.kind == "markers" else plan.split_points
     buffers = {n: b for n, b in model.named_buffers(remove_duplicate=False)}
@@ -58,8 +67,7 @@ def trace_plan(plan: Plan, device: torch.device | str = "cpu") -> tuple[nn.Modul
         raise PlanError(
             f"plan has {plan.num_stages} stages but tracing produced {traced.num_stages}"
         )
-    model._pipeserve_buffers = buffers  # type: ignore[assignment]
-    return model, traced
+    return Traced(model, traced, buffers)
 
 
 def build_stage(
@@ -81,13 +89,14 @@ def build_stage(
     if not 0 <= index < plan.num_stages:
         raise PlanError(f"stage {index} does not exist; the plan has {plan.num_stages} stages")
     device = torch.device(device)
-    skeleton, traced = trace_plan(plan, device)
+    t = trace_plan(plan, device)
+    traced = t.pipeline
     gm = traced.modules[index]
     del traced.modules[:]  # other stages' graphs (fake tensors) are not needed
     if on_traced is not None:
         on_traced()
     stats = stats if stats is not None else ReadStats()
-    _materialize(gm, plan, index, traced.prefix, skeleton, device, stats)
+    _materialize(gm, plan, index, traced.prefix, t, device, stats)
     log.info("[stage %d] loaded %d bytes from %s", index, stats.total_bytes, plan.source.checkpoint)
     return Stage(
         index=index,
@@ -115,14 +124,14 @@ def _materialize(
     plan: Plan,
     index: int,
     prefix: str,
-    skeleton: nn.Module,
+    traced: Traced,
     device: torch.device,
     stats: ReadStats,
 ) -> None:
-    skeleton_buffers: dict[str, torch.Tensor] = skeleton._pipeserve_buffers  # type: ignore[assignment]
+    skeleton_buffers = traced.buffers
     ckpt = CheckpointIndex.open(plan.source.checkpoint)
     if plan.source.is_hf:
-        ckpt.renames = hf_checkpoint_names(skeleton, ckpt.weight_map)
+        ckpt.renames = hf_checkpoint_names(traced.skeleton, ckpt.weight_map)
     owned = set(plan.stages[index].tensors)
     wanted: dict[str, tuple[str, list[int], torch.dtype]] = {}
     for name, p in gm.named_parameters(remove_duplicate=False):

@@ -178,6 +178,22 @@ def trace_pipeline(
     return _wiring(pipe, names)
 
 
+def _count_cpu_attention() -> None:
+    """``FlopCounterMode`` has no formula for the CPU flash-attention kernel, so attention
+    would count 0 FLOPs on CPU (its share grows with sequence length); register one."""
+    from torch.utils import flop_counter
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or op in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(op)
+    def _cpu_sdpa_flops(
+        query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any
+    ) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 def call_order(
     model: nn.Module, inputs: list[InputSpec], names: list[str], *, is_hf: bool
 ) -> tuple[list[str], dict[str, int], dict[str, int]]:
@@ -207,6 +223,7 @@ def call_order(
             calls[name] += 1
 
         hooks.append(mod.register_forward_pre_hook(hook))
+    _count_cpu_attention()
     counter = FlopCounterMode(display=False)
     try:
         with mode, torch.no_grad(), counter:
