@@ -30,6 +30,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.bench_core
+	$(PY) -m bench.bench_balance
 
 clean:
 	rm -rf $(VENV) .pipeserve-cache
