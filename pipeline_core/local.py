@@ -25,7 +25,7 @@ import torch.distributed as dist
 from .errors import PlanError
 from .load import ReadStats
 from .plan import Plan
-from .runtime import Driver, Mesh, RankMap, gloo_group, nccl_group, serve_stage
+from .runtime import DRIVER, Driver, Mesh, RankMap, gloo_group, nccl_group, serve_stage
 from .stage import Stage, build_stage, trace_plan
 from .transport import Channel
 
@@ -101,8 +101,6 @@ def _stage_main(
 
 
 def _mesh(store: dist.Store, ranks: RankMap, node: int, device: str, timeout_s: float) -> Mesh:
-    from .runtime import DRIVER
-
     edge_rank = ranks.rank(node)
     edge = Channel(
         gloo_group(dist.PrefixStore("edge", store), edge_rank, ranks.world_size, timeout_s)
@@ -145,7 +143,6 @@ class LocalPipeline:
         host_last_stage: bool = True,
         timeout_s: float = 300.0,
     ) -> None:
-        from .runtime import DRIVER
 
         self.plan = plan
         self.threads = threads_per_stage
@@ -229,9 +226,7 @@ class LocalPipeline:
         if len(args) > len(names):
             raise TypeError(f"expected at most {len(names)} positional inputs ({names})")
         inputs.update(zip(names, args, strict=False))
-        self._check(inputs)
-        with _threads(self.threads if self.driver.hosted else torch.get_num_threads()):
-            return self.driver.run(inputs, chunks)
+        return self.map([inputs], chunks)[0]
 
     def _check(self, inputs: dict[str, Any]) -> None:
         names = [s.name for s in self.plan.inputs]
