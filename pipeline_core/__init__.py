@@ -10,6 +10,9 @@
   families.  Export cannot carry a KV cache (``DynamicCache`` is not a pytree), so generation
   builds its stages from the original HF modules of the same units, from the same plan, with the
   same shard loader: the plan's unit boundaries are module boundaries in both forms.
+* Generation (:mod:`.gen_stage`, :mod:`.engine`, :mod:`.ring`): the same units of the original
+  HF modules run with a per-stage KV cache; stage 0 schedules micro-batches of sequences
+  (continuous batching), the last stage samples, token ids go back to stage 0 around a ring.
 * Loading reads only the stage's tensors from the checkpoint index (:mod:`.load`).
 * Activations move over ``torch.distributed`` point-to-point with a header per message
   (:mod:`.transport`); the fill-drain schedule is data (:mod:`.schedule`) interpreted by
@@ -18,10 +21,14 @@
 
 from torch.distributed.pipelining import pipe_split
 
+from .engine import EngineLimits, GenerationEngine, GenerationFailed, RequestHandle
 from .errors import CheckpointError, PlanError, TraceError, TransportError
+from .gen_stage import GenStage, UnsupportedModelError
 from .load import CheckpointIndex, ReadStats, read_tensors
 from .local import LocalPipeline
+from .local_generate import LocalGenerator
 from .plan import PLAN_VERSION, Plan, Policy, StagePlan, make_plan
+from .sampling import RequestError, ResourceExhausted, SamplingParams
 from .source import InputSpec, ModelSource, build_skeleton
 from .stage import Stage, build_stage
 from .units import Unit, find_units
@@ -30,18 +37,28 @@ __all__ = [
     "PLAN_VERSION",
     "CheckpointError",
     "CheckpointIndex",
+    "EngineLimits",
+    "GenStage",
+    "GenerationEngine",
+    "GenerationFailed",
     "InputSpec",
+    "LocalGenerator",
     "LocalPipeline",
     "ModelSource",
     "Plan",
     "PlanError",
     "Policy",
     "ReadStats",
+    "RequestError",
+    "RequestHandle",
+    "ResourceExhausted",
+    "SamplingParams",
     "Stage",
     "StagePlan",
     "TraceError",
     "TransportError",
     "Unit",
+    "UnsupportedModelError",
     "build_skeleton",
     "build_stage",
     "find_units",

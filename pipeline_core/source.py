@@ -353,3 +353,14 @@ class HFForward(nn.Module):
         if logits is not None:
             return logits
         return out[0] if isinstance(out, tuple | list) else out.to_tuple()[0]
+
+
+def hf_tokenizer(checkpoint: str | Path) -> Any:
+    """The checkpoint's tokenizer, or None when the directory has none (ids in/out only)."""
+    path = Path(checkpoint)
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((path / n).is_file() for n in names):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)

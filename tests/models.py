@@ -274,3 +274,15 @@ class TwoInTwoOut(nn.Module):
 def make_two_in_two_out() -> nn.Module:
     torch.manual_seed(0)
     return TwoInTwoOut()
+
+
+def lm_model(family: str, seed: int = 0, std: float = 1.0) -> nn.Module:
+    """``hf_model`` with matrices redrawn at a larger scale, so greedy decoding of the tiny
+    random model does not collapse into repeating one token (a weak test)."""
+    model = hf_model(family, seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model

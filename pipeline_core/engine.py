@@ -1,0 +1,566 @@
+"""Continuous-batching generation over the ring.
+
+Stage 0 runs the scheduler (:class:`GenerationEngine`) in one thread, which also computes
+stage 0; every other stage runs :func:`serve_generation` on its own process.
+
+Sequences that prefill together form a *group* -- one micro-batch, left-padded, with one KV
+cache per stage.  Between decode steps the scheduler retires finished rows (EOS, stop ids,
+``max_new_tokens``, cancellation, timeout: their cache rows are dropped on every stage with the
+group's next step, or the whole group is released) and admits waiting requests as new groups.
+It aims for at least as many groups in flight as there are stages, so with enough load every
+stage is busy: while stage 1 works on group A, stage 0 works on group B.
+
+A KV budget bounds memory: every row reserves ``prompt + max_new_tokens`` tokens when admitted
+(``max_tokens`` in all, ``max_sequences`` rows); a request that cannot fit now waits, one that
+can never fit or finds the queue full is refused with a clear reason (:class:`ResourceExhausted`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .gen_stage import GenStage
+from .ring import (
+    _CLOSED,
+    OP_DECODE,
+    OP_FAIL,
+    OP_PREFILL,
+    OP_RELEASE,
+    OP_STATS,
+    OP_STOP,
+    OP_TOKENS,
+    Ring,
+)
+from .sampling import (
+    RequestError,
+    ResourceExhausted,
+    Sampler,
+    SamplingParams,
+    context_length,
+    encode_rows,
+)
+from .transport import StageFailure
+
+__all__ = [
+    "GenerationEngine",
+    "GenerationFailed",
+    "GenerationResult",
+    "RequestHandle",
+    "run_step",
+    "serve_generation",
+]
+
+log = logging.getLogger(__name__)
+
+STATS_FIELDS = ("groups", "sequences", "tokens", "bytes")
+
+
+class GenerationFailed(RuntimeError):
+    """The request failed inside the pipeline (a stage raised, or the pipeline broke)."""
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    finish_reason: str
+    """``stop`` (EOS or a stop id), ``length``, ``cancelled``, ``timeout`` or ``error``."""
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+class RequestHandle:
+    """One request: iterate for tokens as they are produced; :meth:`result` waits for all."""
+
+    def __init__(
+        self, rid: int, prompt: list[int], params: SamplingParams, seed: int, wake: Any
+    ) -> None:
+        self.id, self.prompt, self.params, self.seed = rid, prompt, params, seed
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.cancelled = False
+        self.submitted = time.monotonic()
+        self.first_token_at: float | None = None
+        self.deadline = self.submitted + params.timeout_s if params.timeout_s else math.inf
+        self._cond = threading.Condition()
+        self._wake = wake
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        """Stop generating; the request's KV cache is freed on every stage."""
+        self.cancelled = True
+        self._wake()
+
+    def _push(self, token: int) -> None:
+        with self._cond:
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+            self.tokens.append(token)
+            self._cond.notify_all()
+
+    def _finish(self, reason: str, error: str | None = None) -> None:
+        with self._cond:
+            if self.finish_reason is None:
+                self.finish_reason, self.error = reason, error
+            self._cond.notify_all()
+
+    def __iter__(self) -> Iterator[int]:
+        i = 0
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda i=i: len(self.tokens) > i or self.done)
+                new, done = self.tokens[i:], self.done  # no token is pushed after finishing
+            yield from new
+            i += len(new)
+            if done:
+                if self.error is not None:
+                    raise GenerationFailed(self.error)
+                return
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.done, timeout):
+                raise TimeoutError(f"request {self.id} not finished after {timeout}s")
+        assert self.finish_reason is not None
+        return GenerationResult(
+            list(self.tokens), self.finish_reason, len(self.prompt), len(self.tokens), self.error
+        )
+
+
+# ---------------------------------------------------------------------------- stage side
+
+
+def run_step(stage: GenStage, msg: list[Any]) -> list[Any]:
+    """Run one PREFILL/DECODE message on ``stage``; returns the message to send on."""
+    op, gid = msg[0], msg[1]
+    try:
+        if op == OP_PREFILL:
+            _, _, ids, mask, floats, ints, payloads = msg
+            payloads, logits = stage.prefill(gid, ids, mask, list(payloads))
+            if stage.is_last:
+                stage.groups[gid].sampling = Sampler(floats, ints)
+            out = [OP_PREFILL, gid, ids, mask, floats, ints, tuple(payloads)]
+        else:
+            _, _, keep, tokens, payloads = msg
+            payloads, logits = stage.decode(gid, keep, tokens, list(payloads))
+            out = [OP_DECODE, gid, keep, tokens, tuple(payloads)]
+        if stage.is_last:
+            g = stage.groups[gid]
+            assert logits is not None
+            return [OP_TOKENS, gid, g.sampling.choose(g.ids, logits)]
+        return out
+    except Exception as e:  # a bad step fails its group, never the stage
+        log.warning("[stage %d] group %d failed: %s", stage.index, gid, e, exc_info=True)
+        stage.release(gid)
+        return [OP_FAIL, gid, StageFailure(f"stage {stage.index}: {type(e).__name__}: {e}")]
+
+
+def _stats(stage: GenStage) -> tuple[int, ...]:
+    s = stage.cache_stats()
+    return tuple(s[k] for k in STATS_FIELDS)
+
+
+def serve_generation(stage: GenStage, ring: Ring) -> None:
+    """Serve stage ``stage.index >= 1`` until stage 0 sends STOP."""
+    while True:
+        msg = ring.recv()
+        op = msg[0]
+        if op in (OP_PREFILL, OP_DECODE):
+            ring.send(run_step(stage, msg))
+        elif op == OP_RELEASE:
+            stage.release(msg[1])
+            if not stage.is_last:
+                ring.send(msg)
+        elif op == OP_FAIL:
+            stage.release(msg[1])
+            ring.send(msg)
+        elif op == OP_STATS:
+            ring.send([OP_STATS, (*msg[1], _stats(stage))])
+        elif op == OP_STOP:
+            ring.send(msg)
+            return
+
+
+# ---------------------------------------------------------------------------- scheduler
+
+
+@dataclass
+class _Group:
+    gid: int
+    rows: list[RequestHandle]
+    length: int
+    reserved: list[int]
+    busy: bool = True
+    steps: int = 0
+
+
+@dataclass
+class EngineLimits:
+    max_tokens: int = 65536
+    """KV budget: sum over admitted rows of ``padded prompt + max_new_tokens``."""
+    max_sequences: int = 256
+    max_rows_per_group: int = 32
+    max_groups: int = 0
+    """Groups in flight (0: twice the number of stages)."""
+    max_queue: int = 4096
+
+
+@dataclass
+class _Counters:
+    admitted: int = 0
+    finished: int = 0
+    tokens: int = 0
+    steps: int = 0
+    groups_max: int = 0
+    rows_by_step: list[int] = field(default_factory=list)
+
+
+class GenerationEngine:
+    """The scheduler on stage 0.  ``ring`` is None for a one-stage pipeline."""
+
+    def __init__(
+        self, stage: GenStage, ring: Ring | None, limits: EngineLimits | None = None
+    ) -> None:
+        if stage.index != 0:
+            raise ValueError("the scheduler runs on stage 0")
+        self.stage, self.ring = stage, ring
+        self.limits = limits or EngineLimits()
+        self.num_stages = stage.num_stages
+        self.max_groups = self.limits.max_groups or 2 * self.num_stages
+        cfg = stage.config
+        text = cfg.get_text_config(decoder=True)
+        self.vocab_size = int(text.vocab_size)
+        self.context = context_length(cfg)
+        gen = getattr(stage.model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(text, "eos_token_id", None)
+        self.eos: set[int] = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        pad = getattr(gen, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(text, "pad_token_id", None)
+        if pad is None:
+            pad = min(self.eos, default=0)
+        self.pad_id = int(pad) if 0 <= int(pad) < self.vocab_size else 0  # masked out anyway
+        self.inbox: queue.Queue[Any] = ring.inbox if ring is not None else queue.Queue()
+        self._pending: deque[RequestHandle] = deque()
+        self._lock = threading.Lock()
+        self._groups: dict[int, _Group] = {}
+        self._gids = itertools.count()
+        self._rids = itertools.count()
+        self._used_tokens = 0
+        self._used_rows = 0
+        self._stats_waiters: deque[Future[list[dict[str, int]]]] = deque()
+        self._broken: str | None = None
+        self._stopped = threading.Event()
+        self.counters = _Counters()
+        self._thread = threading.Thread(target=self._loop, name="pipeserve-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ client API
+
+    def submit(
+        self, prompt_ids: Sequence[int], params: SamplingParams | None = None
+    ) -> RequestHandle:
+        """Queue one request; raises :class:`RequestError` / :class:`ResourceExhausted`."""
+        params = params or SamplingParams()
+        prompt = self._check_prompt(prompt_ids)
+        params.validate(len(prompt), self.context)
+        for t in params.stop_token_ids:
+            if not 0 <= t < self.vocab_size:
+                raise RequestError(f"stop token id {t} is outside the vocabulary")
+        need = len(prompt) + params.max_new_tokens
+        if need > self.limits.max_tokens:
+            raise ResourceExhausted(
+                f"the request needs {need} KV tokens (prompt + max_new_tokens) but the KV "
+                f"budget is {self.limits.max_tokens}; ask for fewer tokens"
+            )
+        if self._broken:
+            raise GenerationFailed(f"the pipeline is down: {self._broken}")
+        if self._stopped.is_set():
+            raise GenerationFailed("the engine is closed")
+        with self._lock:
+            if len(self._pending) >= self.limits.max_queue:
+                raise ResourceExhausted(
+                    f"the queue is full ({len(self._pending)} requests waiting); retry later"
+                )
+            h = RequestHandle(next(self._rids), prompt, params, params.resolved_seed(), self._wake)
+            self._pending.append(h)
+        self._wake()
+        return h
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None
+    ) -> list[list[int]]:
+        """Generate for every prompt (all in flight together); the new tokens per prompt."""
+        handles = [self.submit(p, params) for p in prompts]
+        out = []
+        for h in handles:
+            r = h.result()
+            if r.error:
+                raise GenerationFailed(r.error)
+            out.append(r.tokens)
+        return out
+
+    def stats(self, timeout: float = 60.0) -> list[dict[str, int]]:
+        """Per stage: groups, sequences, cached tokens and KV bytes (through the ring)."""
+        fut: Future[list[dict[str, int]]] = Future()
+        self.inbox.put(("stats", fut))
+        return fut.result(timeout)
+
+    def close(self, timeout: float = 60.0) -> None:
+        if self._stopped.is_set():
+            return
+        self.inbox.put(("stop",))
+        self._thread.join(timeout)
+
+    def _wake(self) -> None:
+        self.inbox.put(("wake",))
+
+    def _check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
+        try:
+            prompt = [int(t) for t in prompt_ids]
+        except (TypeError, ValueError) as e:
+            raise RequestError(f"prompt must be a list of token ids: {e}") from e
+        if not prompt:
+            raise RequestError("the prompt is empty; give at least one token")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
+            )
+        return prompt
+
+    # ------------------------------------------------------------------ loop
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                timeout = 0.05 if self._pending or self._groups else None
+                try:
+                    item = self.inbox.get(timeout=timeout)
+                except queue.Empty:
+                    item = None
+                if isinstance(item, tuple) and item[0] == "stop":
+                    self._shutdown()
+                    return
+                self._handle(item)
+                while True:  # drain what else arrived
+                    try:
+                        item = self.inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(item, tuple) and item[0] == "stop":
+                        self._shutdown()
+                        return
+                    self._handle(item)
+                self._expire_pending()
+                self._admit()
+            except Exception as e:
+                log.exception("generation engine error")
+                self._fail_all(f"internal error: {type(e).__name__}: {e}")
+
+    def _handle(self, item: Any) -> None:
+        if item is None or (isinstance(item, tuple) and item[0] == "wake"):
+            return
+        if item is _CLOSED:
+            self._broken = "a stage process is gone"
+            self._fail_all(f"the pipeline broke: {self._broken}")
+            return
+        if isinstance(item, tuple) and item[0] == "stats":
+            self._stats_waiters.append(item[1])
+            msg = [OP_STATS, (_stats(self.stage),)]
+            if self.ring is None:
+                self._handle(msg)
+            else:
+                self.ring.send(msg)
+            return
+        op = item[0]
+        if op == OP_TOKENS:
+            self._on_tokens(item[1], item[2])
+        elif op == OP_FAIL:
+            g = self._groups.pop(item[1], None)
+            self.stage.release(item[1])
+            if g is not None:
+                self._free(g, g.rows)
+                for h in g.rows:
+                    h._finish("error", item[2].message)
+        elif op == OP_STATS:
+            stats = [dict(zip(STATS_FIELDS, s, strict=True)) for s in item[1]]
+            if self._stats_waiters:
+                self._stats_waiters.popleft().set_result(stats)
+
+    def _send(self, msg: list[Any]) -> None:
+        """Stage 0's output goes to stage 1, or (one stage) straight back to the scheduler."""
+        if self.ring is None:
+            self._handle(msg)
+        else:
+            self.ring.send(msg)
+
+    def _on_tokens(self, gid: int, tokens: torch.Tensor) -> None:
+        g = self._groups.get(gid)
+        if g is None:
+            return
+        g.busy = False
+        g.steps += 1
+        self.counters.steps += 1
+        self.counters.tokens += len(g.rows)
+        now = time.monotonic()
+        full = self.context if self.context is not None else math.inf
+        for h, tok in zip(g.rows, tokens.tolist(), strict=True):
+            if h.done:
+                continue
+            h._push(tok)
+            p = h.params
+            if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
+                h._finish("stop")
+            elif len(h.tokens) >= p.max_new_tokens or g.length + g.steps >= full:
+                h._finish("length")
+            elif now > h.deadline:
+                h._finish("timeout")
+        self._advance(g)
+
+    def _advance(self, g: _Group) -> None:
+        """Next step of a group whose tokens came back: retire rows, then decode the rest."""
+        now = time.monotonic()
+        for h in g.rows:
+            if not h.done and h.cancelled:
+                h._finish("cancelled")
+            elif not h.done and now > h.deadline:
+                h._finish("timeout")
+        stay = [i for i, h in enumerate(g.rows) if not h.done]
+        leaving = [h for h in g.rows if h.done]
+        if leaving:
+            self._free(g, leaving)
+            self.counters.finished += len(leaving)
+        if not stay:
+            del self._groups[g.gid]
+            self.stage.release(g.gid)
+            if self.ring is not None:
+                self.ring.send([OP_RELEASE, g.gid])
+            return
+        keep = None
+        if len(stay) < len(g.rows):
+            keep = torch.tensor(stay, dtype=torch.long)
+            g.rows = [g.rows[i] for i in stay]
+            g.reserved = [g.reserved[i] for i in stay]
+        tokens = torch.tensor([h.tokens[-1] for h in g.rows], dtype=torch.long)
+        g.busy = True
+        self.counters.rows_by_step.append(len(g.rows))
+        self._send(run_step(self.stage, [OP_DECODE, g.gid, keep, tokens, (None,)]))
+
+    def _free(self, g: _Group, rows: list[RequestHandle]) -> None:
+        for h in rows:
+            i = g.rows.index(h)
+            self._used_tokens -= g.reserved[i]
+            g.reserved[i] = 0
+            self._used_rows -= 1
+
+    def _expire_pending(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            keep: deque[RequestHandle] = deque()
+            for h in self._pending:
+                if h.cancelled:
+                    h._finish("cancelled")
+                elif now > h.deadline:
+                    h._finish("timeout")
+                else:
+                    keep.append(h)
+            self._pending = keep
+        for g in list(self._groups.values()):
+            if not g.busy:  # only after a failure path; normally groups are always in flight
+                self._advance(g)
+
+    def _admit(self) -> None:
+        lim = self.limits
+        while self._pending and len(self._groups) < self.max_groups:
+            free_slots = max(1, self.num_stages - len(self._groups))
+            with self._lock:
+                want = math.ceil(len(self._pending) / free_slots)
+                want = min(want, lim.max_rows_per_group)
+                rows: list[RequestHandle] = []
+                length = 0
+                for h in self._pending:
+                    if len(rows) >= want:
+                        break
+                    new_len = max(length, len(h.prompt))
+                    cost = sum(new_len + r.params.max_new_tokens for r in [*rows, h])
+                    if (
+                        self._used_tokens + cost > lim.max_tokens
+                        or self._used_rows + len(rows) + 1 > lim.max_sequences
+                    ):
+                        break
+                    rows.append(h)
+                    length = new_len
+                if not rows:
+                    return  # the oldest request waits for KV budget to free up
+                for _ in rows:
+                    self._pending.popleft()
+            self._start_group(rows, length)
+
+    def _start_group(self, rows: list[RequestHandle], length: int) -> None:
+        gid = next(self._gids)
+        reserved = [length + h.params.max_new_tokens for h in rows]
+        g = _Group(gid, rows, length, reserved)
+        self._groups[gid] = g
+        self._used_tokens += sum(reserved)
+        self._used_rows += len(rows)
+        self.counters.admitted += len(rows)
+        self.counters.groups_max = max(self.counters.groups_max, len(self._groups))
+        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for r, h in enumerate(rows):
+            ids[r, length - len(h.prompt) :] = torch.tensor(h.prompt)
+            mask[r, length - len(h.prompt) :] = 1
+        floats, ints = encode_rows([h.params for h in rows], [h.seed for h in rows])
+        npass = 2 if self.stage.enc_dec else 1
+        self.counters.rows_by_step.append(len(rows))
+        msg = [OP_PREFILL, gid, ids, mask, floats, ints, (None,) * npass]
+        self._send(run_step(self.stage, msg))
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            pending, self._pending = list(self._pending), deque()
+        for h in pending:
+            h._finish("error", message)
+        for g in list(self._groups.values()):
+            for h in g.rows:
+                h._finish("error", message)
+            self.stage.release(g.gid)
+            if self.ring is not None and not self._broken:
+                self.ring.send([OP_RELEASE, g.gid])
+        self._groups.clear()
+        self._used_tokens = self._used_rows = 0
+        while self._stats_waiters:
+            self._stats_waiters.popleft().set_exception(GenerationFailed(message))
+
+    def _shutdown(self) -> None:
+        self._stopped.set()
+        self._fail_all("the engine is closed")
+        if self.ring is not None and not self._broken:
+            self.ring.send([OP_STOP])
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # wait for STOP to come round
+                try:
+                    item = self.inbox.get(timeout=1)
+                except queue.Empty:
+                    continue
+                if (isinstance(item, list) and item[0] == OP_STOP) or item is _CLOSED:
+                    break

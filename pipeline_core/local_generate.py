@@ -1,0 +1,179 @@
+"""Generation on this machine: stage processes on a ring, the scheduler in the caller.
+
+``LocalGenerator(plan)`` spawns stages ``1..S-1`` (each loads only its shard), builds stage 0
+and the :class:`~pipeline_core.engine.GenerationEngine` in this process, and joins the ring.
+``gen.generate([[1, 2, 3]], SamplingParams(max_new_tokens=32))`` returns the new token ids;
+``gen.submit(...)`` returns a handle that streams them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .engine import EngineLimits, GenerationEngine, RequestHandle, serve_generation
+from .errors import PlanError
+from .gen_stage import GenStage
+from .load import ReadStats
+from .local import _td, memory_probe
+from .plan import Plan
+from .ring import Ring
+from .sampling import SamplingParams
+from .source import hf_tokenizer
+
+__all__ = ["LocalGenerator"]
+
+log = logging.getLogger(__name__)
+
+
+def _stage_main(
+    plan_json: str, index: int, port: int, device: str, threads: int, timeout_s: float
+) -> None:
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=os.environ.get("PIPESERVE_LOG", "WARNING"))
+    plan = Plan.from_json(plan_json)
+    store = dist.TCPStore("127.0.0.1", port, plan.num_stages, False, timeout=_td(timeout_s))
+    try:
+        stats, probe = ReadStats(), memory_probe()
+        probe.mark()
+        stage = GenStage(plan, index, device, stats=stats)
+        store.set(f"ready/{index}", json.dumps(probe.report(stats)))
+    except Exception as e:  # report any failure to the caller, which raises it
+        store.set(f"error/{index}", f"{type(e).__name__}: {e}")
+        return
+    ring = Ring(store, index, plan.num_stages, device, timeout_s)
+    serve_generation(stage, ring)
+
+
+class LocalGenerator:
+    """A plan's generation stages on this machine (see module docstring).
+
+    Args:
+        plan: the plan (any split policy); the model must be a HF causal LM or T5-like.
+        devices: one device per stage (default: all ``cpu``).
+        threads_per_stage: torch threads in each stage process and in this one.
+        limits: the scheduler's KV budget and batching limits.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        devices: list[str] | None = None,
+        threads_per_stage: int = 1,
+        limits: EngineLimits | None = None,
+        timeout_s: float = 300.0,
+    ) -> None:
+        n = plan.num_stages
+        devices = devices or ["cpu"] * n
+        if len(devices) != n:
+            raise PlanError(f"{n} stages need {n} devices, got {len(devices)}")
+        self.plan = plan
+        self._saved_threads = torch.get_num_threads()
+        torch.set_num_threads(threads_per_stage)
+        self.store = dist.TCPStore(
+            "127.0.0.1", 0, n, True, timeout=_td(timeout_s), wait_for_workers=False
+        )
+        ctx = mp.get_context("spawn")
+        plan_json = json.dumps(plan.to_json())
+        self.procs = {
+            k: ctx.Process(
+                target=_stage_main,
+                args=(plan_json, k, self.store.port, devices[k], threads_per_stage, timeout_s),
+                daemon=True,
+            )
+            for k in range(1, n)
+        }
+        for p in self.procs.values():
+            p.start()
+        self.engine: GenerationEngine | None = None
+        try:
+            stats, probe = ReadStats(), memory_probe()
+            probe.mark()
+            stage = GenStage(plan, 0, devices[0], stats=stats)
+            self.stage_info = [probe.report(stats), *self._wait_ready(timeout_s)]
+            ring = Ring(self.store, 0, n, devices[0], timeout_s) if n > 1 else None
+            self.engine = GenerationEngine(stage, ring, limits)
+        except BaseException:
+            self._kill()
+            torch.set_num_threads(self._saved_threads)
+            raise
+        self.tokenizer = hf_tokenizer(plan.source.checkpoint)
+
+    def _wait_ready(self, timeout_s: float) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout_s
+        info: dict[int, dict[str, Any]] = {}
+        while len(info) < len(self.procs):
+            for k, p in self.procs.items():
+                if k in info:
+                    continue
+                if self.store.check([f"error/{k}"]):
+                    err = self.store.get(f"error/{k}").decode()
+                    raise RuntimeError(f"stage {k} failed to start: {err}")
+                if self.store.check([f"ready/{k}"]):
+                    info[k] = json.loads(self.store.get(f"ready/{k}"))
+                elif not p.is_alive():
+                    raise RuntimeError(f"stage {k} process died (exit code {p.exitcode})")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"stages not ready after {timeout_s:.0f}s")
+            time.sleep(0.02)
+        return [info[k] for k in sorted(info)]
+
+    def _engine(self) -> GenerationEngine:
+        if self.engine is None:
+            raise RuntimeError("the generator is closed")
+        return self.engine
+
+    def submit(
+        self, prompt_ids: Sequence[int], params: SamplingParams | None = None
+    ) -> RequestHandle:
+        return self._engine().submit(prompt_ids, params)
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None
+    ) -> list[list[int]]:
+        return self._engine().generate(prompts, params)
+
+    def generate_text(self, prompt: str, params: SamplingParams | None = None) -> str:
+        """Text in, text out, with the checkpoint's tokenizer."""
+        if self.tokenizer is None:
+            raise RuntimeError(
+                f"{self.plan.source.checkpoint} has no tokenizer; pass token ids instead"
+            )
+        ids = self.tokenizer(prompt)["input_ids"]
+        return self.tokenizer.decode(self.generate([ids], params)[0], skip_special_tokens=True)
+
+    def stats(self) -> list[dict[str, int]]:
+        return self._engine().stats()
+
+    def close(self) -> None:
+        if self.engine is None:
+            return
+        engine, self.engine = self.engine, None
+        try:
+            engine.close()
+            for p in self.procs.values():
+                p.join(timeout=30)
+        finally:
+            self._kill()
+            torch.set_num_threads(self._saved_threads)
+
+    def _kill(self) -> None:
+        for p in self.procs.values():
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+    def __enter__(self) -> LocalGenerator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

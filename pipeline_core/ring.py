@@ -1,0 +1,113 @@
+"""The generation data plane: stages in a ring over ``torch.distributed``.
+
+Stage ``k`` sends to stage ``k+1``; the last stage sends the chosen token ids back to stage 0,
+which runs the scheduler -- no driver in between.  Each edge is its own two-rank process group
+(gloo on CPU, NCCL on CUDA), created in ascending edge order so start-up cannot deadlock.  A
+thread per process keeps a receive posted on the inbound edge and queues the messages, so a
+stage can send while its successor is also sending (a ring of blocking sends would deadlock).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .runtime import gloo_group, nccl_group
+from .transport import Channel
+
+__all__ = [
+    "OP_DECODE",
+    "OP_FAIL",
+    "OP_PREFILL",
+    "OP_RELEASE",
+    "OP_STATS",
+    "OP_STOP",
+    "OP_TOKENS",
+    "Ring",
+]
+
+log = logging.getLogger(__name__)
+
+_CLOSED = object()
+
+# Message kinds (the first value of every ring message)
+OP_PREFILL = 1  # [op, group, prompt ids, attention mask, sampling floats, ints, payloads]
+OP_DECODE = 2  # [op, group, rows to keep or None, new tokens, payloads]
+OP_RELEASE = 3  # [op, group]: drop the group's cache
+OP_STATS = 4  # [op, per-stage stats so far]
+OP_STOP = 5  # [op]
+OP_TOKENS = 6  # last -> first: [op, group, chosen token ids]
+OP_FAIL = 7  # [op, group, message]: a stage failed on this group's step
+
+
+class Ring:
+    """Stage ``index`` of ``num_stages`` on the ring (``num_stages == 1``: no transport)."""
+
+    def __init__(
+        self,
+        store: dist.Store,
+        index: int,
+        num_stages: int,
+        device: torch.device | str = "cpu",
+        timeout_s: float = 300.0,
+    ) -> None:
+        self.index, self.num_stages = index, num_stages
+        self.inbox: queue.Queue[Any] = queue.Queue()
+        self._out: Channel | None = None
+        self._in: Channel | None = None
+        self._thread: threading.Thread | None = None
+        if num_stages == 1:
+            return
+        device = torch.device(device)
+        out_edge, in_edge = index, (index - 1) % num_stages
+        for edge in sorted({out_edge, in_edge}):
+            prefix = dist.PrefixStore(f"ring/{edge}", store)
+            rank = 0 if edge == out_edge else 1
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+                ch = Channel(nccl_group(prefix, rank, 2, timeout_s), device)
+            else:
+                ch = Channel(gloo_group(prefix, rank, 2, timeout_s))
+            if edge == out_edge:
+                self._out = ch
+            if edge == in_edge:
+                self._in = ch
+        self._thread = threading.Thread(target=self._receive, name="ring-recv", daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        assert self._in is not None
+        try:
+            while True:
+                msg = self._in.recv(0)  # the sender is rank 0 of the inbound edge
+                self.inbox.put(msg)
+                if msg and msg[0] == OP_STOP:
+                    return
+        except Exception as e:
+            log.warning("[stage %d] ring receive ended: %s", self.index, e)
+            self.inbox.put(_CLOSED)
+
+    def send(self, values: list[Any]) -> None:
+        """Send one message to the next stage (for the last stage: to stage 0)."""
+        assert self._out is not None
+        self._out.send(values, 1)
+        self._out.flush()
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._out.bytes_sent if self._out is not None else 0
+
+    def recv(self, timeout: float | None = None) -> Any:
+        """The next inbound message; None when ``timeout`` passes; raises when the ring broke."""
+        try:
+            msg = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if msg is _CLOSED:
+            raise ConnectionError(f"stage {self.index}: the previous stage is gone")
+        return msg

@@ -1,0 +1,140 @@
+"""Decoding parameters, their validation, and token choice on the last stage.
+
+Greedy decoding is ``argmax`` of the float32 logits, exactly as ``transformers`` ``generate``
+does; sampling applies, in ``generate``'s order, repetition penalty, temperature, top-k and
+top-p, then draws from each sequence's own ``torch.Generator`` seeded per request, so a
+request's tokens do not depend on what else is in its batch.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import PlanError
+
+__all__ = ["RequestError", "ResourceExhausted", "Sampler", "SamplingParams"]
+
+
+class RequestError(ValueError):
+    """A request is invalid; the message says which field and what is allowed."""
+
+
+class ResourceExhausted(RuntimeError):
+    """The queue or the KV budget cannot take this request now (or ever, says which)."""
+
+
+@dataclass
+class SamplingParams:
+    """How one request decodes.  ``temperature == 0`` means greedy."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0
+    """Keep the k most likely tokens (0: all)."""
+    top_p: float = 1.0
+    """Keep the smallest set of tokens whose probability reaches p, in (0, 1]."""
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    """Sampling seed; the same seed gives the same tokens (None: a random one)."""
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+    timeout_s: float | None = None
+
+    def validate(self, prompt_len: int, context: int | None) -> None:
+        if self.max_new_tokens <= 0:
+            raise RequestError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if context is not None and prompt_len + self.max_new_tokens > context:
+            raise RequestError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({self.max_new_tokens}) "
+                f"exceeds the model's context of {context} tokens; shorten the prompt or ask "
+                "for fewer tokens"
+            )
+        if not self.temperature >= 0:
+            raise RequestError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise RequestError(f"top_k must be >= 0 (0: no limit), got {self.top_k}")
+        if not self.repetition_penalty > 0:
+            raise RequestError(
+                f"repetition_penalty must be > 0 (1: none), got {self.repetition_penalty}"
+            )
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise RequestError(f"timeout_s must be > 0, got {self.timeout_s}")
+
+    def resolved_seed(self) -> int:
+        return self.seed if self.seed is not None else random.getrandbits(62)
+
+
+def encode_rows(params: list[SamplingParams], seeds: list[int]) -> tuple[torch.Tensor, ...]:
+    """Per-row parameters as two small tensors (they travel to the last stage)."""
+    f = torch.tensor(
+        [[p.temperature, p.top_p, p.repetition_penalty] for p in params], dtype=torch.float64
+    )
+    i = torch.tensor([[p.top_k, s] for p, s in zip(params, seeds, strict=True)], dtype=torch.int64)
+    return f, i
+
+
+class Sampler:
+    """Token choice for one group's rows on the last stage."""
+
+    def __init__(self, floats: torch.Tensor, ints: torch.Tensor) -> None:
+        self.temperature = floats[:, 0].tolist()
+        self.top_p = floats[:, 1].tolist()
+        self.penalty = floats[:, 2].tolist()
+        self.top_k = ints[:, 0].tolist()
+        self.generators = []
+        for seed in ints[:, 1].tolist():
+            g = torch.Generator()
+            g.manual_seed(int(seed))
+            self.generators.append(g)
+
+    def select(self, keep: list[int]) -> None:
+        for name in ("temperature", "top_p", "penalty", "top_k", "generators"):
+            v = getattr(self, name)
+            setattr(self, name, [v[i] for i in keep])
+
+    def choose(self, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Next token per row from float32 ``logits`` ``[rows, vocab]``; ``ids`` is the
+        history (for the repetition penalty)."""
+        if len(self.top_k) != logits.shape[0]:
+            raise PlanError(f"sampler has {len(self.top_k)} rows, logits {logits.shape[0]}")
+        if all(t == 0 for t in self.temperature) and all(p == 1 for p in self.penalty):
+            return torch.argmax(logits, dim=-1).cpu()
+        out = []
+        for r in range(logits.shape[0]):
+            out.append(self._one(r, ids[r : r + 1], logits[r : r + 1].clone()))
+        return torch.tensor(out, dtype=torch.long)
+
+    def _one(self, r: int, ids: torch.Tensor, scores: torch.Tensor) -> int:
+        from transformers.generation.logits_process import (
+            RepetitionPenaltyLogitsProcessor,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        if self.penalty[r] != 1:
+            scores = RepetitionPenaltyLogitsProcessor(self.penalty[r])(ids, scores)
+        if self.temperature[r] == 0:
+            return int(torch.argmax(scores, dim=-1))
+        scores = scores / self.temperature[r]
+        if self.top_k[r] > 0:
+            scores = TopKLogitsWarper(self.top_k[r])(ids, scores)
+        if self.top_p[r] < 1:
+            scores = TopPLogitsWarper(self.top_p[r])(ids, scores)
+        probs = torch.softmax(scores.float().cpu(), dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generators[r]))
+
+
+def context_length(config: Any) -> int | None:
+    """The model's longest sequence (None: no fixed limit, e.g. T5's relative positions)."""
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
