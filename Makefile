@@ -31,6 +31,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.bench_core
 	$(PY) -m bench.bench_balance
+	$(PY) -m bench.bench_generate
 
 clean:
 	rm -rf $(VENV) .pipeserve-cache

@@ -6,9 +6,12 @@ stage 0; every other stage runs :func:`serve_generation` on its own process.
 Sequences that prefill together form a *group* -- one micro-batch, left-padded, with one KV
 cache per stage.  Between decode steps the scheduler retires finished rows (EOS, stop ids,
 ``max_new_tokens``, cancellation, timeout: their cache rows are dropped on every stage with the
-group's next step, or the whole group is released) and admits waiting requests as new groups.
-It aims for at least as many groups in flight as there are stages, so with enough load every
-stage is busy: while stage 1 works on group A, stage 0 works on group B.
+group's next step, or the whole group is released) and admits waiting requests as new groups,
+which prefill on their own and then *join* a running group: when a group comes back to stage 0
+while at least as many other groups as stages are in flight, it waits for the smallest of them
+and the two merge on every stage (the shorter left-padded; not for sliding-window caches or
+encoder-decoders, whose groups stay apart).  So with S stages, S groups stay busy -- while
+stage 1 works on group A, stage 0 works on group B -- and each grows as requests arrive.
 
 A KV budget bounds memory: every row reserves ``prompt + max_new_tokens`` tokens when admitted
 (``max_tokens`` in all, ``max_sequences`` rows); a request that cannot fit now waits, one that
@@ -36,6 +39,7 @@ from .ring import (
     _CLOSED,
     OP_DECODE,
     OP_FAIL,
+    OP_MERGE,
     OP_PREFILL,
     OP_RELEASE,
     OP_STATS,
@@ -64,7 +68,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-STATS_FIELDS = ("groups", "sequences", "tokens", "bytes")
+STATS_FIELDS = ("groups", "sequences", "tokens", "bytes", "steps", "busy_ms")
 
 
 class GenerationFailed(RuntimeError):
@@ -149,6 +153,7 @@ class RequestHandle:
 def run_step(stage: GenStage, msg: list[Any]) -> list[Any]:
     """Run one PREFILL/DECODE message on ``stage``; returns the message to send on."""
     op, gid = msg[0], msg[1]
+    t0 = time.perf_counter()
     try:
         if op == OP_PREFILL:
             _, _, ids, mask, floats, ints, payloads = msg
@@ -163,7 +168,9 @@ def run_step(stage: GenStage, msg: list[Any]) -> list[Any]:
         if stage.is_last:
             g = stage.groups[gid]
             assert logits is not None
-            return [OP_TOKENS, gid, g.sampling.choose(g.ids, logits)]
+            out = [OP_TOKENS, gid, g.sampling.choose(g.ids, logits)]
+        stage.steps += 1
+        stage.busy_s += time.perf_counter() - t0
         return out
     except Exception as e:  # a bad step fails its group, never the stage
         log.warning("[stage %d] group %d failed: %s", stage.index, gid, e, exc_info=True)
@@ -187,6 +194,10 @@ def serve_generation(stage: GenStage, ring: Ring) -> None:
             stage.release(msg[1])
             if not stage.is_last:
                 ring.send(msg)
+        elif op == OP_MERGE:
+            stage.merge(msg[1], msg[2])
+            if not stage.is_last:
+                ring.send(msg)
         elif op == OP_FAIL:
             stage.release(msg[1])
             ring.send(msg)
@@ -204,10 +215,12 @@ def serve_generation(stage: GenStage, ring: Ring) -> None:
 class _Group:
     gid: int
     rows: list[RequestHandle]
-    length: int
+    seq: int
+    """Cache length (padded) once the last token returned is appended."""
     reserved: list[int]
     busy: bool = True
-    steps: int = 0
+    parked_on: int | None = None
+    """Waiting at stage 0 to merge into this (in-flight) group when it comes back."""
 
 
 @dataclass
@@ -228,6 +241,7 @@ class _Counters:
     tokens: int = 0
     steps: int = 0
     groups_max: int = 0
+    merges: int = 0
     rows_by_step: list[int] = field(default_factory=list)
 
 
@@ -247,6 +261,8 @@ class GenerationEngine:
         text = cfg.get_text_config(decoder=True)
         self.vocab_size = int(text.vocab_size)
         self.context = context_length(cfg)
+        self.context_limit = self.context if self.context is not None else math.inf
+        self.can_merge = stage.can_merge
         gen = getattr(stage.model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None)
         if eos is None:
@@ -385,11 +401,7 @@ class GenerationEngine:
             return
         if isinstance(item, tuple) and item[0] == "stats":
             self._stats_waiters.append(item[1])
-            msg = [OP_STATS, (_stats(self.stage),)]
-            if self.ring is None:
-                self._handle(msg)
-            else:
-                self.ring.send(msg)
+            self._send([OP_STATS, (_stats(self.stage),)])
             return
         op = item[0]
         if op == OP_TOKENS:
@@ -401,15 +413,19 @@ class GenerationEngine:
                 self._free(g, g.rows)
                 for h in g.rows:
                     h._finish("error", item[2].message)
+            for other in [x for x in self._groups.values() if x.parked_on == item[1]]:
+                other.parked_on = None
+                self._advance(other)
         elif op == OP_STATS:
             stats = [dict(zip(STATS_FIELDS, s, strict=True)) for s in item[1]]
             if self._stats_waiters:
                 self._stats_waiters.popleft().set_result(stats)
 
     def _send(self, msg: list[Any]) -> None:
-        """Stage 0's output goes to stage 1, or (one stage) straight back to the scheduler."""
+        """Stage 0's output goes to stage 1, or (one stage) back to the scheduler's inbox, so
+        groups interleave there too (and a long generation is a loop, not a recursion)."""
         if self.ring is None:
-            self._handle(msg)
+            self.inbox.put(msg)
         else:
             self.ring.send(msg)
 
@@ -418,23 +434,67 @@ class GenerationEngine:
         if g is None:
             return
         g.busy = False
-        g.steps += 1
+        g.seq += 1
         self.counters.steps += 1
         self.counters.tokens += len(g.rows)
         now = time.monotonic()
-        full = self.context if self.context is not None else math.inf
         for h, tok in zip(g.rows, tokens.tolist(), strict=True):
             if h.done:
                 continue
             h._push(tok)
             p = h.params
+            own = len(h.prompt) + len(h.tokens)
             if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
                 h._finish("stop")
-            elif len(h.tokens) >= p.max_new_tokens or g.length + g.steps >= full:
+            elif len(h.tokens) >= p.max_new_tokens or own >= self.context_limit:
                 h._finish("length")
             elif now > h.deadline:
                 h._finish("timeout")
+        for other in [x for x in self._groups.values() if x.parked_on == gid]:
+            self._merge(g, other)
+        target = self._merge_target(g)
+        if target is not None:
+            g.parked_on = target.gid  # joins ``target`` when it comes back; no step of its own
+            return
         self._advance(g)
+
+    def _merge_target(self, g: _Group) -> _Group | None:
+        """An in-flight group for ``g`` to join, if enough groups stay in flight without it."""
+        if not self.can_merge:
+            return None
+        flying = [x for x in self._groups.values() if x.busy and x.gid != g.gid]
+        if len(flying) < self.num_stages:
+            return None
+        room = [
+            x
+            for x in flying
+            if len(x.rows) + len(g.rows) <= self.limits.max_rows_per_group
+            and self._used_tokens + self._pad_cost(x, g) <= self.limits.max_tokens
+        ]
+        return min(room, key=lambda x: len(x.rows), default=None)
+
+    @staticmethod
+    def _pad_cost(a: _Group, b: _Group) -> int:
+        """KV tokens that left-padding the shorter group adds when ``a`` and ``b`` merge."""
+        short = b if b.seq < a.seq else a
+        return abs(a.seq - b.seq) * sum(1 for h in short.rows if not h.done)
+
+    def _merge(self, g: _Group, other: _Group) -> None:
+        """Append ``other``'s rows to ``g`` on every stage (``g`` is back at stage 0)."""
+        pad = abs(g.seq - other.seq)
+        short = other if other.seq < g.seq else g
+        for i, h in enumerate(short.rows):
+            if not h.done:
+                short.reserved[i] += pad
+                self._used_tokens += pad
+        self.stage.merge(g.gid, other.gid)
+        if self.ring is not None:
+            self.ring.send([OP_MERGE, g.gid, other.gid])
+        g.rows += other.rows
+        g.reserved += other.reserved
+        g.seq = max(g.seq, other.seq)
+        del self._groups[other.gid]
+        self.counters.merges += 1
 
     def _advance(self, g: _Group) -> None:
         """Next step of a group whose tokens came back: retire rows, then decode the rest."""
@@ -485,7 +545,7 @@ class GenerationEngine:
                     keep.append(h)
             self._pending = keep
         for g in list(self._groups.values()):
-            if not g.busy:  # only after a failure path; normally groups are always in flight
+            if not g.busy and g.parked_on is None:  # normally every group is in flight
                 self._advance(g)
 
     def _admit(self) -> None:

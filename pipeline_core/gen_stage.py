@@ -104,7 +104,7 @@ class _PassCtx:
 
 @dataclass
 class GroupState:
-    """One micro-batch of sequences that prefilled together (rows may leave; none join)."""
+    """One micro-batch of sequences (rows leave when done; other groups may merge in)."""
 
     ids: torch.Tensor
     """Decoder token ids so far, left-padded: ``[rows, length]``."""
@@ -181,6 +181,9 @@ class GenStage:
                 runner = self._passthrough if k in self._layer_ids else self._shadow
                 mod.forward = _bind(runner, mod)
         self.groups: dict[int, GroupState] = {}
+        self.steps = 0
+        self.busy_s = 0.0
+        """Steps run and seconds spent in them (compute + sampling), for utilization."""
         gen_cfg = getattr(model, "generation_config", None)
         self.accepts_position_ids = "position_ids" in inspect.signature(model.forward).parameters
         self.logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -454,6 +457,40 @@ class GenStage:
         if g.sampling is not None:
             g.sampling.select(keep.tolist())
 
+    @property
+    def can_merge(self) -> bool:
+        """Groups can be merged (left-padding the shorter) unless a cache layer keeps only a
+        sliding window (lengths would disagree) or the model is an encoder-decoder."""
+        if self.enc_dec:
+            return False
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.config.get_text_config(decoder=True))
+        return not any(getattr(layer, "is_sliding", False) for layer in cache.layers)
+
+    def merge(self, dst: int, src: int) -> None:
+        """Append group ``src``'s rows to group ``dst`` (continuous batching: a new request
+        joins a running batch).  The shorter group is left-padded: ids with 0, attention mask
+        and position ids with 0, cache entries with zeros that the mask hides."""
+        a, b = self.groups[dst], self.groups.pop(src)
+        n = max(a.ids.shape[1], b.ids.shape[1])
+        for key in ("attention_mask", "position_ids"):
+            va, vb = a.kwargs.get(key), b.kwargs.get(key)
+            if key == "position_ids" and va is None and vb is None:
+                continue  # the model takes no position ids
+            va, vb = _rows(va, a), _rows(vb, b)
+            a.kwargs[key] = torch.cat([_lpad(va, n), _lpad(vb, n)])
+        a.ids = torch.cat([_lpad(a.ids, n), _lpad(b.ids, n)])
+        ca, cb = self._self_cache(a), self._self_cache(b)
+        for la, lb in zip(ca.layers, cb.layers, strict=True):
+            if not getattr(la, "is_initialized", False):
+                continue
+            m = max(la.keys.shape[-2], lb.keys.shape[-2])
+            la.keys = torch.cat([_lpad(la.keys, m, -2), _lpad(lb.keys, m, -2)])
+            la.values = torch.cat([_lpad(la.values, m, -2), _lpad(lb.values, m, -2)])
+        if a.sampling is not None and b.sampling is not None:
+            a.sampling.extend(b.sampling)
+
     def release(self, gid: int) -> None:
         self.groups.pop(gid, None)
 
@@ -471,7 +508,32 @@ class GenStage:
                 for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
                     if isinstance(t, torch.Tensor):
                         nbytes += t.numel() * t.element_size()
-        return {"groups": len(self.groups), "sequences": rows, "tokens": tokens, "bytes": nbytes}
+        return {
+            "groups": len(self.groups),
+            "sequences": rows,
+            "tokens": tokens,
+            "bytes": nbytes,
+            "steps": self.steps,
+            "busy_ms": int(self.busy_s * 1000),
+        }
+
+
+def _lpad(t: torch.Tensor, n: int, dim: int = 1) -> torch.Tensor:
+    """Left-pad ``t`` with zeros to length ``n`` along ``dim``."""
+    dim = dim % t.dim()
+    missing = n - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _rows(v: torch.Tensor | None, g: GroupState) -> torch.Tensor:
+    """A group's attention mask / position ids with one row per sequence (None: no padding)."""
+    if v is None:
+        return torch.ones_like(g.ids)
+    return v.expand(g.rows, -1) if v.shape[0] != g.rows else v
 
 
 def _cache_layers(cache: Any) -> list[Any]:

@@ -23,6 +23,7 @@ from .transport import Channel
 __all__ = [
     "OP_DECODE",
     "OP_FAIL",
+    "OP_MERGE",
     "OP_PREFILL",
     "OP_RELEASE",
     "OP_STATS",
@@ -43,6 +44,7 @@ OP_STATS = 4  # [op, per-stage stats so far]
 OP_STOP = 5  # [op]
 OP_TOKENS = 6  # last -> first: [op, group, chosen token ids]
 OP_FAIL = 7  # [op, group, message]: a stage failed on this group's step
+OP_MERGE = 8  # [op, group, other group]: append the other group's rows (and caches)
 
 
 class Ring:

@@ -98,6 +98,11 @@ class Sampler:
             v = getattr(self, name)
             setattr(self, name, [v[i] for i in keep])
 
+    def extend(self, other: Sampler) -> None:
+        """Append another group's rows (groups merge)."""
+        for name in ("temperature", "top_p", "penalty", "top_k", "generators"):
+            getattr(self, name).extend(getattr(other, name))
+
     def choose(self, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Next token per row from float32 ``logits`` ``[rows, vocab]``; ``ids`` is the
         history (for the repetition penalty)."""

@@ -229,3 +229,52 @@ def test_streaming_one_stage_engine_in_process(tmp_path):
         assert seen == _hf_greedy(model, [PROMPTS[0]], NEW)[0]
     finally:
         engine.close()
+
+
+def _ring_free_step(stages, op: str, gid: int, *args):
+    """Run one step through in-process stages (no transport): returns the last stage's logits."""
+    payloads: list = [None] * (2 if stages[0].enc_dec and op == "prefill" else 1)
+    for st in stages:
+        fn = st.prefill if op == "prefill" else st.decode
+        payloads, logits = fn(gid, *args, payloads)
+    return logits
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "bloom", "codegen", "llama"])
+def test_groups_merge_mid_generation(family, tmp_path):
+    """A group that prefilled later joins a running one (left-padded caches on every stage);
+    every row still gets exactly the tokens it gets alone."""
+    model, plan = _plan(tmp_path, family, 3)
+    stages = [GenStage(plan, k) for k in range(3)]
+    assert all(st.can_merge for st in stages)
+    a_prompts, b_prompts = [PROMPTS[0], PROMPTS[2]], [PROMPTS[1]]
+    alone = {tuple(p): _hf_greedy(model, [p], 20)[0] for p in a_prompts + b_prompts}
+
+    def pad(ps):
+        w = max(map(len, ps))
+        ids = torch.zeros(len(ps), w, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(ps):
+            ids[r, w - len(p) :], mask[r, w - len(p) :] = torch.tensor(p), 1
+        return ids, mask
+
+    out = {0: [], 1: []}
+    tok = {0: _ring_free_step(stages, "prefill", 0, *pad(a_prompts)).argmax(-1)}
+    out[0].append(tok[0])
+    for _ in range(6):  # group 0 decodes alone for a while
+        tok[0] = _ring_free_step(stages, "decode", 0, None, tok[0]).argmax(-1)
+        out[0].append(tok[0])
+    tok[1] = _ring_free_step(stages, "prefill", 1, *pad(b_prompts)).argmax(-1)
+    out[1].append(tok[1])
+    for st in stages:
+        st.merge(0, 1)
+    merged = torch.cat([tok[0], tok[1]])
+    history = [torch.stack(out[0], 1), torch.stack(out[1], 1)]
+    rows: list[list[int]] = [r.tolist() for r in history[0]] + [r.tolist() for r in history[1]]
+    while min(len(r) for r in rows) < 20:
+        merged = _ring_free_step(stages, "decode", 0, None, merged).argmax(-1)
+        for r, t in zip(rows, merged.tolist(), strict=True):
+            r.append(t)
+    for p, r in zip(a_prompts + b_prompts, rows, strict=True):
+        assert r[:20] == alone[tuple(p)], p
+    assert all(st.cache_stats()["sequences"] == 3 for st in stages)
