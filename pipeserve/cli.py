@@ -287,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         func=cmd_run, equal_size=None, threshold=None, split_at=None, balanced=None, markers=False
     )
 
+    from pipeserve.cluster_cli import add_commands
+
+    add_commands(sub)
+
     args = parser.parse_args(argv)
     if args.cmd == "run":
         args.equal_size = args.stages

@@ -1,0 +1,428 @@
+"""The coordinator: registry of workers, planner, assignment, client and admin APIs.
+
+It plans models on the meta device (never holding weights), assigns one stage per idle worker
+with a rendezvous endpoint (a ``torch.distributed`` TCPStore it hosts) and a group epoch, and
+relays client requests to the stage-0 worker, whose scheduler streams tokens back.  It never
+holds weights or activations: only token ids and text pass through it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch.distributed as dist
+
+from pipeline_core import ModelSource, Plan, Policy, make_plan
+from pipeserve import rpc
+from pipeserve.v1 import pipeserve_pb2 as pb
+from pipeserve.v1 import pipeserve_pb2_grpc as pbg
+
+__all__ = ["CallError", "Coordinator", "serve"]
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_MS = 500
+LOST_AFTER_S = 15.0
+LOAD_TIMEOUT_S = 900.0
+SERVICES = ["pipeserve.v1.Inference", "pipeserve.v1.Admin", "pipeserve.v1.Registry"]
+
+
+class CallError(Exception):
+    """A request error with its gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass
+class WorkerRecord:
+    id: str
+    address: str
+    device: str
+    memory: int
+    stub: Any
+    status: pb.WorkerStatus = field(default_factory=pb.WorkerStatus)
+    last_seen: float = field(default_factory=time.monotonic)
+    draining: bool = False
+    model: str = ""
+
+    @property
+    def state(self) -> str:
+        if time.monotonic() - self.last_seen > LOST_AFTER_S:
+            return "lost"
+        if self.draining:
+            return "draining"
+        return self.status.state or "idle"
+
+
+@dataclass
+class ModelRecord:
+    name: str
+    checkpoint: str
+    plan: Plan
+    workers: list[str]
+    epoch: int
+    state: int = pb.MODEL_STATE_LOADING
+    error: str = ""
+
+    def info(self) -> pb.ModelInfo:
+        return pb.ModelInfo(
+            name=self.name,
+            state=self.state,
+            checkpoint=self.checkpoint,
+            num_stages=self.plan.num_stages,
+            capabilities=["generate"],
+            error=self.error,
+            epoch=self.epoch,
+        )
+
+
+def policy_from_proto(p: pb.SplitPolicy) -> Policy:
+    kind = p.WhichOneof("kind")
+    if kind == "threshold_bytes":
+        return Policy.threshold(p.threshold_bytes)
+    if kind == "manual":
+        return Policy.manual(list(p.manual.split_at))
+    if kind == "balanced":
+        return Policy.balanced(p.balanced)
+    return Policy.equal_size(p.equal_size or 1)
+
+
+class Coordinator:
+    """Cluster state and the gRPC servicers over it."""
+
+    def __init__(self, store_address: str, health: rpc.Health) -> None:
+        self.store_address = store_address
+        self.health = health
+        self.lock = threading.RLock()
+        self.workers: dict[str, WorkerRecord] = {}
+        self.models: dict[str, ModelRecord] = {}
+        self._ids = itertools.count(1)
+        self._epochs = itertools.count(1)
+
+    # ------------------------------------------------------------------ helpers
+
+    def find(self, name: str, ready: bool = True) -> ModelRecord:
+        """The model called ``name``; raises :class:`CallError` with the status to return."""
+        with self.lock:
+            m = self.models.get(name)
+            known = sorted(self.models)
+        if m is None:
+            raise CallError(
+                grpc.StatusCode.NOT_FOUND,
+                f"no model {name!r} (loaded: {', '.join(known) or 'none'}); load it with "
+                "`pipeserve admin load`",
+            )
+        if ready and m.state != pb.MODEL_STATE_READY:
+            state = pb.ModelState.Name(m.state)
+            raise CallError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model {name!r} is not ready ({state}{': ' + m.error if m.error else ''})",
+            )
+        return m
+
+    def model(self, name: str, context: grpc.ServicerContext, ready: bool = True) -> ModelRecord:
+        try:
+            return self.find(name, ready)
+        except CallError as e:
+            context.abort(e.code, e.message)
+            raise
+
+    def open_generate(self, request: pb.GenerateRequest, timeout: float | None) -> Any:
+        """Start a Generate call on the model's stage-0 worker (raises :class:`CallError`)."""
+        m = self.find(request.model)
+        w = self.workers.get(m.workers[0])
+        if w is None or w.state == "lost":
+            raise CallError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the stage-0 worker of {m.name!r} is gone; reload the model",
+            )
+        return w.stub.Generate(request, timeout=timeout)
+
+    def relay_generate(
+        self, request: pb.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GenerateResponse]:
+        try:
+            call = self.open_generate(request, rpc.remaining(context))
+        except CallError as e:
+            context.abort(e.code, e.message)
+        context.add_callback(call.cancel)  # client cancelled / deadline: cancel upstream
+        try:
+            yield from call
+        except grpc.RpcError as e:
+            if not context.is_active():
+                return
+            context.abort(e.code(), e.details() or "")
+
+    def release_all(self, m: ModelRecord) -> None:
+        for wid in m.workers:  # stage 0 first: its STOP ends the other stages' loops
+            w = self.workers.get(wid)
+            if w is None:
+                continue
+            try:
+                w.stub.Release(pb.ReleaseRequest(model=m.name), timeout=60)
+            except grpc.RpcError as e:
+                log.warning("release of %s on %s failed: %s", m.name, wid, e.code())
+            w.model = ""
+
+
+class InferenceServicer(pbg.InferenceServicer):
+    def __init__(self, c: Coordinator) -> None:
+        self.c = c
+
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Any:
+        yield from self.c.relay_generate(request, context)
+
+    def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> Any:
+        self.c.model(request.model, context)
+        context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "Forward over the cluster is not available yet; the workers serve generation. "
+            "Run forward-only models with pipeline_core.LocalPipeline",
+        )
+
+    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> Any:
+        with self.c.lock:
+            return pb.ListModelsResponse(models=[m.info() for m in self.c.models.values()])
+
+
+class RegistryServicer(pbg.RegistryServicer):
+    def __init__(self, c: Coordinator) -> None:
+        self.c = c
+
+    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> Any:
+        if not request.address:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "register needs the worker address")
+        with self.c.lock:
+            wid = f"w{next(self.c._ids)}"
+            self.c.workers[wid] = WorkerRecord(
+                wid,
+                request.address,
+                request.device,
+                request.memory_bytes,
+                pbg.StageWorkerStub(rpc.channel(request.address)),
+            )
+        log.info("worker %s registered from %s", wid, request.address)
+        return pb.RegisterResponse(worker_id=wid, heartbeat_interval_ms=HEARTBEAT_MS)
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> Any:
+        with self.c.lock:
+            w = self.c.workers.get(request.worker_id)
+            if w is None:
+                return pb.HeartbeatResponse(known=False)
+            w.status = request.status
+            w.last_seen = time.monotonic()
+        return pb.HeartbeatResponse(known=True)
+
+
+class AdminServicer(pbg.AdminServicer):
+    def __init__(self, c: Coordinator) -> None:
+        self.c = c
+
+    def _plan(self, checkpoint: str, policy: pb.SplitPolicy, dtype: str, context: Any) -> Plan:
+        if not checkpoint or not Path(checkpoint).is_dir():
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"checkpoint directory {checkpoint!r} does not exist on the coordinator",
+            )
+        try:
+            return make_plan(
+                ModelSource(checkpoint=checkpoint),
+                policy_from_proto(policy),
+                dtype=dtype or "float32",
+                trace=False,
+            )
+        except Exception as e:
+            rpc.abort_for(context, e)
+            raise
+
+    def PlanModel(self, request: pb.PlanModelRequest, context: grpc.ServicerContext) -> Any:
+        plan = self._plan(request.checkpoint, request.policy, request.dtype, context)
+        total = sum(s.flops for s in plan.stages) or 1
+        return pb.PlanModelResponse(
+            plan_json=plan.dumps(),
+            stages=[
+                pb.StageSummary(
+                    stage=s.index, bytes=s.nbytes, units=s.units, compute_fraction=s.flops / total
+                )
+                for s in plan.stages
+            ],
+        )
+
+    def LoadModel(self, request: pb.LoadModelRequest, context: grpc.ServicerContext) -> Any:
+        c = self.c
+        name = request.name or Path(request.checkpoint).name
+        with c.lock:
+            if name in c.models:
+                context.abort(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"model {name!r} is already loaded; unload it first",
+                )
+        plan = self._plan(request.checkpoint, request.policy, request.dtype, context)
+        with c.lock:
+            idle = [w for w in c.workers.values() if w.state == "idle" and not w.model]
+            if len(idle) < plan.num_stages:
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"the plan has {plan.num_stages} stages but only {len(idle)} idle workers "
+                    "are registered; start more `pipeserve worker` processes",
+                )
+            chosen = sorted(idle, key=lambda w: int(w.id[1:]))[: plan.num_stages]
+            m = ModelRecord(name, request.checkpoint, plan, [w.id for w in chosen], next(c._epochs))
+            c.models[name] = m
+            for w in chosen:
+                w.model = name
+        c.health.set(f"pipeserve.model.{name}", False)
+        plan_json = plan.dumps()
+        try:
+            for k, w in enumerate(chosen):
+                w.stub.Assign(
+                    pb.AssignRequest(
+                        model=name,
+                        plan_json=plan_json,
+                        stage=k,
+                        world_size=plan.num_stages,
+                        rendezvous=c.store_address,
+                        epoch=m.epoch,
+                        device=request.device,
+                    ),
+                    timeout=30,
+                )
+        except grpc.RpcError as e:
+            self._fail(m, f"assigning a stage failed: {e.details()}")
+            context.abort(grpc.StatusCode.UNAVAILABLE, m.error)
+        deadline = time.monotonic() + LOAD_TIMEOUT_S
+        while True:
+            stages = []
+            for k, w in enumerate(chosen):
+                try:
+                    st = w.stub.Status(pb.StatusRequest(), timeout=10)
+                except grpc.RpcError as e:
+                    st = pb.WorkerStatus(state="failed", error=f"unreachable: {e.code()}")
+                stages.append(
+                    pb.StageProgress(
+                        stage=k,
+                        worker_id=w.id,
+                        bytes_loaded=st.bytes_loaded,
+                        bytes_total=st.bytes_total or plan.stages[k].nbytes,
+                        state=st.state,
+                        error=st.error,
+                    )
+                )
+            failed = [s for s in stages if s.state == "failed"]
+            ready = all(s.state == "ready" for s in stages)
+            if failed:
+                self._fail(m, f"stage {failed[0].stage}: {failed[0].error}")
+            elif ready:
+                m.state = pb.MODEL_STATE_READY
+                c.health.set(f"pipeserve.model.{name}", True)
+            elif time.monotonic() > deadline or not context.is_active():
+                self._fail(m, "loading timed out" if context.is_active() else "load cancelled")
+            done = m.state != pb.MODEL_STATE_LOADING
+            yield pb.LoadProgress(model=name, stages=stages, done=done, state=m.state)
+            if done:
+                if m.state == pb.MODEL_STATE_FAILED:
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION, m.error)
+                return
+            time.sleep(0.2)
+
+    def _fail(self, m: ModelRecord, error: str) -> None:
+        m.state, m.error = pb.MODEL_STATE_FAILED, error
+        self.c.release_all(m)
+        with self.c.lock:
+            self.c.models.pop(m.name, None)
+
+    def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.ServicerContext) -> Any:
+        m = self.c.model(request.name, context, ready=False)
+        m.state = pb.MODEL_STATE_UNLOADING
+        self.c.health.set(f"pipeserve.model.{m.name}", False)
+        self.c.release_all(m)
+        with self.c.lock:
+            self.c.models.pop(m.name, None)
+        return pb.UnloadModelResponse()
+
+    def ClusterStatus(self, request: pb.ClusterStatusRequest, context: Any) -> Any:
+        now = time.monotonic()
+        with self.c.lock:
+            workers = [
+                pb.WorkerInfo(
+                    id=w.id,
+                    address=w.address,
+                    device=w.device,
+                    state=w.state,
+                    memory_bytes=w.memory,
+                    model=w.model,
+                    stage=w.status.stage,
+                    seconds_since_heartbeat=now - w.last_seen,
+                    kv_sequences=w.status.kv_sequences,
+                    kv_bytes=w.status.kv_bytes,
+                )
+                for w in self.c.workers.values()
+            ]
+            models = [m.info() for m in self.c.models.values()]
+        return pb.ClusterStatusResponse(workers=workers, models=models)
+
+    def DrainWorker(self, request: pb.DrainWorkerRequest, context: grpc.ServicerContext) -> Any:
+        with self.c.lock:
+            w = self.c.workers.get(request.worker_id)
+            if w is None:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"no worker {request.worker_id!r}")
+            assert w is not None
+            w.draining = True
+        return pb.DrainWorkerResponse()
+
+
+def serve(
+    host: str = "0.0.0.0",
+    port: int = 50051,
+    *,
+    store_port: int = 0,
+    advertise_host: str | None = None,
+    stop: threading.Event | None = None,
+    ready: Any = None,
+) -> None:
+    """Run the coordinator until ``stop`` is set (or forever)."""
+    from coordinator.kserve import KServeServicer
+    from pipeserve.inference import grpc_predict_v2_pb2_grpc as kg
+
+    advertise = advertise_host or (host if host not in ("0.0.0.0", "::", "") else socket.getfqdn())
+    store = dist.TCPStore(
+        host if host not in ("", "::") else "0.0.0.0",
+        store_port,
+        None,
+        True,
+        timeout=datetime.timedelta(seconds=600),
+        wait_for_workers=False,
+    )
+    server, port, health = rpc.make_server(
+        f"{host}:{port}", [*SERVICES, "inference.GRPCInferenceService"]
+    )
+    c = Coordinator(f"{advertise}:{store.port}", health)
+    pbg.add_InferenceServicer_to_server(InferenceServicer(c), server)
+    pbg.add_AdminServicer_to_server(AdminServicer(c), server)
+    pbg.add_RegistryServicer_to_server(RegistryServicer(c), server)
+    kg.add_GRPCInferenceServiceServicer_to_server(KServeServicer(c), server)
+    server.start()
+    for s in ["", *SERVICES, "inference.GRPCInferenceService"]:
+        health.set(s, True)
+    print(
+        f"coordinator listening on {advertise}:{port} (rendezvous store {c.store_address})",
+        flush=True,
+    )
+    if ready is not None:
+        ready(port)
+    stop = stop or threading.Event()
+    stop.wait()
+    server.stop(grace=2)
+    del store

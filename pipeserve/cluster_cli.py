@@ -1,0 +1,247 @@
+"""``pipeserve coordinator | worker | admin | generate``: the cluster's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+__all__ = ["add_commands"]
+
+
+def _stubs(address: str) -> Any:
+    from pipeserve import rpc
+    from pipeserve.v1 import pipeserve_pb2_grpc as pbg
+
+    ch = rpc.channel(address)
+    return pbg.AdminStub(ch), pbg.InferenceStub(ch)
+
+
+def _rpc_error(e: Any) -> int:
+    print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+    return 2
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from coordinator.server import serve
+
+    serve(args.host, args.port, store_port=args.store_port, advertise_host=args.advertise_host)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from stage_worker.server import serve
+
+    serve(
+        args.coordinator,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        advertise_host=args.advertise_host,
+    )
+    return 0
+
+
+def _policy_proto(args: argparse.Namespace) -> Any:
+    from pipeline_core.split import parse_size
+    from pipeserve.v1 import pipeserve_pb2 as pb
+
+    if args.threshold:
+        return pb.SplitPolicy(threshold_bytes=parse_size(args.threshold))
+    if args.split_at:
+        return pb.SplitPolicy(manual=pb.ManualSplit(split_at=args.split_at.split(",")))
+    if args.balanced:
+        return pb.SplitPolicy(balanced=args.balanced)
+    return pb.SplitPolicy(equal_size=args.equal_size or 1)
+
+
+def _bar(done: int, total: int, width: int = 24) -> str:
+    frac = done / total if total else 0.0
+    n = int(frac * width)
+    return "[" + "#" * n + "." * (width - n) + f"] {frac:6.1%}"
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    import grpc
+
+    from pipeserve.cli import _human
+    from pipeserve.v1 import pipeserve_pb2 as pb
+
+    admin, _ = _stubs(args.coordinator)
+    try:
+        if args.action == "load":
+            req = pb.LoadModelRequest(
+                name=args.name or "",
+                checkpoint=args.target,
+                policy=_policy_proto(args),
+                dtype=args.dtype,
+                device=args.device or "",
+            )
+            last = None
+            tty = sys.stdout.isatty()
+            for p in admin.LoadModel(req):
+                last = p
+                lines = [
+                    f"stage {s.stage} {s.worker_id:>4} {_bar(s.bytes_loaded, s.bytes_total)} "
+                    f"{_human(s.bytes_loaded):>10} / {_human(s.bytes_total):<10} {s.state}"
+                    for s in p.stages
+                ]
+                if tty:
+                    print("\n".join(lines) + f"\x1b[{len(lines)}A\r", end="", flush=True)
+                elif p.done:
+                    print("\n".join(lines))
+            if tty and last is not None:
+                print("\n" * len(last.stages), end="")
+            if last is not None:
+                print(f"model {last.model}: {pb.ModelState.Name(last.state)}")
+        elif args.action == "unload":
+            admin.UnloadModel(pb.UnloadModelRequest(name=args.target))
+            print(f"unloaded {args.target}")
+        elif args.action == "plan":
+            r = admin.PlanModel(
+                pb.PlanModelRequest(
+                    checkpoint=args.target, policy=_policy_proto(args), dtype=args.dtype
+                )
+            )
+            if args.json:
+                print(r.plan_json)
+            else:
+                print(f"{'stage':>5}  {'bytes':>12}  {'compute':>7}  units")
+                for s in r.stages:
+                    u = list(s.units)
+                    shown = u if len(u) <= 4 else [*u[:2], "...", u[-1]]
+                    print(
+                        f"{s.stage:>5}  {_human(s.bytes):>12}  {s.compute_fraction:>7.1%}  "
+                        f"{', '.join(shown)} ({len(u)})"
+                    )
+        elif args.action == "status":
+            r = admin.ClusterStatus(pb.ClusterStatusRequest())
+            if args.json:
+                from google.protobuf.json_format import MessageToDict
+
+                print(json.dumps(MessageToDict(r)))
+                return 0
+            print(
+                f"{'worker':<6} {'address':<22} {'device':<7} {'state':<9} {'model':<16} "
+                f"{'stage':>5} {'kv seqs':>7} {'kv bytes':>10} {'heartbeat':>9}"
+            )
+            for w in r.workers:
+                print(
+                    f"{w.id:<6} {w.address:<22} {w.device:<7} {w.state:<9} {w.model or '-':<16} "
+                    f"{w.stage if w.model else '-':>5} {w.kv_sequences:>7} "
+                    f"{_human(w.kv_bytes):>10} {w.seconds_since_heartbeat:>8.1f}s"
+                )
+            print()
+            print(f"{'model':<16} {'state':<8} {'stages':>6} {'epoch':>5}  checkpoint")
+            for m in r.models:
+                state = pb.ModelState.Name(m.state).removeprefix("MODEL_STATE_")
+                print(f"{m.name:<16} {state:<8} {m.num_stages:>6} {m.epoch:>5}  {m.checkpoint}")
+        elif args.action == "drain":
+            admin.DrainWorker(pb.DrainWorkerRequest(worker_id=args.target))
+            print(f"draining {args.target}")
+    except grpc.RpcError as e:
+        return _rpc_error(e)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from pipeserve.v1 import pipeserve_pb2 as pb
+
+    _, inference = _stubs(args.coordinator)
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise SystemExit("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    req = pb.GenerateRequest(model=args.model, max_new_tokens=args.max_new_tokens)
+    if args.prompt is not None:
+        req.text = args.prompt
+    else:
+        req.token_ids.ids.extend(int(x) for x in args.prompt_ids.split(",") if x.strip())
+    s = req.sampling
+    s.temperature, s.top_k, s.top_p = args.temperature, args.top_k, args.top_p
+    s.repetition_penalty = args.repetition_penalty
+    if args.seed is not None:
+        s.seed = args.seed
+    ids: list[int] = []
+    text = ""
+    t0 = time.perf_counter()
+    try:
+        for r in inference.Generate(req, timeout=args.timeout):
+            ids += list(r.token_ids)
+            text += r.text
+            if not args.json:
+                print(
+                    r.text if r.text else " ".join(map(str, r.token_ids)) + " ", end="", flush=True
+                )
+            if r.finish_reason:
+                finish, usage = pb.FinishReason.Name(r.finish_reason), r.usage
+    except grpc.RpcError as e:
+        if not args.json:
+            print()
+        return _rpc_error(e)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "token_ids": ids,
+                    "text": text,
+                    "finish_reason": finish.removeprefix("FINISH_REASON_").lower(),
+                    "usage": {
+                        "prompt_tokens": usage.prompt_tokens,
+                        "completion_tokens": usage.completion_tokens,
+                    },
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+        )
+    else:
+        print()
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser("coordinator", help="run the coordinator (gRPC)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--store-port", type=int, default=0, help="data-plane rendezvous port")
+    p.add_argument("--advertise-host", help="host workers use to reach the rendezvous store")
+    p.set_defaults(func=cmd_coordinator)
+
+    p = sub.add_parser("worker", help="run a stage worker (gRPC)")
+    p.add_argument("--coordinator", required=True, metavar="HOST:PORT")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--advertise-host", help="host the coordinator uses to reach this worker")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("admin", help="load/unload/plan models, cluster status, drain")
+    p.add_argument("action", choices=["load", "unload", "plan", "status", "drain"])
+    p.add_argument("target", nargs="?", default="", help="checkpoint, model or worker id")
+    p.add_argument("--coordinator", default="127.0.0.1:50051", metavar="HOST:PORT")
+    p.add_argument("--name", help="model name (load; default: the directory name)")
+    p.add_argument("--equal-size", type=int, metavar="N")
+    p.add_argument("--threshold", metavar="SIZE")
+    p.add_argument("--split-at", metavar="A,B")
+    p.add_argument("--balanced", type=int, metavar="N")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", help="cpu or cuda (default: each worker's own)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_admin)
+
+    p = sub.add_parser("generate", help="generate through the coordinator (client)")
+    p.add_argument("--coordinator", default="127.0.0.1:50051", metavar="HOST:PORT")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt")
+    p.add_argument("--prompt-ids", metavar="1,2,3")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--timeout", type=float, help="deadline in seconds")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_generate)

@@ -1,0 +1,134 @@
+"""gRPC plumbing shared by the coordinator and the stage workers: server set-up with health
+and reflection, message-size limits, and how errors become status codes."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection_pb2 as _rpb2
+
+from pipeline_core import (
+    GenerationFailed,
+    PlanError,
+    RequestError,
+    ResourceExhausted,
+    SamplingParams,
+)
+
+__all__ = [
+    "CHANNEL_OPTIONS",
+    "MAX_MESSAGE_BYTES",
+    "Health",
+    "abort_for",
+    "channel",
+    "make_server",
+    "remaining",
+    "sampling_from_proto",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""Largest gRPC message either way (a Forward tensor must fit; activations never go here)."""
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Health:
+    """``grpc.health.v1`` with one status per service name ("" is the whole server)."""
+
+    def __init__(self, server: grpc.Server) -> None:
+        self.servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+
+    def set(self, service: str, serving: bool) -> None:
+        self.servicer.set(service, SERVING if serving else NOT_SERVING)
+
+
+def make_server(
+    bind: str, service_names: Iterable[str], workers: int = 64
+) -> tuple[grpc.Server, int, Health]:
+    """A server bound to ``bind`` (``host:port``; port 0 picks one) with health and reflection
+    (v1alpha, and v1 under its own name) registered.  Add servicers, then ``start()``."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+        options=CHANNEL_OPTIONS,
+    )
+    port = server.add_insecure_port(bind)
+    if port == 0:
+        raise OSError(f"cannot listen on {bind}")
+    health_ = Health(server)
+    names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    names.append("grpc.reflection.v1.ServerReflection")
+    reflection.enable_server_reflection(names, server)
+    _enable_reflection_v1(server, names)
+    return server, port, health_
+
+
+def _enable_reflection_v1(server: grpc.Server, names: list[str]) -> None:
+    """``grpc.reflection.v1`` has the same messages as v1alpha under another package name."""
+    servicer = reflection.ReflectionServicer(names)
+    handler = grpc.method_handlers_generic_handler(
+        "grpc.reflection.v1.ServerReflection",
+        {
+            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                servicer.ServerReflectionInfo,
+                request_deserializer=_rpb2.ServerReflectionRequest.FromString,
+                response_serializer=_rpb2.ServerReflectionResponse.SerializeToString,
+            )
+        },
+    )
+    server.add_generic_rpc_handlers((handler,))
+
+
+def remaining(context: grpc.ServicerContext) -> float | None:
+    """Seconds left before the caller's deadline; None when it set none."""
+    t = context.time_remaining()
+    return t if t is not None and math.isfinite(t) and t < 1e9 else None
+
+
+def channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def abort_for(context: grpc.ServicerContext, e: BaseException) -> None:
+    """End the call with the status code that fits ``e`` (raises)."""
+    if isinstance(e, grpc.RpcError) and hasattr(e, "code"):
+        context.abort(e.code(), e.details() or str(e))
+    if isinstance(e, RequestError | ValueError | TypeError):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    if isinstance(e, ResourceExhausted):
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+    if isinstance(e, PlanError | FileNotFoundError):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    if isinstance(e, GenerationFailed):
+        context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+    log.exception("internal error")
+    context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+
+def sampling_from_proto(req: Any) -> SamplingParams:
+    """``SamplingParams`` from a ``pipeserve.v1.GenerateRequest`` (proto defaults -> ours)."""
+    s = req.sampling
+    return SamplingParams(
+        max_new_tokens=req.max_new_tokens or 32,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p or 1.0,
+        repetition_penalty=s.repetition_penalty or 1.0,
+        seed=s.seed if s.HasField("seed") else None,
+        stop_token_ids=tuple(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+        timeout_s=req.timeout_s or None,
+    )
