@@ -29,6 +29,58 @@ __all__ = ["KServeServicer"]
 VERSION = "0.1.0"
 
 
+KSERVE_DTYPES = {
+    "FP32": "float32",
+    "FP64": "float64",
+    "FP16": "float16",
+    "BF16": "bfloat16",
+    "INT64": "int64",
+    "INT32": "int32",
+    "INT16": "int16",
+    "INT8": "int8",
+    "UINT8": "uint8",
+    "BOOL": "bool",
+}
+TORCH_NAMES = {v: k for k, v in KSERVE_DTYPES.items()}
+_CONTENTS = {
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "INT64": "int64_contents",
+    "INT32": "int_contents",
+    "INT16": "int_contents",
+    "INT8": "int_contents",
+    "UINT8": "uint_contents",
+    "BOOL": "bool_contents",
+}
+
+
+def to_forward(req: kv2.ModelInferRequest) -> pb.ForwardRequest:
+    """A ``pipeserve.v1.ForwardRequest`` from a v2 infer request (raises ValueError)."""
+    out = pb.ForwardRequest(model=req.model_name)
+    for i, t in enumerate(req.inputs):
+        if t.datatype not in KSERVE_DTYPES:
+            raise ValueError(f"input {t.name!r}: datatype {t.datatype} is not supported")
+        dtype = KSERVE_DTYPES[t.datatype]
+        if i < len(req.raw_input_contents):
+            data = req.raw_input_contents[i]
+        else:
+            field = _CONTENTS.get(t.datatype)
+            if field is None:
+                raise ValueError(f"input {t.name!r}: send {t.datatype} as raw_input_contents")
+            values = list(getattr(t.contents, field))
+            data = np.asarray(values, dtype=np.dtype(dtype)).tobytes()
+        out.inputs.add(name=t.name, dtype=dtype, shape=list(t.shape), data=data)
+    return out
+
+
+def from_forward(req: kv2.ModelInferRequest, res: pb.ForwardResponse) -> kv2.ModelInferResponse:
+    r = kv2.ModelInferResponse(model_name=req.model_name, model_version="1", id=req.id)
+    for t in res.outputs:
+        r.outputs.add(name=t.name, datatype=TORCH_NAMES[t.dtype], shape=list(t.shape))
+        r.raw_output_contents.append(t.data)
+    return r
+
+
 def _param(p: kv2.InferParameter) -> Any:
     kind = p.WhichOneof("parameter_choice")
     return getattr(p, kind) if kind else None
@@ -116,6 +168,18 @@ class KServeServicer(kg.GRPCInferenceServiceServicer):
     def ModelMetadata(self, request: kv2.ModelMetadataRequest, context: Any) -> Any:
         m = self.c.model(request.name, context, ready=False)
         T = kv2.ModelMetadataResponse.TensorMetadata
+        if m.mode == "forward":
+            info = m.info()
+            return kv2.ModelMetadataResponse(
+                name=m.name,
+                versions=["1"],
+                platform="pipeserve_forward",
+                inputs=[
+                    T(name=t.name, datatype=TORCH_NAMES.get(t.dtype, t.dtype), shape=t.shape)
+                    for t in info.inputs
+                ],
+                outputs=[T(name="output_0", datatype="FP32", shape=[-1])],
+            )
         return kv2.ModelMetadataResponse(
             name=m.name,
             versions=["1"],
@@ -144,6 +208,17 @@ class KServeServicer(kg.GRPCInferenceServiceServicer):
             call.cancel()
 
     def ModelInfer(self, request: kv2.ModelInferRequest, context: Any) -> Any:
+        with self.c.lock:
+            m = self.c.models.get(request.model_name)
+        if m is not None and m.mode == "forward":
+            try:
+                fwd = to_forward(request)
+            except ValueError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            try:
+                return from_forward(request, self.c.forward(fwd, rpc.remaining(context)))
+            except CallError as e:
+                context.abort(e.code, e.message)
         ids: list[int] = []
         text, has_text = "", False
         try:

@@ -73,18 +73,25 @@ class ModelRecord:
     plan: Plan
     workers: list[str]
     epoch: int
+    mode: str = "generate"
     state: int = pb.MODEL_STATE_LOADING
     error: str = ""
 
     def info(self) -> pb.ModelInfo:
+        inputs = []
+        if self.mode == "forward":
+            for spec in self.plan.inputs:
+                shape = [-1 if d in spec.dynamic else n for d, n in enumerate(spec.shape)]
+                inputs.append(pb.Tensor(name=spec.name, dtype=spec.dtype, shape=shape))
         return pb.ModelInfo(
             name=self.name,
             state=self.state,
             checkpoint=self.checkpoint,
             num_stages=self.plan.num_stages,
-            capabilities=["generate"],
+            capabilities=[self.mode],
             error=self.error,
             epoch=self.epoch,
+            inputs=inputs,
         )
 
 
@@ -165,8 +172,27 @@ class Coordinator:
                 return
             context.abort(e.code(), e.details() or "")
 
+    def forward(self, request: pb.ForwardRequest, timeout: float | None) -> pb.ForwardResponse:
+        """Run a forward-mode model through its last-stage worker (which hosts the driver)."""
+        m = self.find(request.model)
+        if m.mode != "forward":
+            raise CallError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model {m.name!r} was loaded for generation; call Generate, or load it with "
+                "mode 'forward'",
+            )
+        w = self.workers.get(m.workers[-1])
+        if w is None or w.state == "lost":
+            raise CallError(grpc.StatusCode.UNAVAILABLE, f"the last worker of {m.name!r} is gone")
+        try:
+            return w.stub.Forward(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise CallError(e.code(), e.details() or "") from e
+
     def release_all(self, m: ModelRecord) -> None:
-        for wid in m.workers:  # stage 0 first: its STOP ends the other stages' loops
+        # the stage that drives the data plane first: its STOP ends the other stages' loops
+        order = m.workers if m.mode == "generate" else m.workers[::-1]
+        for wid in order:
             w = self.workers.get(wid)
             if w is None:
                 continue
@@ -186,12 +212,10 @@ class InferenceServicer(pbg.InferenceServicer):
         yield from self.c.relay_generate(request, context)
 
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> Any:
-        self.c.model(request.model, context)
-        context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "Forward over the cluster is not available yet; the workers serve generation. "
-            "Run forward-only models with pipeline_core.LocalPipeline",
-        )
+        try:
+            return self.c.forward(request, rpc.remaining(context))
+        except CallError as e:
+            context.abort(e.code, e.message)
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> Any:
         with self.c.lock:
@@ -231,7 +255,14 @@ class AdminServicer(pbg.AdminServicer):
     def __init__(self, c: Coordinator) -> None:
         self.c = c
 
-    def _plan(self, checkpoint: str, policy: pb.SplitPolicy, dtype: str, context: Any) -> Plan:
+    def _plan(
+        self,
+        checkpoint: str,
+        policy: pb.SplitPolicy,
+        dtype: str,
+        context: Any,
+        trace: bool = False,
+    ) -> Plan:
         if not checkpoint or not Path(checkpoint).is_dir():
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -242,7 +273,7 @@ class AdminServicer(pbg.AdminServicer):
                 ModelSource(checkpoint=checkpoint),
                 policy_from_proto(policy),
                 dtype=dtype or "float32",
-                trace=False,
+                trace=trace,
             )
         except Exception as e:
             rpc.abort_for(context, e)
@@ -270,7 +301,14 @@ class AdminServicer(pbg.AdminServicer):
                     grpc.StatusCode.ALREADY_EXISTS,
                     f"model {name!r} is already loaded; unload it first",
                 )
-        plan = self._plan(request.checkpoint, request.policy, request.dtype, context)
+        mode = request.mode or _default_mode(request.checkpoint)
+        if mode not in ("generate", "forward"):
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"mode must be generate or forward, not {mode!r}"
+            )
+        plan = self._plan(
+            request.checkpoint, request.policy, request.dtype, context, trace=mode == "forward"
+        )
         with c.lock:
             idle = [w for w in c.workers.values() if w.state == "idle" and not w.model]
             if len(idle) < plan.num_stages:
@@ -280,7 +318,9 @@ class AdminServicer(pbg.AdminServicer):
                     "are registered; start more `pipeserve worker` processes",
                 )
             chosen = sorted(idle, key=lambda w: int(w.id[1:]))[: plan.num_stages]
-            m = ModelRecord(name, request.checkpoint, plan, [w.id for w in chosen], next(c._epochs))
+            m = ModelRecord(
+                name, request.checkpoint, plan, [w.id for w in chosen], next(c._epochs), mode
+            )
             c.models[name] = m
             for w in chosen:
                 w.model = name
@@ -297,6 +337,7 @@ class AdminServicer(pbg.AdminServicer):
                         rendezvous=c.store_address,
                         epoch=m.epoch,
                         device=request.device,
+                        mode=mode,
                     ),
                     timeout=30,
                 )
@@ -382,6 +423,17 @@ class AdminServicer(pbg.AdminServicer):
             assert w is not None
             w.draining = True
         return pb.DrainWorkerResponse()
+
+
+def _default_mode(checkpoint: str) -> str:
+    """``generate`` for Hugging Face models that can generate, else ``forward``."""
+    try:
+        from pipeline_core.source import _hf_model_class, hf_config
+
+        cls = _hf_model_class(hf_config(checkpoint))
+        return "generate" if getattr(cls, "can_generate", lambda: False)() else "forward"
+    except Exception:  # not an HF checkpoint (or unreadable): the planner reports it
+        return "forward"
 
 
 def serve(

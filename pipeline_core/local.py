@@ -29,7 +29,7 @@ from .runtime import DRIVER, Driver, Mesh, RankMap, gloo_group, nccl_group, serv
 from .stage import Stage, build_stage, trace_plan
 from .transport import Channel
 
-__all__ = ["LocalPipeline", "memory_probe"]
+__all__ = ["LocalPipeline", "make_mesh", "memory_probe"]
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +95,16 @@ def _stage_main(
     except Exception as e:  # report any failure to the driver, which raises it
         store.set(f"error/{index}", f"{type(e).__name__}: {e}")
         return
-    mesh = _mesh(store, ranks, index, device, timeout_s)
+    mesh = make_mesh(store, ranks, index, device, timeout_s)
     times = serve_stage(stage, mesh)
     store.set(f"times/{index}", json.dumps(vars(times)))
 
 
-def _mesh(store: dist.Store, ranks: RankMap, node: int, device: str, timeout_s: float) -> Mesh:
+def make_mesh(
+    store: dist.Store, ranks: RankMap, node: int, device: str, timeout_s: float
+) -> Mesh:
+    """Node ``node``'s (DRIVER or a stage) side of the data plane: the gloo edge group and,
+    on CUDA, the NCCL stage group."""
     edge_rank = ranks.rank(node)
     edge = Channel(
         gloo_group(dist.PrefixStore("edge", store), edge_rank, ranks.world_size, timeout_s)
@@ -187,7 +191,7 @@ class LocalPipeline:
                 local_info = {n - 1: probe.report(stats)}
             remote = self._wait_ready(timeout_s)
             self.stage_info = [local_info.get(k) or remote[k] for k in range(n)]
-            mesh = _mesh(self.store, ranks, DRIVER, devices[-1], timeout_s)
+            mesh = make_mesh(self.store, ranks, DRIVER, devices[-1], timeout_s)
         except BaseException:
             self._kill()
             raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -183,18 +184,64 @@ def cmd_run(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
     )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _run_torchrun(args, plan, ids, params, tok)
     with LocalGenerator(plan, threads_per_stage=args.threads) as gen:
         try:
             handle = gen.submit(ids, params)
         except RequestError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        if not args.json:
-            for t in handle:
-                piece = tok.decode([t]) if tok is not None else f"{t} "
-                print(piece, end="", flush=True)
-            print()
-        res = handle.result()
+        return _print_generation(args, ids, handle, tok)
+
+
+def _run_torchrun(args, plan, ids, params, tok) -> int:  # type: ignore[no-untyped-def]
+    """``torchrun --nproc_per_node N pipeserve run ...``: rank k is stage k (PiPPy's way);
+    rank 0 schedules and prints, the ring's rendezvous is torchrun's store."""
+    import torch
+    import torch.distributed as dist
+
+    from pipeline_core import GenStage, ModelSource, Policy, RequestError, make_plan
+    from pipeline_core.engine import GenerationEngine, serve_generation
+    from pipeline_core.ring import Ring
+
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    if plan.num_stages != world:
+        plan = make_plan(
+            ModelSource(checkpoint=args.model_dir),
+            Policy.equal_size(world),
+            dtype=args.dtype,
+            trace=False,
+        )
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo")
+    store = dist.PrefixStore("pipeserve-run", dist.distributed_c10d._get_default_store())
+    stage = GenStage(plan, rank)
+    ring = Ring(store, rank, world)
+    if rank != 0:
+        serve_generation(stage, ring)
+        dist.destroy_process_group()
+        return 0
+    engine = GenerationEngine(stage, ring)
+    try:
+        try:
+            handle = engine.submit(ids, params)
+        except RequestError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return _print_generation(args, ids, handle, tok)
+    finally:
+        engine.close()
+        dist.destroy_process_group()
+
+
+def _print_generation(args, ids, handle, tok) -> int:  # type: ignore[no-untyped-def]
+    if not args.json:
+        for t in handle:
+            piece = tok.decode([t]) if tok is not None else f"{t} "
+            print(piece, end="", flush=True)
+        print()
+    res = handle.result()
     if args.json:
         out = {
             "prompt_ids": ids,

@@ -80,6 +80,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
                 policy=_policy_proto(args),
                 dtype=args.dtype,
                 device=args.device or "",
+                mode=args.mode or "",
             )
             last = None
             tty = sys.stdout.isatty()
@@ -232,6 +233,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--balanced", type=int, metavar="N")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", help="cpu or cuda (default: each worker's own)")
+    p.add_argument(
+        "--mode", choices=["generate", "forward"], help="default: generate if the model can"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_admin)
 

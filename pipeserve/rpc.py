@@ -11,6 +11,7 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_reflection.v1alpha import reflection_pb2 as _rpb2
@@ -33,6 +34,9 @@ __all__ = [
     "make_server",
     "remaining",
     "sampling_from_proto",
+    "tensor_from_bytes",
+    "tensor_from_proto",
+    "tensor_to_proto",
 ]
 
 log = logging.getLogger(__name__)
@@ -92,8 +96,13 @@ class ByteCounter(grpc.ServerInterceptor):
         return handler._replace(request_deserializer=deserialize, response_serializer=serialize)
 
 
+SERVER_THREADS = 2048
+"""Threads per server: a streaming call holds one for its whole life, so this bounds the
+concurrent streams a server holds (idle threads cost only address space)."""
+
+
 def make_server(
-    bind: str, service_names: Iterable[str], workers: int = 64
+    bind: str, service_names: Iterable[str], workers: int = SERVER_THREADS
 ) -> tuple[grpc.Server, int, Health, ByteCounter]:
     """A server bound to ``bind`` (``host:port``; port 0 picks one) with health and reflection
     (v1alpha, and v1 under its own name) registered.  Add servicers, then ``start()``."""
@@ -170,3 +179,48 @@ def sampling_from_proto(req: Any) -> SamplingParams:
         ignore_eos=s.ignore_eos,
         timeout_s=req.timeout_s or None,
     )
+
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def tensor_from_proto(t: Any) -> torch.Tensor:
+    """A ``pipeserve.v1.Tensor`` as a torch tensor (raises ValueError on a mismatch)."""
+    return tensor_from_bytes(t.data, t.dtype, list(t.shape), t.name)
+
+
+def tensor_from_bytes(data: bytes, dtype: str, shape: list[int], name: str = "") -> torch.Tensor:
+    if dtype not in _DTYPES:
+        raise ValueError(f"input {name!r}: unknown dtype {dtype!r}; use one of {list(_DTYPES)}")
+    dt = _DTYPES[dtype]
+    n = math.prod(shape) if shape else 1
+    if len(data) != n * dt.itemsize:
+        raise ValueError(
+            f"input {name!r}: {len(data)} bytes do not fit shape {shape} of {dtype} "
+            f"({n * dt.itemsize} bytes)"
+        )
+    if n == 0:
+        return torch.empty(shape, dtype=dt)
+    return torch.frombuffer(bytearray(data), dtype=dt).reshape(shape)
+
+
+def tensor_to_proto(name: str, t: torch.Tensor) -> Any:
+    from pipeserve.v1 import pipeserve_pb2 as pb
+
+    t = t.detach().cpu().contiguous()
+    if t.dtype not in _NAMES:
+        raise ValueError(f"output {name!r} has dtype {t.dtype}, which cannot be sent")
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return pb.Tensor(name=name, dtype=_NAMES[t.dtype], shape=list(t.shape), data=data)

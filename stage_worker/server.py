@@ -23,9 +23,12 @@ import torch.distributed as dist
 
 from pipeline_core import GenStage, ReadStats
 from pipeline_core.engine import EngineLimits, GenerationEngine, serve_generation
+from pipeline_core.local import make_mesh
 from pipeline_core.plan import Plan
 from pipeline_core.ring import Ring
+from pipeline_core.runtime import DRIVER, Driver, RankMap, serve_stage
 from pipeline_core.source import hf_tokenizer
+from pipeline_core.stage import build_stage
 from pipeserve import rpc
 from pipeserve.v1 import pipeserve_pb2 as pb
 from pipeserve.v1 import pipeserve_pb2_grpc as pbg
@@ -35,6 +38,7 @@ __all__ = ["Worker", "serve"]
 log = logging.getLogger(__name__)
 
 SERVICE = "pipeserve.v1.StageWorker"
+TIMEOUT_S = 300.0
 FINISH = {
     "stop": pb.FINISH_REASON_STOP,
     "length": pb.FINISH_REASON_LENGTH,
@@ -58,41 +62,82 @@ class _Job:
         self.bytes_total = self.plan.stages[req.stage].nbytes
         self.state = "loading"
         self.error = ""
-        self.stage: GenStage | None = None
+        self.stage: Any = None  # GenStage (generate) or Stage (forward)
         self.engine: GenerationEngine | None = None
+        self.driver: Driver | None = None
+        self.forward_lock = threading.Lock()
         self.tokenizer: Any = None
         self.thread = threading.Thread(target=self._run, name="stage-job", daemon=True)
         self.done = threading.Event()
 
+    def _store(self) -> dist.Store:
+        host, port = self.req.rendezvous.rsplit(":", 1)
+        timeout = datetime.timedelta(seconds=TIMEOUT_S)
+        store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
+        return dist.PrefixStore(f"{self.req.model}/{self.req.epoch}", store)
+
     def _run(self) -> None:
-        req = self.req
         try:
-            self.stage = GenStage(self.plan, req.stage, self.device, stats=self.stats)
-            self.state = "joining"
-            host, port = req.rendezvous.rsplit(":", 1)
-            store = dist.TCPStore(
-                host, int(port), is_master=False, timeout=datetime.timedelta(seconds=300)
-            )
-            scoped = dist.PrefixStore(f"{req.model}/{req.epoch}", store)
-            ring = Ring(scoped, req.stage, req.world_size, self.device)
-            if req.stage == 0:
-                ring_ = ring if req.world_size > 1 else None
-                self.engine = GenerationEngine(self.stage, ring_, self.limits)
-                self.tokenizer = hf_tokenizer(self.plan.source.checkpoint)
-                self.state = "ready"
-                self.on_ready()
+            if self.req.mode == "forward":
+                self._run_forward()
             else:
-                self.state = "ready"
-                self.on_ready()
-                serve_generation(self.stage, ring)  # until stage 0 sends STOP
-        except Exception as e:
+                self._run_generate()
+        except Exception as e:  # reported through Status and health
             log.exception("stage job failed")
             self.state, self.error = "failed", f"{type(e).__name__}: {e}"
         finally:
             self.done.set()
 
+    def _run_forward(self) -> None:
+        """Traced stage of any model; the last stage hosts the driver (fill-drain)."""
+        req, n = self.req, self.req.world_size
+        self.stage = build_stage(self.plan, req.stage, self.device, stats=self.stats)
+        self.state = "joining"
+        ranks = RankMap(n, driver_hosts_last=True)
+        if req.stage == n - 1:
+            mesh = make_mesh(self._store(), ranks, DRIVER, self.device, TIMEOUT_S)
+            self.driver = Driver(mesh, self.stage.args, self.stage.outputs, hosted=self.stage)
+            self.state = "ready"
+            self.on_ready()
+        else:
+            mesh = make_mesh(self._store(), ranks, req.stage, self.device, TIMEOUT_S)
+            self.state = "ready"
+            self.on_ready()
+            serve_stage(self.stage, mesh)  # until the driver sends STOP
+
+    def forward(self, inputs: dict[str, torch.Tensor], chunks: int) -> Any:
+        assert self.driver is not None
+        names = [s.name for s in self.plan.inputs]
+        unknown = sorted(set(inputs) - set(names))
+        missing = [n for n in self.driver.input_names if n not in inputs]
+        if unknown or missing:
+            raise ValueError(f"inputs {unknown or missing} do not match the model's {names}")
+        for spec in self.plan.inputs:
+            if spec.name in inputs:
+                spec.check(inputs[spec.name])
+        with self.forward_lock:  # one fill-drain pass at a time
+            return self.driver.run(inputs, chunks or self.req.world_size)
+
+    def _run_generate(self) -> None:
+        req = self.req
+        self.stage = GenStage(self.plan, req.stage, self.device, stats=self.stats)
+        self.state = "joining"
+        ring = Ring(self._store(), req.stage, req.world_size, self.device)
+        if req.stage == 0:
+            ring_ = ring if req.world_size > 1 else None
+            self.engine = GenerationEngine(self.stage, ring_, self.limits)
+            self.tokenizer = hf_tokenizer(self.plan.source.checkpoint)
+            self.state = "ready"
+            self.on_ready()
+        else:
+            self.state = "ready"
+            self.on_ready()
+            serve_generation(self.stage, ring)  # until stage 0 sends STOP
+
     def status(self) -> dict[str, Any]:
-        kv = self.stage.cache_stats() if self.stage is not None and self.state == "ready" else {}
+        kv = {}
+        if isinstance(self.stage, GenStage) and self.state == "ready":
+            kv = self.stage.cache_stats()
         return {
             "state": self.state,
             "model": self.req.model,
@@ -108,9 +153,10 @@ class _Job:
     def release(self) -> None:
         if self.engine is not None:
             self.engine.close()  # STOP goes round the ring; other stages' loops end
-        self.done.wait(timeout=30 if self.req.stage else 0)
-        self.stage = None
-        self.engine = None
+        if self.driver is not None:
+            self.driver.stop()  # the forward stages' loops end
+        self.done.wait(timeout=30)
+        self.stage = self.engine = self.driver = None
 
 
 class Worker(pbg.StageWorkerServicer):
@@ -171,12 +217,15 @@ class Worker(pbg.StageWorkerServicer):
             job.release()
         return pb.ReleaseResponse()
 
+    def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> Any:
+        return _forward(self, request, context)
+
     def Generate(
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GenerateResponse]:
         job = self.job
         if job is None or job.engine is None or job.state != "ready":
-            context.abort(
+            context.abort(  # forward-mode models have no scheduler
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "this worker is not a ready stage 0; ask the coordinator, which routes requests",
             )
@@ -218,6 +267,27 @@ class Worker(pbg.StageWorkerServicer):
                 prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens
             ),
         )
+
+
+def _forward(worker: Worker, request: pb.ForwardRequest, context: grpc.ServicerContext) -> Any:
+    job = worker.job
+    if job is None or job.driver is None or job.state != "ready":
+        context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "this worker is not the ready last stage of a forward model; ask the coordinator",
+        )
+    assert job is not None
+    try:
+        inputs = {t.name: rpc.tensor_from_proto(t) for t in request.inputs}
+        out = job.forward(inputs, request.chunks)
+    except (ValueError, TypeError) as e:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except RuntimeError as e:  # a stage's forward raised on this input: it failed alone
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the model rejected the input: {e}")
+    outs = out if isinstance(out, tuple | list) else [out]
+    return pb.ForwardResponse(
+        outputs=[rpc.tensor_to_proto(f"output_{i}", t) for i, t in enumerate(outs)]
+    )
 
 
 def _memory_bytes(device: str) -> int:
@@ -272,5 +342,7 @@ def serve(
                 continue
         except grpc.RpcError as e:
             log.warning("coordinator %s unreachable: %s", coordinator, e.code())
+        except Exception:  # a bug in reporting must not take the worker down
+            log.exception("heartbeat failed")
         stop.wait(interval)
     server.stop(grace=2)

@@ -382,3 +382,76 @@ def test_grpc_carries_no_activations(cluster):
     # 64 hidden states of 256 floats would be 64 KiB per stage boundary alone
     assert small < 16_384 and wide_bytes < 16_384, (small, wide_bytes)
     assert abs(wide_bytes - small) < 2_048, (small, wide_bytes)
+
+
+def test_forward_any_model_over_the_cluster(cluster):
+    """A CNN (no generation) served with Forward: pipelined output equals one process."""
+    from .models import hf_model
+
+    cluster.admin.UnloadModel(pb.UnloadModelRequest(name="small"), timeout=120)
+    try:
+        cnn = hf_model("resnet")
+        save_hf(cnn, cluster.ckpt / "resnet")
+        progress = list(
+            cluster.admin.LoadModel(
+                pb.LoadModelRequest(
+                    name="cnn",
+                    checkpoint=str(cluster.ckpt / "resnet"),
+                    policy=pb.SplitPolicy(equal_size=3),
+                ),
+                timeout=300,
+            )
+        )
+        assert progress[-1].state == pb.MODEL_STATE_READY
+        (info,) = cluster.inference.ListModels(pb.ListModelsRequest()).models
+        assert list(info.capabilities) == ["forward"] and info.inputs[0].name == "pixel_values"
+        x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref = cnn(pixel_values=x).logits
+        req = pb.ForwardRequest(
+            model="cnn",
+            chunks=2,
+            inputs=[
+                pb.Tensor(
+                    name="pixel_values",
+                    dtype="float32",
+                    shape=list(x.shape),
+                    data=x.numpy().tobytes(),
+                )
+            ],
+        )
+        (out,) = cluster.inference.Forward(req, timeout=120).outputs
+        got = torch.frombuffer(bytearray(out.data), dtype=torch.float32).reshape(list(out.shape))
+        assert got.shape == ref.shape and (got - ref).abs().max() <= 1e-5
+
+        import tritonclient.grpc as tc
+
+        client = tc.InferenceServerClient(cluster.address)
+        inp = tc.InferInput("pixel_values", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x.numpy())
+        res = client.infer("cnn", [inp])
+        assert np.abs(res.as_numpy("output_0") - ref.numpy()).max() <= 1e-5
+
+        bad = pb.ForwardRequest(
+            model="cnn",
+            inputs=[
+                pb.Tensor(name="pixel_values", dtype="float32", shape=[1, 3, 32], data=b"\0" * 384)
+            ],
+        )
+        assert _code(lambda: cluster.inference.Forward(bad, timeout=60))[0] == (
+            grpc.StatusCode.INVALID_ARGUMENT
+        )
+        (out2,) = cluster.inference.Forward(req, timeout=120).outputs  # still serving
+        assert out2.data == out.data
+        cluster.admin.UnloadModel(pb.UnloadModelRequest(name="cnn"), timeout=120)
+    finally:
+        list(
+            cluster.admin.LoadModel(
+                pb.LoadModelRequest(
+                    name="small",
+                    checkpoint=str(cluster.ckpt / "small"),
+                    policy=pb.SplitPolicy(equal_size=3),
+                ),
+                timeout=300,
+            )
+        )

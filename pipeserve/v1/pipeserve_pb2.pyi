@@ -107,12 +107,14 @@ class Tensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("model", "inputs")
+    __slots__ = ("model", "inputs", "chunks")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
     model: str
     inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
-    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+    chunks: int
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., chunks: _Optional[int] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("outputs",)
@@ -125,7 +127,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "state", "checkpoint", "num_stages", "capabilities", "error", "epoch")
+    __slots__ = ("name", "state", "checkpoint", "num_stages", "capabilities", "error", "epoch", "inputs")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +135,7 @@ class ModelInfo(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: ModelState
     checkpoint: str
@@ -140,7 +143,8 @@ class ModelInfo(_message.Message):
     capabilities: _containers.RepeatedScalarFieldContainer[str]
     error: str
     epoch: int
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., checkpoint: _Optional[str] = ..., num_stages: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+    inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., checkpoint: _Optional[str] = ..., num_stages: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., epoch: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -167,18 +171,20 @@ class SplitPolicy(_message.Message):
     def __init__(self, equal_size: _Optional[int] = ..., threshold_bytes: _Optional[int] = ..., manual: _Optional[_Union[ManualSplit, _Mapping]] = ..., balanced: _Optional[int] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
-    __slots__ = ("name", "checkpoint", "policy", "dtype", "device")
+    __slots__ = ("name", "checkpoint", "policy", "dtype", "device", "mode")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     name: str
     checkpoint: str
     policy: SplitPolicy
     dtype: str
     device: str
-    def __init__(self, name: _Optional[str] = ..., checkpoint: _Optional[str] = ..., policy: _Optional[_Union[SplitPolicy, _Mapping]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    mode: str
+    def __init__(self, name: _Optional[str] = ..., checkpoint: _Optional[str] = ..., policy: _Optional[_Union[SplitPolicy, _Mapping]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class StageProgress(_message.Message):
     __slots__ = ("stage", "worker_id", "bytes_loaded", "bytes_total", "state", "error")
@@ -329,7 +335,7 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, known: _Optional[bool] = ...) -> None: ...
 
 class AssignRequest(_message.Message):
-    __slots__ = ("model", "plan_json", "stage", "world_size", "rendezvous", "epoch", "device")
+    __slots__ = ("model", "plan_json", "stage", "world_size", "rendezvous", "epoch", "device", "mode")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PLAN_JSON_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -337,6 +343,7 @@ class AssignRequest(_message.Message):
     RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     model: str
     plan_json: str
     stage: int
@@ -344,7 +351,8 @@ class AssignRequest(_message.Message):
     rendezvous: str
     epoch: int
     device: str
-    def __init__(self, model: _Optional[str] = ..., plan_json: _Optional[str] = ..., stage: _Optional[int] = ..., world_size: _Optional[int] = ..., rendezvous: _Optional[str] = ..., epoch: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    mode: str
+    def __init__(self, model: _Optional[str] = ..., plan_json: _Optional[str] = ..., stage: _Optional[int] = ..., world_size: _Optional[int] = ..., rendezvous: _Optional[str] = ..., epoch: _Optional[int] = ..., device: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class AssignResponse(_message.Message):
     __slots__ = ()

@@ -603,6 +603,11 @@ class StageWorkerStub:
                 request_serializer=pipeserve_dot_v1_dot_pipeserve__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=pipeserve_dot_v1_dot_pipeserve__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Forward = channel.unary_unary(
+                '/pipeserve.v1.StageWorker/Forward',
+                request_serializer=pipeserve_dot_v1_dot_pipeserve__pb2.ForwardRequest.SerializeToString,
+                response_deserializer=pipeserve_dot_v1_dot_pipeserve__pb2.ForwardResponse.FromString,
+                _registered_method=True)
 
 
 class StageWorkerServicer:
@@ -636,6 +641,15 @@ class StageWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Forward(self, request, context):
+        """Last stage only (it hosts the driver of a forward-mode model): one pipelined forward.
+        Inputs and outputs are the request's tensors; activations between stages still go over
+        torch.distributed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -658,6 +672,11 @@ def add_StageWorkerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=pipeserve_dot_v1_dot_pipeserve__pb2.GenerateRequest.FromString,
                     response_serializer=pipeserve_dot_v1_dot_pipeserve__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Forward': grpc.unary_unary_rpc_method_handler(
+                    servicer.Forward,
+                    request_deserializer=pipeserve_dot_v1_dot_pipeserve__pb2.ForwardRequest.FromString,
+                    response_serializer=pipeserve_dot_v1_dot_pipeserve__pb2.ForwardResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -769,6 +788,33 @@ class StageWorker:
             '/pipeserve.v1.StageWorker/Generate',
             pipeserve_dot_v1_dot_pipeserve__pb2.GenerateRequest.SerializeToString,
             pipeserve_dot_v1_dot_pipeserve__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pipeserve.v1.StageWorker/Forward',
+            pipeserve_dot_v1_dot_pipeserve__pb2.ForwardRequest.SerializeToString,
+            pipeserve_dot_v1_dot_pipeserve__pb2.ForwardResponse.FromString,
             options,
             channel_credentials,
             insecure,
