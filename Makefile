@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) -m bench.bench_core
 	$(PY) -m bench.bench_balance
 	$(PY) -m bench.bench_generate
+	$(PY) -m bench.bench_grpc
 
 clean:
 	rm -rf $(VENV) .pipeserve-cache

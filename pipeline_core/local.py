@@ -100,9 +100,7 @@ def _stage_main(
     store.set(f"times/{index}", json.dumps(vars(times)))
 
 
-def make_mesh(
-    store: dist.Store, ranks: RankMap, node: int, device: str, timeout_s: float
-) -> Mesh:
+def make_mesh(store: dist.Store, ranks: RankMap, node: int, device: str, timeout_s: float) -> Mesh:
     """Node ``node``'s (DRIVER or a stage) side of the data plane: the gloo edge group and,
     on CUDA, the NCCL stage group."""
     edge_rank = ranks.rank(node)

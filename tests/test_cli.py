@@ -106,3 +106,41 @@ def test_local_cluster_self_check(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "same tokens as single-process transformers generate" in r.stdout
     assert "pipeserve generate --coordinator" in r.stdout and "grpcurl" in r.stdout
+
+
+@pytest.mark.slow
+def test_run_under_torchrun(tmp_path):
+    """PiPPy users' workflow: torchrun --nproc_per_node 2 pipeserve run (rank k = stage k)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .models import lm_model
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    model = lm_model("llama")
+    ckpt = save_hf(model, tmp_path / "llama")
+    r = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "pipeserve",
+            "run",
+            str(ckpt),
+            "--prompt-ids",
+            "3,4,5",
+            "--max-new-tokens",
+            "12",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][-1])
+    assert out["token_ids"] == _greedy(model, [3, 4, 5], 12)[: len(out["token_ids"])]
+    assert len(out["token_ids"]) == 12 or out["finish_reason"] == "stop"

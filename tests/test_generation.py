@@ -278,3 +278,18 @@ def test_groups_merge_mid_generation(family, tmp_path):
     for p, r in zip(a_prompts + b_prompts, rows, strict=True):
         assert r[:20] == alone[tuple(p)], p
     assert all(st.cache_stats()["sequences"] == 3 for st in stages)
+
+
+def test_queue_full_is_refused(tmp_path):
+    _, plan = _plan(tmp_path, "gpt2", 1)
+    engine = GenerationEngine(GenStage(plan, 0), None, EngineLimits(max_sequences=1, max_queue=1))
+    try:
+        running = engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=100, ignore_eos=True))
+        next(iter(running))  # admitted: it holds the only sequence slot
+        waiting = engine.submit(PROMPTS[1], SamplingParams(max_new_tokens=4, ignore_eos=True))
+        with pytest.raises(ResourceExhausted, match="queue is full"):
+            engine.submit(PROMPTS[2], SamplingParams(max_new_tokens=4))
+        running.cancel()
+        assert waiting.result(timeout=60).finish_reason == "length"  # it got its turn
+    finally:
+        engine.close()
