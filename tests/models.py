@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -286,3 +287,18 @@ def lm_model(family: str, seed: int = 0, std: float = 1.0) -> nn.Module:
             if p.dim() >= 2:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
     return model
+
+
+def save_word_tokenizer(path: Path, vocab_size: int = VOCAB) -> Any:
+    """A word-level tokenizer ("w0".."wN" -> ids) saved beside a checkpoint: text in/out
+    without downloads."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size - 1)}
+    vocab["[UNK]"] = vocab_size - 1
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    fast.save_pretrained(path)
+    return fast

@@ -455,3 +455,73 @@ def test_forward_any_model_over_the_cluster(cluster):
                 timeout=300,
             )
         )
+
+
+def test_text_in_text_out_and_unavailable_worker(tmp_path):
+    """A one-worker cluster with a tokenizer: text prompts stream text deltas; once the stage
+    worker dies, requests get UNAVAILABLE (not a hang)."""
+    from .models import save_word_tokenizer
+
+    model = lm_model("gpt2")
+    save_hf(model, tmp_path / "gpt2")
+    tok = save_word_tokenizer(tmp_path / "gpt2")
+    port = _port()
+    address = f"127.0.0.1:{port}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pipeserve", *args],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for args in (
+            [
+                "coordinator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--advertise-host",
+                "127.0.0.1",
+            ],
+            [
+                "worker",
+                "--coordinator",
+                address,
+                "--host",
+                "127.0.0.1",
+                "--advertise-host",
+                "127.0.0.1",
+            ],
+        )
+    ]
+    try:
+        ch = grpc.insecure_channel(address)
+        grpc.channel_ready_future(ch).result(timeout=120)
+        admin, inference = pbg.AdminStub(ch), pbg.InferenceStub(ch)
+        deadline = time.monotonic() + 120
+        while not admin.ClusterStatus(pb.ClusterStatusRequest()).workers:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        list(admin.LoadModel(pb.LoadModelRequest(checkpoint=str(tmp_path / "gpt2")), timeout=300))
+        prompt = "w5 w6 w7 w8"
+        ids = tok(prompt)["input_ids"]
+        ref = _greedy(model, ids, 12)
+        req = pb.GenerateRequest(
+            model="gpt2",
+            text=prompt,
+            max_new_tokens=12,
+            sampling=pb.SamplingParameters(ignore_eos=True),
+        )
+        chunks = list(inference.Generate(req, timeout=120))
+        assert [t for c in chunks for t in c.token_ids] == ref
+        assert "".join(c.text for c in chunks) == tok.decode(ref, skip_special_tokens=True)
+        assert sum(bool(c.text) for c in chunks) > 1  # text arrives as deltas
+        procs[1].kill()
+        procs[1].wait(timeout=30)
+        code, msg = _code(lambda: list(inference.Generate(req, timeout=60)))
+        assert code == grpc.StatusCode.UNAVAILABLE, msg
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
