@@ -9,8 +9,10 @@ holds weights or activations: only token ids and text pass through it.
 from __future__ import annotations
 
 import datetime
+import hmac
 import itertools
 import logging
+import os
 import socket
 import threading
 import time
@@ -252,8 +254,22 @@ class RegistryServicer(pbg.RegistryServicer):
 
 
 class AdminServicer(pbg.AdminServicer):
+    """Admin API; with ``PIPESERVE_ADMIN_TOKEN`` set, every call must carry the metadata
+    ``authorization: Bearer <token>`` (else UNAUTHENTICATED)."""
+
     def __init__(self, c: Coordinator) -> None:
         self.c = c
+        self.token = os.environ.get("PIPESERVE_ADMIN_TOKEN", "")
+
+    def _authorize(self, context: grpc.ServicerContext) -> None:
+        if not self.token:
+            return
+        sent = dict(context.invocation_metadata()).get("authorization", "")
+        if not hmac.compare_digest(sent, f"Bearer {self.token}"):
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "admin calls need 'authorization: Bearer <token>' (PIPESERVE_ADMIN_TOKEN)",
+            )
 
     def _plan(
         self,
@@ -280,6 +296,7 @@ class AdminServicer(pbg.AdminServicer):
             raise
 
     def PlanModel(self, request: pb.PlanModelRequest, context: grpc.ServicerContext) -> Any:
+        self._authorize(context)
         plan = self._plan(request.checkpoint, request.policy, request.dtype, context)
         total = sum(s.flops for s in plan.stages) or 1
         return pb.PlanModelResponse(
@@ -293,6 +310,7 @@ class AdminServicer(pbg.AdminServicer):
         )
 
     def LoadModel(self, request: pb.LoadModelRequest, context: grpc.ServicerContext) -> Any:
+        self._authorize(context)
         c = self.c
         name = request.name or Path(request.checkpoint).name
         with c.lock:
@@ -386,6 +404,7 @@ class AdminServicer(pbg.AdminServicer):
             self.c.models.pop(m.name, None)
 
     def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.ServicerContext) -> Any:
+        self._authorize(context)
         m = self.c.model(request.name, context, ready=False)
         m.state = pb.MODEL_STATE_UNLOADING
         self.c.health.set(f"pipeserve.model.{m.name}", False)
@@ -395,6 +414,7 @@ class AdminServicer(pbg.AdminServicer):
         return pb.UnloadModelResponse()
 
     def ClusterStatus(self, request: pb.ClusterStatusRequest, context: Any) -> Any:
+        self._authorize(context)
         now = time.monotonic()
         with self.c.lock:
             workers = [
@@ -416,6 +436,7 @@ class AdminServicer(pbg.AdminServicer):
         return pb.ClusterStatusResponse(workers=workers, models=models)
 
     def DrainWorker(self, request: pb.DrainWorkerRequest, context: grpc.ServicerContext) -> Any:
+        self._authorize(context)
         with self.c.lock:
             w = self.c.workers.get(request.worker_id)
             if w is None:

@@ -256,6 +256,18 @@ def _print_generation(args, ids, handle, tok) -> int:  # type: ignore[no-untyped
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=os.environ.get("PIPESERVE_LOG", "WARNING").upper())
+    if args.cmd == "run":
+        args.equal_size = args.stages
+    return int(args.func(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line (the deployment tests parse the manifests' args with it)."""
     parser = argparse.ArgumentParser(prog="pipeserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
 
@@ -309,11 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeserve.cluster_cli import add_commands
 
     add_commands(sub)
-
-    args = parser.parse_args(argv)
-    if args.cmd == "run":
-        args.equal_size = args.stages
-    return int(args.func(args))
+    return parser
 
 
 if __name__ == "__main__":

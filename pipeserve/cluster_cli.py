@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -12,11 +13,33 @@ __all__ = ["add_commands"]
 
 
 def _stubs(address: str) -> Any:
+    import grpc
+
     from pipeserve import rpc
     from pipeserve.v1 import pipeserve_pb2_grpc as pbg
 
     ch = rpc.channel(address)
+    token = os.environ.get("PIPESERVE_ADMIN_TOKEN", "")
+    if token:  # admin calls carry the token
+        ch = grpc.intercept_channel(ch, _token_interceptor(token))
     return pbg.AdminStub(ch), pbg.InferenceStub(ch)
+
+
+def _token_interceptor(token: str) -> Any:
+    import grpc
+
+    class _Token(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+        def _add(self, details: Any) -> Any:
+            md = [*(details.metadata or []), ("authorization", f"Bearer {token}")]
+            return details._replace(metadata=md)
+
+        def intercept_unary_unary(self, cont: Any, details: Any, req: Any) -> Any:
+            return cont(self._add(details), req)
+
+        def intercept_unary_stream(self, cont: Any, details: Any, req: Any) -> Any:
+            return cont(self._add(details), req)
+
+    return _Token()
 
 
 def _rpc_error(e: Any) -> int:

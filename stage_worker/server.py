@@ -4,7 +4,8 @@ It registers with the coordinator and heartbeats; on ``Assign`` it loads only it
 tensors (in the background, reporting bytes loaded), joins the data-plane ring through the
 rendezvous store the coordinator hosts, and serves.  Stage 0 also runs the scheduler and
 answers ``Generate`` (request admission + token stream); activations never touch gRPC.
-Health: ``pipeserve.v1.StageWorker`` (and "") are NOT_SERVING until the stage is ready.
+Health: ``pipeserve.v1.StageWorker`` is NOT_SERVING until the stage is ready (readiness);
+"" is SERVING while the process runs (liveness).
 """
 
 from __future__ import annotations
@@ -173,8 +174,8 @@ class Worker(pbg.StageWorkerServicer):
         self._set_health(False)
 
     def _set_health(self, serving: bool) -> None:
-        self.health.set(SERVICE, serving)
-        self.health.set("", serving)
+        self.health.set(SERVICE, serving)  # readiness: the stage is loaded and joined
+        self.health.set("", True)  # liveness: the process answers
 
     def status_proto(self) -> pb.WorkerStatus:
         job = self.job

@@ -157,7 +157,8 @@ def cluster(tmp_path_factory):
     try:
         SERVING = health_pb2.HealthCheckResponse.SERVING
         c.workers = [w.address for w in c.status().workers]
-        c.serving_before = [c.health(a) == SERVING for a in c.workers]
+        c.serving_before = [c.health(a, "pipeserve.v1.StageWorker") == SERVING for a in c.workers]
+        assert all(c.health(a) == SERVING for a in c.workers)  # liveness: "" always
         c.load_cli = _cli(
             "admin",
             "load",
