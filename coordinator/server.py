@@ -23,9 +23,12 @@ from typing import Any
 
 import grpc
 import torch.distributed as dist
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
 
 from pipeline_core import ModelSource, Plan, Policy, make_plan
 from pipeserve import rpc
+from pipeserve.observe import REQUEST_ID, CoordinatorMetrics, new_request_id, serve_metrics
 from pipeserve.v1 import pipeserve_pb2 as pb
 from pipeserve.v1 import pipeserve_pb2_grpc as pbg
 
@@ -111,9 +114,14 @@ def policy_from_proto(p: pb.SplitPolicy) -> Policy:
 class Coordinator:
     """Cluster state and the gRPC servicers over it."""
 
-    def __init__(self, store_address: str, health: rpc.Health) -> None:
+    def __init__(
+        self, store_address: str, health: rpc.Health, registry: CollectorRegistry | None = None
+    ) -> None:
         self.store_address = store_address
         self.health = health
+        self.registry = registry or CollectorRegistry()
+        self.metrics = CoordinatorMetrics(self.registry)
+        self.registry.register(_ClusterCollector(self))
         self.lock = threading.RLock()
         self.workers: dict[str, WorkerRecord] = {}
         self.models: dict[str, ModelRecord] = {}
@@ -148,7 +156,9 @@ class Coordinator:
             context.abort(e.code, e.message)
             raise
 
-    def open_generate(self, request: pb.GenerateRequest, timeout: float | None) -> Any:
+    def open_generate(
+        self, request: pb.GenerateRequest, timeout: float | None, rid: str = ""
+    ) -> Any:
         """Start a Generate call on the model's stage-0 worker (raises :class:`CallError`)."""
         m = self.find(request.model)
         w = self.workers.get(m.workers[0])
@@ -157,22 +167,41 @@ class Coordinator:
                 grpc.StatusCode.UNAVAILABLE,
                 f"the stage-0 worker of {m.name!r} is gone; reload the model",
             )
-        return w.stub.Generate(request, timeout=timeout)
+        md = (("x-request-id", rid),) if rid else None
+        return w.stub.Generate(request, timeout=timeout, metadata=md)
 
     def relay_generate(
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GenerateResponse]:
+        rid = new_request_id(context.invocation_metadata())
+        REQUEST_ID.set(rid)
+        context.send_initial_metadata((("x-request-id", rid),))
+        track = self.metrics.track(request.model, "Generate")
+        status = "OK"
         try:
-            call = self.open_generate(request, rpc.remaining(context))
-        except CallError as e:
-            context.abort(e.code, e.message)
-        context.add_callback(call.cancel)  # client cancelled / deadline: cancel upstream
-        try:
-            yield from call
-        except grpc.RpcError as e:
-            if not context.is_active():
-                return
-            context.abort(e.code(), e.details() or "")
+            try:
+                call = self.open_generate(request, rpc.remaining(context), rid)
+            except CallError as e:
+                status = e.code.name
+                context.abort(e.code, e.message)
+            context.add_callback(call.cancel)  # client cancelled / deadline: cancel upstream
+            try:
+                for r in call:
+                    track.tokens(len(r.token_ids))
+                    yield r
+            except grpc.RpcError as e:
+                status = e.code().name
+                if not context.is_active():
+                    return
+                context.abort(e.code(), e.details() or "")
+        except GeneratorExit:
+            status = "CANCELLED"
+            raise
+        finally:
+            if not context.is_active() and status == "OK":
+                status = "CANCELLED"
+            track.done(status)
+            log.info("generate on %s: %s", request.model, status)
 
     def forward(self, request: pb.ForwardRequest, timeout: float | None) -> pb.ForwardResponse:
         """Run a forward-mode model through its last-stage worker (which hosts the driver)."""
@@ -435,6 +464,20 @@ class AdminServicer(pbg.AdminServicer):
             models = [m.info() for m in self.c.models.values()]
         return pb.ClusterStatusResponse(workers=workers, models=models)
 
+    def Timeline(self, request: pb.TimelineRequest, context: grpc.ServicerContext) -> Any:
+        self._authorize(context)
+        m = self.c.model(request.model, context)
+        events = []
+        for wid in m.workers:
+            w = self.c.workers.get(wid)
+            if w is None:
+                continue
+            try:
+                events += w.stub.Timeline(request, timeout=30).events
+            except grpc.RpcError as e:
+                log.warning("timeline from %s failed: %s", wid, e.code())
+        return pb.TimelineResponse(events=sorted(events, key=lambda e: (e.stage, e.start)))
+
     def DrainWorker(self, request: pb.DrainWorkerRequest, context: grpc.ServicerContext) -> Any:
         self._authorize(context)
         with self.c.lock:
@@ -444,6 +487,29 @@ class AdminServicer(pbg.AdminServicer):
             assert w is not None
             w.draining = True
         return pb.DrainWorkerResponse()
+
+
+class _ClusterCollector:
+    """Cluster figures read at scrape time: heartbeat age per worker, models by state."""
+
+    def __init__(self, c: Coordinator) -> None:
+        self.c = c
+
+    def collect(self) -> Iterator[Any]:
+        age = GaugeMetricFamily(
+            "pipeserve_worker_heartbeat_age_seconds",
+            "Seconds since the last heartbeat",
+            labels=["worker", "state"],
+        )
+        models = GaugeMetricFamily("pipeserve_models", "Models by state", labels=["model", "state"])
+        now = time.monotonic()
+        with self.c.lock:
+            for w in self.c.workers.values():
+                age.add_metric([w.id, w.state], now - w.last_seen)
+            for m in self.c.models.values():
+                models.add_metric([m.name, pb.ModelState.Name(m.state)], 1)
+        yield age
+        yield models
 
 
 def _default_mode(checkpoint: str) -> str:
@@ -465,6 +531,7 @@ def serve(
     advertise_host: str | None = None,
     stop: threading.Event | None = None,
     ready: Any = None,
+    metrics_port: int = 0,
 ) -> None:
     """Run the coordinator until ``stop`` is set (or forever)."""
     from coordinator.kserve import KServeServicer
@@ -483,6 +550,7 @@ def serve(
         f"{host}:{port}", [*SERVICES, "inference.GRPCInferenceService"]
     )
     c = Coordinator(f"{advertise}:{store.port}", health)
+    serve_metrics(c.registry, metrics_port, host if host not in ("", "::") else "0.0.0.0")
     pbg.add_InferenceServicer_to_server(InferenceServicer(c), server)
     pbg.add_AdminServicer_to_server(AdminServicer(c), server)
     pbg.add_RegistryServicer_to_server(RegistryServicer(c), server)

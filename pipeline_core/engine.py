@@ -154,6 +154,7 @@ def run_step(stage: GenStage, msg: list[Any]) -> list[Any]:
     """Run one PREFILL/DECODE message on ``stage``; returns the message to send on."""
     op, gid = msg[0], msg[1]
     t0 = time.perf_counter()
+    w0 = time.time()
     try:
         if op == OP_PREFILL:
             _, _, ids, mask, floats, ints, payloads = msg
@@ -171,6 +172,8 @@ def run_step(stage: GenStage, msg: list[Any]) -> list[Any]:
             out = [OP_TOKENS, gid, g.sampling.choose(g.ids, logits)]
         stage.steps += 1
         stage.busy_s += time.perf_counter() - t0
+        rows = int(out[2].shape[0]) if out[0] == OP_TOKENS else stage.groups[gid].rows
+        stage.timeline.record("compute", gid, rows, w0, time.time())
         return out
     except Exception as e:  # a bad step fails its group, never the stage
         log.warning("[stage %d] group %d failed: %s", stage.index, gid, e, exc_info=True)
@@ -186,10 +189,19 @@ def _stats(stage: GenStage) -> tuple[int, ...]:
 def serve_generation(stage: GenStage, ring: Ring) -> None:
     """Serve stage ``stage.index >= 1`` until stage 0 sends STOP."""
     while True:
+        t0 = time.time()
         msg = ring.recv()
         op = msg[0]
         if op in (OP_PREFILL, OP_DECODE):
-            ring.send(run_step(stage, msg))
+            t1 = time.time()
+            stage.timeline.record("wait", msg[1], 0, t0, t1)
+            stage.wait_s += t1 - t0
+            out = run_step(stage, msg)
+            t2 = time.time()
+            ring.send(out)
+            t3 = time.time()
+            stage.timeline.record("send", msg[1], 0, t2, t3)
+            stage.send_s += t3 - t2
         elif op == OP_RELEASE:
             stage.release(msg[1])
             if not stage.is_last:
@@ -346,6 +358,11 @@ class GenerationEngine:
         self.inbox.put(("stop",))
         self._thread.join(timeout)
 
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting to be admitted."""
+        return len(self._pending)
+
     def _wake(self) -> None:
         self.inbox.put(("wake",))
 
@@ -427,7 +444,12 @@ class GenerationEngine:
         if self.ring is None:
             self.inbox.put(msg)
         else:
+            t0 = time.time()
             self.ring.send(msg)
+            t1 = time.time()
+            self.stage.send_s += t1 - t0
+            if msg[0] in (OP_PREFILL, OP_DECODE):
+                self.stage.timeline.record("send", msg[1], 0, t0, t1)
 
     def _on_tokens(self, gid: int, tokens: torch.Tensor) -> None:
         g = self._groups.get(gid)

@@ -40,6 +40,7 @@ from .errors import CheckpointError, PlanError
 from .load import CheckpointIndex, ReadStats, read_tensors
 from .plan import Plan
 from .source import build_skeleton, hf_checkpoint_names, parse_dtype
+from .timeline import Timeline
 
 __all__ = ["SUPPORTED_FAMILIES", "GenStage", "GroupState", "StageExit", "UnsupportedModelError"]
 
@@ -181,8 +182,11 @@ class GenStage:
                 runner = self._passthrough if k in self._layer_ids else self._shadow
                 mod.forward = _bind(runner, mod)
         self.groups: dict[int, GroupState] = {}
+        self.timeline = Timeline()
         self.steps = 0
         self.busy_s = 0.0
+        self.wait_s = 0.0
+        self.send_s = 0.0
         """Steps run and seconds spent in them (compute + sampling), for utilization."""
         gen_cfg = getattr(model, "generation_config", None)
         self.accepts_position_ids = "position_ids" in inspect.signature(model.forward).parameters

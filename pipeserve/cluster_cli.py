@@ -49,15 +49,25 @@ def _rpc_error(e: Any) -> int:
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from coordinator.server import serve
+    from pipeserve.observe import setup_logging
 
-    serve(args.host, args.port, store_port=args.store_port, advertise_host=args.advertise_host)
+    setup_logging(os.environ.get("PIPESERVE_LOG", "INFO"), args.log_format)
+    serve(
+        args.host,
+        args.port,
+        store_port=args.store_port,
+        advertise_host=args.advertise_host,
+        metrics_port=args.metrics_port,
+    )
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from pipeline_core import EngineLimits
+    from pipeserve.observe import setup_logging
     from stage_worker.server import serve
 
+    setup_logging(os.environ.get("PIPESERVE_LOG", "INFO"), args.log_format)
     serve(
         args.coordinator,
         host=args.host,
@@ -65,6 +75,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         device=args.device,
         advertise_host=args.advertise_host,
         limits=EngineLimits(max_tokens=args.max_kv_tokens, max_sequences=args.max_sequences),
+        metrics_port=args.metrics_port,
     )
     return 0
 
@@ -164,6 +175,18 @@ def cmd_admin(args: argparse.Namespace) -> int:
             for m in r.models:
                 state = pb.ModelState.Name(m.state).removeprefix("MODEL_STATE_")
                 print(f"{m.name:<16} {state:<8} {m.num_stages:>6} {m.epoch:>5}  {m.checkpoint}")
+        elif args.action == "timeline":
+            from pipeserve.timeline_plot import render_timeline, summarize
+
+            r = admin.Timeline(pb.TimelineRequest(model=args.target, seconds=args.seconds))
+            events = list(r.events)
+            for stage, s in sorted(summarize(events).items()):
+                print(
+                    f"stage {stage}: compute {s['compute']:.3f}s  send {s['send']:.3f}s  "
+                    f"wait {s['wait']:.3f}s"
+                )
+            out = render_timeline(events, args.output, f"{args.target}: last {args.seconds}s")
+            print(f"wrote {out} ({len(events)} events)")
         elif args.action == "drain":
             admin.DrainWorker(pb.DrainWorkerRequest(worker_id=args.target))
             print(f"draining {args.target}")
@@ -227,12 +250,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _observability_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics (0: off)")
+    p.add_argument("--log-format", choices=["text", "json"], default="text")
+
+
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("coordinator", help="run the coordinator (gRPC)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--store-port", type=int, default=0, help="data-plane rendezvous port")
     p.add_argument("--advertise-host", help="host workers use to reach the rendezvous store")
+    _observability_flags(p)
     p.set_defaults(func=cmd_coordinator)
 
     p = sub.add_parser("worker", help="run a stage worker (gRPC)")
@@ -243,10 +272,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--advertise-host", help="host the coordinator uses to reach this worker")
     p.add_argument("--max-kv-tokens", type=int, default=65536, help="stage 0: KV budget in tokens")
     p.add_argument("--max-sequences", type=int, default=256, help="stage 0: sequences at once")
+    _observability_flags(p)
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("admin", help="load/unload/plan models, cluster status, drain")
-    p.add_argument("action", choices=["load", "unload", "plan", "status", "drain"])
+    p.add_argument("action", choices=["load", "unload", "plan", "status", "drain", "timeline"])
     p.add_argument("target", nargs="?", default="", help="checkpoint, model or worker id")
     p.add_argument("--coordinator", default="127.0.0.1:50051", metavar="HOST:PORT")
     p.add_argument("--name", help="model name (load; default: the directory name)")
@@ -260,6 +290,8 @@ def add_commands(sub: Any) -> None:
         "--mode", choices=["generate", "forward"], help="default: generate if the model can"
     )
     p.add_argument("--json", action="store_true")
+    p.add_argument("--seconds", type=float, default=5.0, help="timeline: the last N seconds")
+    p.add_argument("-o", "--output", default="timeline.png", help="timeline: PNG to write")
     p.set_defaults(func=cmd_admin)
 
     p = sub.add_parser("generate", help="generate through the coordinator (client)")

@@ -15,12 +15,14 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import torch
 import torch.distributed as dist
+from prometheus_client import CollectorRegistry
 
 from pipeline_core import GenStage, ReadStats
 from pipeline_core.engine import EngineLimits, GenerationEngine, serve_generation
@@ -31,6 +33,7 @@ from pipeline_core.runtime import DRIVER, Driver, RankMap, serve_stage
 from pipeline_core.source import hf_tokenizer
 from pipeline_core.stage import build_stage
 from pipeserve import rpc
+from pipeserve.observe import REQUEST_ID, WorkerCollector, new_request_id, serve_metrics
 from pipeserve.v1 import pipeserve_pb2 as pb
 from pipeserve.v1 import pipeserve_pb2_grpc as pbg
 
@@ -66,6 +69,7 @@ class _Job:
         self.stage: Any = None  # GenStage (generate) or Stage (forward)
         self.engine: GenerationEngine | None = None
         self.driver: Driver | None = None
+        self.ring: Ring | None = None
         self.forward_lock = threading.Lock()
         self.tokenizer: Any = None
         self.thread = threading.Thread(target=self._run, name="stage-job", daemon=True)
@@ -124,6 +128,7 @@ class _Job:
         self.stage = GenStage(self.plan, req.stage, self.device, stats=self.stats)
         self.state = "joining"
         ring = Ring(self._store(), req.stage, req.world_size, self.device)
+        self.ring = ring
         if req.stage == 0:
             ring_ = ring if req.world_size > 1 else None
             self.engine = GenerationEngine(self.stage, ring_, self.limits)
@@ -149,6 +154,25 @@ class _Job:
             "epoch": self.req.epoch,
             "kv_sequences": kv.get("sequences", 0),
             "kv_bytes": kv.get("bytes", 0),
+        }
+
+    def metrics(self) -> dict[str, Any] | None:
+        st = self.stage
+        if not isinstance(st, GenStage):
+            return None
+        kv = st.cache_stats()
+        return {
+            "model": self.req.model,
+            "stage": self.req.stage,
+            "queue": self.engine.queue_depth if self.engine is not None else 0,
+            "sequences": kv["sequences"],
+            "kv": kv["bytes"],
+            "kv_tokens": kv["tokens"],
+            "compute": st.busy_s,
+            "wait": st.wait_s,
+            "send": st.send_s,
+            "steps": st.steps,
+            "bytes_sent": self.ring.bytes_sent if self.ring is not None else 0,
         }
 
     def release(self) -> None:
@@ -221,6 +245,26 @@ class Worker(pbg.StageWorkerServicer):
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> Any:
         return _forward(self, request, context)
 
+    def Timeline(self, request: pb.TimelineRequest, context: grpc.ServicerContext) -> Any:
+        job = self.job
+        timeline = getattr(job.stage, "timeline", None) if job is not None else None
+        if timeline is None:
+            return pb.TimelineResponse()
+        since = time.time() - (request.seconds or 5.0)
+        return pb.TimelineResponse(
+            events=[
+                pb.TimelineEvent(
+                    stage=job.req.stage,
+                    kind=e.kind,
+                    group=e.group,
+                    rows=e.rows,
+                    start=e.start,
+                    end=e.end,
+                )
+                for e in timeline.since(since)
+            ]
+        )
+
     def Generate(
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GenerateResponse]:
@@ -231,6 +275,7 @@ class Worker(pbg.StageWorkerServicer):
                 "this worker is not a ready stage 0; ask the coordinator, which routes requests",
             )
         assert job is not None and job.engine is not None
+        REQUEST_ID.set(new_request_id(context.invocation_metadata()))
         tok = job.tokenizer
         try:
             params = rpc.sampling_from_proto(request)
@@ -244,6 +289,7 @@ class Worker(pbg.StageWorkerServicer):
         except Exception as e:
             rpc.abort_for(context, e)
         context.add_callback(handle.cancel)  # client gone / deadline: free the KV everywhere
+        log.info("request %d admitted: %d prompt tokens", handle.id, len(prompt))
         sent_text = ""
         sent = 0
         for _ in handle:
@@ -257,6 +303,9 @@ class Worker(pbg.StageWorkerServicer):
                 text, sent_text = full[len(sent_text) :], full
             yield pb.GenerateResponse(token_ids=tokens, text=text)
         res = handle.result()
+        log.info(
+            "request %d finished: %s, %d tokens", handle.id, res.finish_reason, len(res.tokens)
+        )
         if res.error is not None:
             context.abort(grpc.StatusCode.INTERNAL, res.error)
         if res.finish_reason == "cancelled" and not context.is_active():
@@ -305,6 +354,7 @@ def serve(
     device: str = "cpu",
     advertise_host: str | None = None,
     limits: EngineLimits | None = None,
+    metrics_port: int = 0,
     stop: threading.Event | None = None,
 ) -> None:
     """Run a worker until ``stop`` is set (or forever): serve, register, heartbeat."""
@@ -312,6 +362,9 @@ def serve(
     server, port, health, counter = rpc.make_server(f"{host}:{port}", [SERVICE])
     worker = Worker(device, health, counter, limits)
     pbg.add_StageWorkerServicer_to_server(worker, server)
+    registry = CollectorRegistry()
+    registry.register(WorkerCollector(lambda: worker.job.metrics() if worker.job else None))
+    serve_metrics(registry, metrics_port, host)
     server.start()
     address = f"{advertise_host or socket.gethostname()}:{port}"
     registry = pbg.RegistryStub(rpc.channel(coordinator))

@@ -76,6 +76,7 @@ class Cluster:
         self.logs = tmp
         self.procs: list[subprocess.Popen] = []
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.metrics_ports = [_port() for _ in range(4)]  # coordinator, 3 workers
         self._start(
             "coordinator",
             "--host",
@@ -84,11 +85,13 @@ class Cluster:
             str(self.port),
             "--advertise-host",
             "127.0.0.1",
+            "--metrics-port",
+            str(self.metrics_ports[0]),
             env=env,
         )
         self.channel = grpc.insecure_channel(self.address)
         grpc.channel_ready_future(self.channel).result(timeout=120)
-        for _ in range(3):
+        for k in range(3):
             self._start(
                 "worker",
                 "--coordinator",
@@ -99,6 +102,8 @@ class Cluster:
                 "127.0.0.1",
                 "--max-kv-tokens",
                 str(KV_BUDGET),
+                "--metrics-port",
+                str(self.metrics_ports[k + 1]),
                 env=env,
             )
         self.admin = pbg.AdminStub(self.channel)
@@ -526,3 +531,65 @@ def test_text_in_text_out_and_unavailable_worker(tmp_path):
         for p in procs:
             p.kill()
             p.wait(timeout=30)
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value}."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def test_metrics_move_and_timeline_renders(cluster, tmp_path):
+    ok = 'pipeserve_requests_total{method="Generate",model="small",status="OK"}'
+    tokens = 'pipeserve_generated_tokens_total{model="small"}'
+    before = _scrape(cluster.metrics_ports[0])
+    workers_before = [_scrape(p) for p in cluster.metrics_ports[1:]]
+    import threading
+
+    threads = [
+        threading.Thread(target=cluster.generate, args=("small", [5 + i, 6, 7], 24))
+        for i in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    after = _scrape(cluster.metrics_ports[0])
+    assert after[ok] - before.get(ok, 0) == 4
+    assert after[tokens] - before.get(tokens, 0) == 4 * 24
+    assert after['pipeserve_time_to_first_token_seconds_count{model="small"}'] >= 4
+    assert any(k.startswith("pipeserve_worker_heartbeat_age_seconds{") for k in after)
+    for k, (b, p) in enumerate(zip(workers_before, cluster.metrics_ports[1:], strict=True)):
+        a = _scrape(p)
+        stage = next(
+            key.split('stage="')[1].split('"')[0] for key in a if key.startswith("pipeserve_stage")
+        )
+        steps = f'pipeserve_stage_steps_total{{model="small",stage="{stage}"}}'
+        sent = f'pipeserve_dataplane_sent_bytes_total{{model="small",stage="{stage}"}}'
+        assert a[steps] > b.get(steps, 0), k
+        assert a[sent] > b.get(sent, 0), k
+    # the pipeline timeline: one row per stage, rendered to PNG by the admin CLI
+    r = cluster.admin.Timeline(pb.TimelineRequest(model="small", seconds=60), timeout=30)
+    assert {e.stage for e in r.events if e.kind == "compute"} == {0, 1, 2}
+    png = tmp_path / "timeline.png"
+    out = _cli(
+        "admin",
+        "timeline",
+        "small",
+        "--seconds",
+        "60",
+        "-o",
+        str(png),
+        "--coordinator",
+        cluster.address,
+    )
+    assert out.returncode == 0, out.stderr
+    assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert "stage 2: compute" in out.stdout

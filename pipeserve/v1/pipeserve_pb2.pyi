@@ -152,6 +152,36 @@ class ListModelsResponse(_message.Message):
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
+class TimelineRequest(_message.Message):
+    __slots__ = ("model", "seconds")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    seconds: float
+    def __init__(self, model: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class TimelineEvent(_message.Message):
+    __slots__ = ("stage", "kind", "group", "rows", "start", "end")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    kind: str
+    group: int
+    rows: int
+    start: float
+    end: float
+    def __init__(self, stage: _Optional[int] = ..., kind: _Optional[str] = ..., group: _Optional[int] = ..., rows: _Optional[int] = ..., start: _Optional[float] = ..., end: _Optional[float] = ...) -> None: ...
+
+class TimelineResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[TimelineEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[TimelineEvent, _Mapping]]] = ...) -> None: ...
+
 class ManualSplit(_message.Message):
     __slots__ = ("split_at",)
     SPLIT_AT_FIELD_NUMBER: _ClassVar[int]

@@ -234,6 +234,11 @@ class AdminStub:
                 request_serializer=pipeserve_dot_v1_dot_pipeserve__pb2.DrainWorkerRequest.SerializeToString,
                 response_deserializer=pipeserve_dot_v1_dot_pipeserve__pb2.DrainWorkerResponse.FromString,
                 _registered_method=True)
+        self.Timeline = channel.unary_unary(
+                '/pipeserve.v1.Admin/Timeline',
+                request_serializer=pipeserve_dot_v1_dot_pipeserve__pb2.TimelineRequest.SerializeToString,
+                response_deserializer=pipeserve_dot_v1_dot_pipeserve__pb2.TimelineResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -275,6 +280,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Timeline(self, request, context):
+        """The pipeline timeline of a model: every stage's recent compute / send / wait events.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -302,6 +314,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.DrainWorker,
                     request_deserializer=pipeserve_dot_v1_dot_pipeserve__pb2.DrainWorkerRequest.FromString,
                     response_serializer=pipeserve_dot_v1_dot_pipeserve__pb2.DrainWorkerResponse.SerializeToString,
+            ),
+            'Timeline': grpc.unary_unary_rpc_method_handler(
+                    servicer.Timeline,
+                    request_deserializer=pipeserve_dot_v1_dot_pipeserve__pb2.TimelineRequest.FromString,
+                    response_serializer=pipeserve_dot_v1_dot_pipeserve__pb2.TimelineResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -441,6 +458,33 @@ class Admin:
             '/pipeserve.v1.Admin/DrainWorker',
             pipeserve_dot_v1_dot_pipeserve__pb2.DrainWorkerRequest.SerializeToString,
             pipeserve_dot_v1_dot_pipeserve__pb2.DrainWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Timeline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pipeserve.v1.Admin/Timeline',
+            pipeserve_dot_v1_dot_pipeserve__pb2.TimelineRequest.SerializeToString,
+            pipeserve_dot_v1_dot_pipeserve__pb2.TimelineResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -603,6 +647,11 @@ class StageWorkerStub:
                 request_serializer=pipeserve_dot_v1_dot_pipeserve__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=pipeserve_dot_v1_dot_pipeserve__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Timeline = channel.unary_unary(
+                '/pipeserve.v1.StageWorker/Timeline',
+                request_serializer=pipeserve_dot_v1_dot_pipeserve__pb2.TimelineRequest.SerializeToString,
+                response_deserializer=pipeserve_dot_v1_dot_pipeserve__pb2.TimelineResponse.FromString,
+                _registered_method=True)
         self.Forward = channel.unary_unary(
                 '/pipeserve.v1.StageWorker/Forward',
                 request_serializer=pipeserve_dot_v1_dot_pipeserve__pb2.ForwardRequest.SerializeToString,
@@ -641,6 +690,13 @@ class StageWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Timeline(self, request, context):
+        """This stage's recent timeline events.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Forward(self, request, context):
         """Last stage only (it hosts the driver of a forward-mode model): one pipelined forward.
         Inputs and outputs are the request's tensors; activations between stages still go over
@@ -672,6 +728,11 @@ def add_StageWorkerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=pipeserve_dot_v1_dot_pipeserve__pb2.GenerateRequest.FromString,
                     response_serializer=pipeserve_dot_v1_dot_pipeserve__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Timeline': grpc.unary_unary_rpc_method_handler(
+                    servicer.Timeline,
+                    request_deserializer=pipeserve_dot_v1_dot_pipeserve__pb2.TimelineRequest.FromString,
+                    response_serializer=pipeserve_dot_v1_dot_pipeserve__pb2.TimelineResponse.SerializeToString,
             ),
             'Forward': grpc.unary_unary_rpc_method_handler(
                     servicer.Forward,
@@ -788,6 +849,33 @@ class StageWorker:
             '/pipeserve.v1.StageWorker/Generate',
             pipeserve_dot_v1_dot_pipeserve__pb2.GenerateRequest.SerializeToString,
             pipeserve_dot_v1_dot_pipeserve__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Timeline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pipeserve.v1.StageWorker/Timeline',
+            pipeserve_dot_v1_dot_pipeserve__pb2.TimelineRequest.SerializeToString,
+            pipeserve_dot_v1_dot_pipeserve__pb2.TimelineResponse.FromString,
             options,
             channel_credentials,
             insecure,
