@@ -143,6 +143,24 @@ def latency(model: Any, ckpt: Path, rounds: int = 3) -> dict[str, Any]:
     return {"ours_s_per_token": o, "hf_s_per_token": h, "ratio": o / h, "rounds": rounds}
 
 
+def latency_by_stages(ckpt: Path, stages: list[int], new: int = 65) -> dict[int, float]:
+    """Batch-1 seconds per token for each number of stages (same split policy)."""
+    prompt = _prompt(16, 3)
+    out = {}
+    for n in stages:
+        plan = make_plan(ModelSource(checkpoint=str(ckpt)), Policy.equal_size(n), trace=False)
+        with LocalGenerator(plan) as gen:
+            gen.generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))
+            t = {}
+            for k in (1, new):
+                t0 = time.perf_counter()
+                gen.generate([prompt], SamplingParams(max_new_tokens=k, ignore_eos=True))
+                t[k] = time.perf_counter() - t0
+        out[n] = (t[new] - t[1]) / (new - 1)
+        print(f"[latency] {n} stage(s): {out[n] * 1e3:.1f} ms/token", flush=True)
+    return out
+
+
 def throughput(ckpt: Path, stages: int, concurrency: list[int], new: int = 64) -> dict[str, Any]:
     """Tokens/s for each number of requests submitted at once (one generator, warm)."""
     policy = Policy.balanced(stages) if stages > 1 else Policy.equal_size(1)
@@ -189,6 +207,7 @@ def bench(tmp: Path) -> dict[str, Any]:
     print("[kv]", [r["ratio"] for r in res["kv_vs_recompute"]], flush=True)
     res["latency"] = latency(model, ckpt)
     print("[latency]", res["latency"], flush=True)
+    res["latency_by_stages"] = latency_by_stages(ckpt, [1, 2, 3])
     one = throughput(ckpt, 1, CONCURRENCY)
     two = throughput(ckpt, 2, CONCURRENCY)
     res["throughput"] = {"one_stage": one, "two_stages": two}

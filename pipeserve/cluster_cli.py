@@ -154,29 +154,30 @@ def cmd_admin(args: argparse.Namespace) -> int:
                         f"{', '.join(shown)} ({len(u)})"
                     )
         elif args.action == "status":
-            r = admin.ClusterStatus(pb.ClusterStatusRequest())
-            if args.json:
-                from google.protobuf.json_format import MessageToDict
+            while True:
+                r = admin.ClusterStatus(pb.ClusterStatusRequest())
+                if args.json:
+                    from google.protobuf.json_format import MessageToDict
 
-                print(json.dumps(MessageToDict(r)))
-                return 0
-            print(
-                f"{'worker':<6} {'address':<22} {'device':<7} {'state':<9} {'model':<16} "
-                f"{'stage':>5} {'kv seqs':>7} {'kv bytes':>10} {'heartbeat':>9}"
-            )
-            for w in r.workers:
-                print(
-                    f"{w.id:<6} {w.address:<22} {w.device:<7} {w.state:<9} {w.model or '-':<16} "
-                    f"{w.stage if w.model else '-':>5} {w.kv_sequences:>7} "
-                    f"{_human(w.kv_bytes):>10} {w.seconds_since_heartbeat:>8.1f}s"
-                )
-            print()
-            print(f"{'model':<16} {'state':<8} {'stages':>6} {'epoch':>5}  checkpoint")
-            for m in r.models:
-                state = pb.ModelState.Name(m.state).removeprefix("MODEL_STATE_")
-                print(f"{m.name:<16} {state:<8} {m.num_stages:>6} {m.epoch:>5}  {m.checkpoint}")
+                    print(json.dumps(MessageToDict(r)))
+                    return 0
+                if args.watch:
+                    print("\x1b[2J\x1b[H", end="")  # clear the screen: a live table
+                _print_status(r, _human, pb)
+                if not args.watch:
+                    break
+                time.sleep(args.watch)
         elif args.action == "timeline":
             from pipeserve.timeline_plot import render_timeline, summarize
+
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                print(
+                    "error: the timeline needs matplotlib: pip install 'pipeserve[plot]'",
+                    file=sys.stderr,
+                )
+                return 2
 
             r = admin.Timeline(pb.TimelineRequest(model=args.target, seconds=args.seconds))
             events = list(r.events)
@@ -193,6 +194,24 @@ def cmd_admin(args: argparse.Namespace) -> int:
     except grpc.RpcError as e:
         return _rpc_error(e)
     return 0
+
+
+def _print_status(r: Any, _human: Any, pb: Any) -> None:
+    print(
+        f"{'worker':<6} {'address':<22} {'device':<7} {'state':<9} {'model':<16} "
+        f"{'stage':>5} {'kv seqs':>7} {'kv bytes':>10} {'heartbeat':>9}"
+    )
+    for w in r.workers:
+        print(
+            f"{w.id:<6} {w.address:<22} {w.device:<7} {w.state:<9} {w.model or '-':<16} "
+            f"{w.stage if w.model else '-':>5} {w.kv_sequences:>7} "
+            f"{_human(w.kv_bytes):>10} {w.seconds_since_heartbeat:>8.1f}s"
+        )
+    print()
+    print(f"{'model':<16} {'state':<8} {'stages':>6} {'epoch':>5}  checkpoint")
+    for m in r.models:
+        state = pb.ModelState.Name(m.state).removeprefix("MODEL_STATE_")
+        print(f"{m.name:<16} {state:<8} {m.num_stages:>6} {m.epoch:>5}  {m.checkpoint}")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -291,6 +310,9 @@ def add_commands(sub: Any) -> None:
     )
     p.add_argument("--json", action="store_true")
     p.add_argument("--seconds", type=float, default=5.0, help="timeline: the last N seconds")
+    p.add_argument(
+        "--watch", type=float, default=0, metavar="S", help="status: refresh every S seconds"
+    )
     p.add_argument("-o", "--output", default="timeline.png", help="timeline: PNG to write")
     p.set_defaults(func=cmd_admin)
 

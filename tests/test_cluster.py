@@ -593,3 +593,24 @@ def test_metrics_move_and_timeline_renders(cluster, tmp_path):
     assert out.returncode == 0, out.stderr
     assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
     assert "stage 2: compute" in out.stdout
+
+
+def test_reflection_v1_and_v1alpha(cluster):
+    """Both reflection services answer (grpcurl and newer clients use either)."""
+    from grpc_reflection.v1alpha import reflection_pb2 as r
+
+    for service in (
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    ):
+        call = cluster.channel.stream_stream(
+            f"/{service}/ServerReflectionInfo",
+            request_serializer=r.ServerReflectionRequest.SerializeToString,
+            response_deserializer=r.ServerReflectionResponse.FromString,
+        )
+        (resp,) = list(call(iter([r.ServerReflectionRequest(list_services="")]), timeout=30))
+        names = {s.name for s in resp.list_services_response.service}
+        assert {"pipeserve.v1.Inference", "inference.GRPCInferenceService"} <= names, service
+        req = r.ServerReflectionRequest(file_containing_symbol="pipeserve.v1.Inference")
+        (resp,) = list(call(iter([req]), timeout=30))
+        assert resp.file_descriptor_response.file_descriptor_proto, service
