@@ -122,6 +122,7 @@ class Coordinator:
         self.registry = registry or CollectorRegistry()
         self.metrics = CoordinatorMetrics(self.registry)
         self.registry.register(_ClusterCollector(self))
+        self.model_roots: list[Path] = []
         self.lock = threading.RLock()
         self.workers: dict[str, WorkerRecord] = {}
         self.models: dict[str, ModelRecord] = {}
@@ -253,11 +254,31 @@ class InferenceServicer(pbg.InferenceServicer):
             return pb.ListModelsResponse(models=[m.info() for m in self.c.models.values()])
 
 
+def _check_token(context: grpc.ServicerContext, token: str, what: str, env: str) -> None:
+    """No token: UNAUTHENTICATED; a wrong one: PERMISSION_DENIED."""
+    sent = dict(context.invocation_metadata()).get("authorization", "")
+    if not sent:
+        context.abort(
+            grpc.StatusCode.UNAUTHENTICATED, f"{what} need 'authorization: Bearer <token>' ({env})"
+        )
+    if not hmac.compare_digest(sent, f"Bearer {token}"):
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{what}: wrong token ({env})")
+
+
 class RegistryServicer(pbg.RegistryServicer):
+    """Workers register and heartbeat; with ``PIPESERVE_WORKER_TOKEN`` set they must present
+    it, so a stray process cannot join a pipeline."""
+
     def __init__(self, c: Coordinator) -> None:
         self.c = c
+        self.token = os.environ.get("PIPESERVE_WORKER_TOKEN", "")
+
+    def _authorize(self, context: grpc.ServicerContext) -> None:
+        if self.token:
+            _check_token(context, self.token, "workers", "PIPESERVE_WORKER_TOKEN")
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> Any:
+        self._authorize(context)
         if not request.address:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "register needs the worker address")
         with self.c.lock:
@@ -273,6 +294,7 @@ class RegistryServicer(pbg.RegistryServicer):
         return pb.RegisterResponse(worker_id=wid, heartbeat_interval_ms=HEARTBEAT_MS)
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> Any:
+        self._authorize(context)
         with self.c.lock:
             w = self.c.workers.get(request.worker_id)
             if w is None:
@@ -293,12 +315,7 @@ class AdminServicer(pbg.AdminServicer):
     def _authorize(self, context: grpc.ServicerContext) -> None:
         if not self.token:
             return
-        sent = dict(context.invocation_metadata()).get("authorization", "")
-        if not hmac.compare_digest(sent, f"Bearer {self.token}"):
-            context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "admin calls need 'authorization: Bearer <token>' (PIPESERVE_ADMIN_TOKEN)",
-            )
+        _check_token(context, self.token, "admin calls", "PIPESERVE_ADMIN_TOKEN")
 
     def _plan(
         self,
@@ -308,6 +325,12 @@ class AdminServicer(pbg.AdminServicer):
         context: Any,
         trace: bool = False,
     ) -> Plan:
+        if not confined(checkpoint, self.c.model_roots):
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"checkpoint {checkpoint!r} is outside the model roots "
+                f"{[str(r) for r in self.c.model_roots]} (coordinator --model-root)",
+            )
         if not checkpoint or not Path(checkpoint).is_dir():
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -512,6 +535,15 @@ class _ClusterCollector:
         yield models
 
 
+def confined(path: str, roots: list[Path]) -> bool:
+    """Whether ``path`` resolves (symlinks and ``..`` followed) inside one of ``roots``
+    (no roots: anything goes)."""
+    if not roots:
+        return True
+    real = Path(path).resolve()
+    return any(real == r.resolve() or real.is_relative_to(r.resolve()) for r in roots)
+
+
 def _default_mode(checkpoint: str) -> str:
     """``generate`` for Hugging Face models that can generate, else ``forward``."""
     try:
@@ -532,6 +564,8 @@ def serve(
     stop: threading.Event | None = None,
     ready: Any = None,
     metrics_port: int = 0,
+    health_port: int = 0,
+    model_roots: list[str] | None = None,
 ) -> None:
     """Run the coordinator until ``stop`` is set (or forever)."""
     from coordinator.kserve import KServeServicer
@@ -550,6 +584,7 @@ def serve(
         f"{host}:{port}", [*SERVICES, "inference.GRPCInferenceService"]
     )
     c = Coordinator(f"{advertise}:{store.port}", health)
+    c.model_roots = [Path(r) for r in model_roots or []]
     serve_metrics(c.registry, metrics_port, host if host not in ("", "::") else "0.0.0.0")
     pbg.add_InferenceServicer_to_server(InferenceServicer(c), server)
     pbg.add_AdminServicer_to_server(AdminServicer(c), server)
@@ -558,6 +593,7 @@ def serve(
     server.start()
     for s in ["", *SERVICES, "inference.GRPCInferenceService"]:
         health.set(s, True)
+    health_server = rpc.serve_health_only(health, f"{host}:{health_port}") if health_port else None
     print(
         f"coordinator listening on {advertise}:{port} (rendezvous store {c.store_address})",
         flush=True,
@@ -567,4 +603,6 @@ def serve(
     stop = stop or threading.Event()
     stop.wait()
     server.stop(grace=2)
+    if health_server is not None:
+        health_server.stop(grace=1)
     del store

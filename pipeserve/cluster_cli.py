@@ -52,12 +52,15 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from pipeserve.observe import setup_logging
 
     setup_logging(os.environ.get("PIPESERVE_LOG", "INFO"), args.log_format)
+    _apply_tls(args)
     serve(
         args.host,
         args.port,
         store_port=args.store_port,
         advertise_host=args.advertise_host,
         metrics_port=args.metrics_port,
+        health_port=args.health_port,
+        model_roots=args.model_root,
     )
     return 0
 
@@ -68,6 +71,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from stage_worker.server import serve
 
     setup_logging(os.environ.get("PIPESERVE_LOG", "INFO"), args.log_format)
+    _apply_tls(args)
     serve(
         args.coordinator,
         host=args.host,
@@ -76,6 +80,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         advertise_host=args.advertise_host,
         limits=EngineLimits(max_tokens=args.max_kv_tokens, max_sequences=args.max_sequences),
         metrics_port=args.metrics_port,
+        health_port=args.health_port,
     )
     return 0
 
@@ -105,6 +110,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
     from pipeserve.cli import _human
     from pipeserve.v1 import pipeserve_pb2 as pb
 
+    _apply_tls(args)
     admin, _ = _stubs(args.coordinator)
     try:
         if args.action == "load":
@@ -219,6 +225,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from pipeserve.v1 import pipeserve_pb2 as pb
 
+    _apply_tls(args)
     _, inference = _stubs(args.coordinator)
     if (args.prompt is None) == (args.prompt_ids is None):
         raise SystemExit("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
@@ -269,9 +276,46 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tls_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tls-ca",
+        help="CA certificate: verify peers; a server requires client "
+        "certificates (mTLS). Env: PIPESERVE_TLS_CA",
+    )
+    p.add_argument("--tls-cert", help="this process's certificate. Env: PIPESERVE_TLS_CERT")
+    p.add_argument("--tls-key", help="its private key. Env: PIPESERVE_TLS_KEY")
+
+
+def _apply_tls(args: argparse.Namespace) -> None:
+    from pipeserve import rpc
+
+    env = rpc.TLS.from_env()
+    rpc.configure_tls(
+        rpc.TLS(
+            ca=args.tls_ca or env.ca, cert=args.tls_cert or env.cert, key=args.tls_key or env.key
+        )
+    )
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from pipeserve.certs import make_certs
+
+    hosts = [h for h in (args.hosts or "").split(",") if h]
+    out = make_certs(args.out, hosts)
+    print(f"wrote {out}/ca.pem, server.pem/.key (servers), client.pem/.key (clients)")
+    return 0
+
+
 def _observability_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics (0: off)")
     p.add_argument("--log-format", choices=["text", "json"], default="text")
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=0,
+        help="also serve plaintext grpc.health.v1 here (for Kubernetes probes under TLS)",
+    )
+    _tls_flags(p)
 
 
 def add_commands(sub: Any) -> None:
@@ -280,6 +324,12 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--store-port", type=int, default=0, help="data-plane rendezvous port")
     p.add_argument("--advertise-host", help="host workers use to reach the rendezvous store")
+    p.add_argument(
+        "--model-root",
+        action="append",
+        metavar="DIR",
+        help="checkpoints must lie under this directory (repeatable; default: anywhere)",
+    )
     _observability_flags(p)
     p.set_defaults(func=cmd_coordinator)
 
@@ -313,6 +363,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument(
         "--watch", type=float, default=0, metavar="S", help="status: refresh every S seconds"
     )
+    _tls_flags(p)
     p.add_argument("-o", "--output", default="timeline.png", help="timeline: PNG to write")
     p.set_defaults(func=cmd_admin)
 
@@ -329,4 +380,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--timeout", type=float, help="deadline in seconds")
     p.add_argument("--json", action="store_true")
+    _tls_flags(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("certs", help="make development TLS certificates (CA, server, client)")
+    p.add_argument("--out", default="certs")
+    p.add_argument("--hosts", help="extra host names / IPs for the server certificate")
+    p.set_defaults(func=cmd_certs)

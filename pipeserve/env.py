@@ -4,6 +4,10 @@ ENV_VARS = {
     "PIPESERVE_LOG": "log level of every pipeserve process (DEBUG, INFO, WARNING; default WARNING)",
     "PIPESERVE_ADMIN_TOKEN": "coordinator: require 'authorization: Bearer <token>' on Admin "
     "calls; pipeserve admin: send it",
+    "PIPESERVE_WORKER_TOKEN": "coordinator: workers must present it to register; worker: send it",
+    "PIPESERVE_TLS_CA": "CA certificate (verify peers; servers then require client certs)",
+    "PIPESERVE_TLS_CERT": "this process's TLS certificate",
+    "PIPESERVE_TLS_KEY": "its private key",
 }
 THIRD_PARTY_PREFIXES = ("NCCL_", "GLOO_", "TORCH_", "OMP_", "CUDA_")
 """Variables read by torch.distributed / NCCL / gloo / CUDA, which users set for networking."""

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from collections.abc import Iterable
 from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,13 +30,16 @@ from pipeline_core import (
 __all__ = [
     "CHANNEL_OPTIONS",
     "MAX_MESSAGE_BYTES",
+    "TLS",
     "ByteCounter",
     "Health",
     "abort_for",
     "channel",
+    "configure_tls",
     "make_server",
     "remaining",
     "sampling_from_proto",
+    "serve_health_only",
     "tensor_from_bytes",
     "tensor_from_proto",
     "tensor_to_proto",
@@ -102,6 +108,64 @@ SERVER_THREADS = 2048
 concurrent streams a server holds (idle threads cost only address space)."""
 
 
+@dataclass
+class TLS:
+    """TLS for every gRPC server and client of this process (all empty: plaintext).
+
+    ``cert``/``key``: this process's certificate (servers serve with it; under mTLS it is
+    also presented as a client).  ``ca``: the CA that signs peers: clients verify servers
+    with it, and a server given a CA *requires* client certificates (mutual TLS).  Clients
+    verify the name ``server_name`` (every pipeserve server certificate carries it).
+    """
+
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    server_name: str = "pipeserve"
+
+    @classmethod
+    def from_env(cls) -> TLS:
+        return cls(
+            ca=os.environ.get("PIPESERVE_TLS_CA", ""),
+            cert=os.environ.get("PIPESERVE_TLS_CERT", ""),
+            key=os.environ.get("PIPESERVE_TLS_KEY", ""),
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.ca or self.cert)
+
+    @staticmethod
+    def _read(path: str) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        if not (self.cert and self.key):
+            raise ValueError("a TLS server needs a certificate and a key (--tls-cert/--tls-key)")
+        ca = self._read(self.ca)
+        return grpc.ssl_server_credentials(
+            [(self._read(self.key), self._read(self.cert))],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self._read(self.ca),
+            private_key=self._read(self.key),
+            certificate_chain=self._read(self.cert),
+        )
+
+
+_TLS = TLS()
+
+
+def configure_tls(tls: TLS) -> None:
+    """Set this process's TLS for :func:`make_server` and :func:`channel`."""
+    global _TLS
+    _TLS = tls
+
+
 def make_server(
     bind: str, service_names: Iterable[str], workers: int = SERVER_THREADS
 ) -> tuple[grpc.Server, int, Health, ByteCounter]:
@@ -113,7 +177,10 @@ def make_server(
         options=CHANNEL_OPTIONS,
         interceptors=[counter],
     )
-    port = server.add_insecure_port(bind)
+    if _TLS.enabled:
+        port = server.add_secure_port(bind, _TLS.server_credentials())
+    else:
+        port = server.add_insecure_port(bind)
     if port == 0:
         raise OSError(f"cannot listen on {bind}")
     health_ = Health(server)
@@ -147,7 +214,19 @@ def remaining(context: grpc.ServicerContext) -> float | None:
 
 
 def channel(address: str) -> grpc.Channel:
+    if _TLS.enabled:
+        options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", _TLS.server_name)]
+        return grpc.secure_channel(address, _TLS.channel_credentials(), options=options)
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def serve_health_only(health: Health, bind: str) -> grpc.Server | None:
+    """Plaintext ``grpc.health.v1`` on its own port (Kubernetes gRPC probes cannot do TLS)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=CHANNEL_OPTIONS)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    server.add_insecure_port(bind)
+    server.start()
+    return server
 
 
 def abort_for(context: grpc.ServicerContext, e: BaseException) -> None:

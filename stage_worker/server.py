@@ -355,6 +355,7 @@ def serve(
     advertise_host: str | None = None,
     limits: EngineLimits | None = None,
     metrics_port: int = 0,
+    health_port: int = 0,
     stop: threading.Event | None = None,
 ) -> None:
     """Run a worker until ``stop`` is set (or forever): serve, register, heartbeat."""
@@ -366,6 +367,9 @@ def serve(
     registry.register(WorkerCollector(lambda: worker.job.metrics() if worker.job else None))
     serve_metrics(registry, metrics_port, host)
     server.start()
+    health_server = rpc.serve_health_only(health, f"{host}:{health_port}") if health_port else None
+    token = os.environ.get("PIPESERVE_WORKER_TOKEN", "")
+    md = (("authorization", f"Bearer {token}"),) if token else None
     address = f"{advertise_host or socket.gethostname()}:{port}"
     registry = pbg.RegistryStub(rpc.channel(coordinator))
     stop = stop or threading.Event()
@@ -383,6 +387,7 @@ def serve(
                         hostname=socket.gethostname(),
                     ),
                     timeout=10,
+                    metadata=md,
                 )
                 worker.worker_id = r.worker_id
                 interval = max(0.05, r.heartbeat_interval_ms / 1000)
@@ -390,13 +395,19 @@ def serve(
             hb = registry.Heartbeat(
                 pb.HeartbeatRequest(worker_id=worker.worker_id, status=worker.status_proto()),
                 timeout=10,
+                metadata=md,
             )
             if not hb.known:
                 worker.worker_id = ""
                 continue
         except grpc.RpcError as e:
-            log.warning("coordinator %s unreachable: %s", coordinator, e.code())
+            if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                log.error("the coordinator refused this worker: %s", e.details())
+            else:
+                log.warning("coordinator %s unreachable: %s", coordinator, e.code())
         except Exception:  # a bug in reporting must not take the worker down
             log.exception("heartbeat failed")
         stop.wait(interval)
     server.stop(grace=2)
+    if health_server is not None:
+        health_server.stop(grace=1)

@@ -110,21 +110,25 @@ def test_manifests_match_the_code(overlay):
     cc = _container(coord_dep)
     ca = parser.parse_args(_args(cc, config))  # every flag exists in the CLI
     ports = {p["name"]: p["containerPort"] for p in cc["ports"]}
-    assert ca.cmd == "coordinator" and ports == {"grpc": ca.port, "rendezvous": ca.store_port}
-    assert {p["name"]: p["port"] for p in coord_svc["spec"]["ports"]} == ports
-    assert cc["readinessProbe"]["grpc"] == {"port": ca.port, "service": SERVICES[0]}
-    assert cc["livenessProbe"]["grpc"] == {"port": ca.port}
+    assert ca.cmd == "coordinator"
+    assert ports == {"grpc": ca.port, "rendezvous": ca.store_port, "health": ca.health_port}
+    svc_ports = {p["name"]: p["port"] for p in coord_svc["spec"]["ports"]}
+    assert svc_ports == {"grpc": ca.port, "rendezvous": ca.store_port}
+    assert cc["readinessProbe"]["grpc"] == {"port": ca.health_port, "service": SERVICES[0]}
+    assert cc["livenessProbe"]["grpc"] == {"port": ca.health_port}
+    assert ca.model_root == ["/models"]
     assert ca.advertise_host == coord_svc["metadata"]["name"]
 
     wc = _container(workers)
     wa = parser.parse_args(_args(wc, config))
     assert wa.cmd == "worker" and {p["name"]: p["containerPort"] for p in wc["ports"]} == {
-        "grpc": wa.port
+        "grpc": wa.port,
+        "health": wa.health_port,
     }
     host, port = wa.coordinator.rsplit(":", 1)
     assert (host, int(port)) == (coord_svc["metadata"]["name"], ca.port)
-    assert wc["readinessProbe"]["grpc"] == {"port": wa.port, "service": WORKER_SERVICE}
-    assert wc["livenessProbe"]["grpc"] == {"port": wa.port}
+    assert wc["readinessProbe"]["grpc"] == {"port": wa.health_port, "service": WORKER_SERVICE}
+    assert wc["livenessProbe"]["grpc"] == {"port": wa.health_port}
     assert workers["spec"]["serviceName"] == workers_svc["metadata"]["name"]
     assert workers_svc["spec"]["clusterIP"] == "None"
     assert workers["spec"]["podManagementPolicy"] == "Parallel"
@@ -166,6 +170,13 @@ def test_manifests_match_the_code(overlay):
         assert c["resources"]["limits"]["memory"]
         mounts = {m["name"]: m for m in c["volumeMounts"]}
         assert mounts["models"]["readOnly"] is True
+        # TLS material from the Secret, where the env vars the code reads point
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        tls_dir = mounts["tls"]["mountPath"]
+        for var in ("PIPESERVE_TLS_CA", "PIPESERVE_TLS_CERT", "PIPESERVE_TLS_KEY"):
+            assert env[var].startswith(tls_dir + "/"), var
+        vols = {v["name"]: v for v in spec["volumes"]}
+        assert vols["tls"]["secret"]["secretName"] == "pipeserve-tls"
 
 
 def test_dockerfile_layers_and_user():

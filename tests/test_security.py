@@ -1,0 +1,154 @@
+"""Security of the control plane: mutual TLS on every server and client, admin and worker
+tokens, plaintext health for probes; and checkpoints never execute pickled code."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pipeline_core import CheckpointError, CheckpointIndex, read_tensors
+from pipeserve.certs import make_certs
+from pipeserve.v1 import pipeserve_pb2 as pb
+from pipeserve.v1 import pipeserve_pb2_grpc as pbg
+
+from .models import lm_model, save_hf
+from .test_cluster import _code, _greedy, _port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _secure(address: str, certs: Path, client: bool = True) -> grpc.Channel:
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=(certs / "ca.pem").read_bytes(),
+        private_key=(certs / "client.key").read_bytes() if client else None,
+        certificate_chain=(certs / "client.pem").read_bytes() if client else None,
+    )
+    return grpc.secure_channel(
+        address, creds, options=[("grpc.ssl_target_name_override", "pipeserve")]
+    )
+
+
+@pytest.mark.slow
+def test_mtls_tokens_and_refused_workers(tmp_path):
+    certs = make_certs(tmp_path / "certs")
+    model = lm_model("gpt2")
+    save_hf(model, tmp_path / "gpt2")
+    port, health_port = _port(), _port()
+    address = f"127.0.0.1:{port}"
+    tls = [
+        "--tls-ca",
+        str(certs / "ca.pem"),
+        "--tls-cert",
+        str(certs / "server.pem"),
+        "--tls-key",
+        str(certs / "server.key"),
+    ]
+    env = {**os.environ, "PIPESERVE_ADMIN_TOKEN": "adm1n", "PIPESERVE_WORKER_TOKEN": "w0rker"}
+
+    def start(*args: str, **extra: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeserve", *args],
+            cwd=ROOT,
+            env={**env, **extra},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    common = ["--host", "127.0.0.1", "--advertise-host", "127.0.0.1", *tls]
+    procs = [start("coordinator", "--port", str(port), "--health-port", str(health_port), *common)]
+    try:
+        ch = _secure(address, certs)
+        grpc.channel_ready_future(ch).result(timeout=120)
+        procs.append(start("worker", "--coordinator", address, *common))
+        procs.append(
+            start("worker", "--coordinator", address, *common, PIPESERVE_WORKER_TOKEN="wrong")
+        )  # a stray process
+        admin, inference = pbg.AdminStub(ch), pbg.InferenceStub(ch)
+        auth = (("authorization", "Bearer adm1n"),)
+        deadline = time.monotonic() + 120
+        while not admin.ClusterStatus(pb.ClusterStatusRequest(), metadata=auth).workers:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(3)  # the stray worker has had time to try
+        assert len(admin.ClusterStatus(pb.ClusterStatusRequest(), metadata=auth).workers) == 1
+
+        code, msg = _code(lambda: admin.ClusterStatus(pb.ClusterStatusRequest()))
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "PIPESERVE_ADMIN_TOKEN" in msg
+        code, _ = _code(
+            lambda: admin.ClusterStatus(
+                pb.ClusterStatusRequest(), metadata=(("authorization", "Bearer nope"),)
+            )
+        )
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+
+        list(
+            admin.LoadModel(
+                pb.LoadModelRequest(checkpoint=str(tmp_path / "gpt2")), metadata=auth, timeout=300
+            )
+        )
+        req = pb.GenerateRequest(
+            model="gpt2",
+            token_ids=pb.TokenIds(ids=[3, 4, 5]),
+            max_new_tokens=12,
+            sampling=pb.SamplingParameters(ignore_eos=True),
+        )
+        got = [t for r in inference.Generate(req, timeout=120) for t in r.token_ids]
+        assert got == _greedy(model, [3, 4, 5], 12)  # over mTLS, coordinator <-> worker too
+
+        # no client certificate / no TLS at all: the server refuses the connection
+        for bad in (_secure(address, certs, client=False), grpc.insecure_channel(address)):
+            stub = pbg.InferenceStub(bad)
+            code, _ = _code(lambda s=stub: list(s.Generate(req, timeout=10)))
+            assert code == grpc.StatusCode.UNAVAILABLE
+        # Kubernetes probes: plaintext health on its own port
+        h = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{health_port}"))
+        status = h.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/pipeserve-pwned",))
+
+
+def test_malicious_pickle_in_bin_checkpoint_is_not_executed(tmp_path):
+    """`.bin` shards load with weights_only=True: a pickle that would run code is refused."""
+    marker = Path("/tmp/pipeserve-pwned")
+    marker.unlink(missing_ok=True)
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    torch.save({"w": _Evil()}, path / "pytorch_model.bin")  # a zip checkpoint, like HF's
+    with pytest.raises(CheckpointError, match="weights_only"):
+        read_tensors(CheckpointIndex.open(path), {"w": ("w", [1], torch.float32)})
+    with open(path / "pytorch_model.bin", "wb") as f:  # and a legacy plain pickle
+        pickle.dump({"w": _Evil()}, f)
+    with pytest.raises(CheckpointError):
+        read_tensors(CheckpointIndex.open(path), {"w": ("w", [1], torch.float32)})
+    assert not marker.exists()
+
+
+def test_load_paths_are_confined_to_model_roots(tmp_path):
+    from coordinator.server import confined
+
+    root = tmp_path / "models"
+    (root / "llama").mkdir(parents=True)
+    (tmp_path / "secret").mkdir()
+    (root / "link").symlink_to(tmp_path / "secret")
+    assert confined(str(root / "llama"), [root])
+    assert not confined(str(root / "llama" / ".." / ".." / "secret"), [root])
+    assert not confined(str(root / "link"), [root])  # a symlink out of the root
+    assert not confined("/etc", [root])
+    assert confined("/etc", [])  # no roots configured: anything
