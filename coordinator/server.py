@@ -37,7 +37,9 @@ __all__ = ["CallError", "Coordinator", "serve"]
 log = logging.getLogger(__name__)
 
 HEARTBEAT_MS = 500
-LOST_AFTER_S = 15.0
+LOST_AFTER_S = 5.0
+"""A worker whose heartbeats stop this long is lost (``--worker-timeout``)."""
+RECOVERY_TIMEOUT_S = 300.0
 LOAD_TIMEOUT_S = 900.0
 SERVICES = ["pipeserve.v1.Inference", "pipeserve.v1.Admin", "pipeserve.v1.Registry"]
 
@@ -61,10 +63,11 @@ class WorkerRecord:
     last_seen: float = field(default_factory=time.monotonic)
     draining: bool = False
     model: str = ""
+    lost_after: float = LOST_AFTER_S
 
     @property
     def state(self) -> str:
-        if time.monotonic() - self.last_seen > LOST_AFTER_S:
+        if time.monotonic() - self.last_seen > self.lost_after:
             return "lost"
         if self.draining:
             return "draining"
@@ -81,6 +84,13 @@ class ModelRecord:
     mode: str = "generate"
     state: int = pb.MODEL_STATE_LOADING
     error: str = ""
+    device: str = ""
+    calls: set[Any] = field(default_factory=set)
+    """Upstream Generate calls in flight (cancelled when the pipeline must be re-formed)."""
+    recovering: bool = False
+    waiting: str = ""
+    """Why recovery waits (no spare worker yet): requests fail fast with this message."""
+    abandoned: bool = False
 
     def info(self) -> pb.ModelInfo:
         inputs = []
@@ -123,7 +133,11 @@ class Coordinator:
         self.metrics = CoordinatorMetrics(self.registry)
         self.registry.register(_ClusterCollector(self))
         self.model_roots: list[Path] = []
+        self.lost_after = LOST_AFTER_S
+        self.recoveries: list[dict[str, Any]] = []
+        """Completed recoveries: model, lost workers, seconds from detection to ready."""
         self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
         self.workers: dict[str, WorkerRecord] = {}
         self.models: dict[str, ModelRecord] = {}
         self._ids = itertools.count(1)
@@ -161,6 +175,13 @@ class Coordinator:
         self, request: pb.GenerateRequest, timeout: float | None, rid: str = ""
     ) -> Any:
         """Start a Generate call on the model's stage-0 worker (raises :class:`CallError`)."""
+        m = self.models.get(request.model)
+        if m is not None and m.waiting:
+            raise CallError(grpc.StatusCode.UNAVAILABLE, m.waiting)
+        if m is not None and m.recovering:
+            raise CallError(
+                grpc.StatusCode.UNAVAILABLE, f"model {m.name!r} is recovering from a lost worker"
+            )
         m = self.find(request.model)
         w = self.workers.get(m.workers[0])
         if w is None or w.state == "lost":
@@ -174,27 +195,53 @@ class Coordinator:
     def relay_generate(
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GenerateResponse]:
+        """Relay a Generate call to the stage-0 worker.  If the pipeline loses a worker
+        mid-stream, wait for it to be re-formed and replay the request with the tokens
+        already streamed (``resume_token_ids``): the client sees one uninterrupted stream."""
         rid = new_request_id(context.invocation_metadata())
         REQUEST_ID.set(rid)
         context.send_initial_metadata((("x-request-id", rid),))
         track = self.metrics.track(request.model, "Generate")
         status = "OK"
+        streamed: list[int] = []
         try:
-            try:
-                call = self.open_generate(request, rpc.remaining(context), rid)
-            except CallError as e:
-                status = e.code.name
-                context.abort(e.code, e.message)
-            context.add_callback(call.cancel)  # client cancelled / deadline: cancel upstream
-            try:
-                for r in call:
-                    track.tokens(len(r.token_ids))
-                    yield r
-            except grpc.RpcError as e:
-                status = e.code().name
-                if not context.is_active():
+            while True:
+                req = pb.GenerateRequest()
+                req.CopyFrom(request)
+                if streamed:
+                    req.resume_token_ids.extend(streamed)
+                epoch = self.models[request.model].epoch if request.model in self.models else 0
+                try:
+                    call = self.open_generate(req, rpc.remaining(context), rid)
+                except CallError as e:
+                    if streamed and self.wait_recovered(request.model, epoch, context):
+                        continue
+                    status = e.code.name
+                    context.abort(e.code, e.message)
+                m = self.models.get(request.model)
+                if m is not None:
+                    m.calls.add(call)
+                context.add_callback(call.cancel)  # client cancelled / deadline: upstream too
+                try:
+                    for r in call:
+                        if r.finish_reason and streamed:  # usage of the whole request
+                            r.usage.prompt_tokens -= len(streamed)
+                            r.usage.completion_tokens += len(streamed)
+                        streamed += r.token_ids
+                        track.tokens(len(r.token_ids))
+                        yield r
                     return
-                context.abort(e.code(), e.details() or "")
+                except grpc.RpcError as e:
+                    if not context.is_active():
+                        return
+                    if self.wait_recovered(request.model, epoch, context):
+                        log.info("replaying after %d streamed tokens", len(streamed))
+                        continue
+                    status = e.code().name
+                    context.abort(e.code(), e.details() or "")
+                finally:
+                    if m is not None:
+                        m.calls.discard(call)
         except GeneratorExit:
             status = "CANCELLED"
             raise
@@ -203,6 +250,138 @@ class Coordinator:
                 status = "CANCELLED"
             track.done(status)
             log.info("generate on %s: %s", request.model, status)
+
+    def wait_recovered(self, name: str, epoch: int, context: grpc.ServicerContext) -> bool:
+        """After an upstream failure: True once the model is ready again under a newer epoch
+        (replay), False if the failure was not a lost worker or no spare can take over."""
+        grace = time.monotonic() + self.lost_after + 2.0  # time for heartbeats to go missing
+        deadline = time.monotonic() + RECOVERY_TIMEOUT_S
+        with self.changed:
+            while context.is_active():
+                m = self.models.get(name)
+                if m is None:
+                    return False
+                if m.waiting:
+                    return False  # no spare: fail fast (the caller aborts with UNAVAILABLE)
+                if m.state == pb.MODEL_STATE_READY and m.epoch > epoch:
+                    return True
+                now = time.monotonic()
+                if not m.recovering and m.epoch == epoch and now > grace:
+                    return False
+                if now > deadline:
+                    return False
+                self.changed.wait(0.2)
+        return False
+
+    # ------------------------------------------------------------------ recovery
+
+    def monitor(self, stop: threading.Event) -> None:
+        """Detect lost workers (no heartbeat for ``lost_after`` s, a crash or a hang) and
+        re-form their models' pipelines on spare workers under a new epoch."""
+        while not stop.wait(0.25):
+            for m in list(self.models.values()):
+                if m.mode != "generate":
+                    continue
+                lost = [w for w in m.workers if self.workers[w].state == "lost"]
+                if lost and (m.state == pb.MODEL_STATE_READY or m.recovering):
+                    try:
+                        self.recover(m, lost)
+                    except Exception:  # keep monitoring
+                        log.exception("recovery of %s failed", m.name)
+
+    def recover(self, m: ModelRecord, lost: list[str]) -> None:
+        t0 = time.monotonic()
+        with self.changed:
+            if not m.recovering:
+                m.recovering = True
+                m.state = pb.MODEL_STATE_LOADING
+                m.error = f"recovering: worker(s) {', '.join(lost)} lost"
+                self.changed.notify_all()
+                log.warning("model %s lost %s; re-forming the pipeline", m.name, lost)
+        self.health.set(f"pipeserve.model.{m.name}", False)
+        for call in list(m.calls):  # streams on the broken pipeline: the relays replay them
+            call.cancel()
+        if not m.abandoned:
+            for wid in m.workers:
+                w = self.workers[wid]
+                if wid in lost:
+                    continue
+                try:
+                    w.stub.Release(pb.ReleaseRequest(model=m.name, abandon=True), timeout=10)
+                except grpc.RpcError as e:
+                    log.warning("abandon on %s failed: %s", wid, e.code())
+            m.abandoned = True
+        with self.lock:
+            spares = sorted(
+                (w for w in self.workers.values() if w.state == "idle" and not w.model),
+                key=lambda w: int(w.id[1:]),
+            )
+            if len(spares) < len(lost):
+                m.waiting = (
+                    f"model {m.name!r} lost worker(s) {', '.join(lost)} and no spare worker is "
+                    "registered; start a `pipeserve worker` and the model recovers by itself"
+                )
+                self.changed.notify_all()
+                return
+            workers = list(m.workers)
+            for wid in lost:
+                spare = spares.pop(0)
+                workers[workers.index(wid)] = spare.id
+                spare.model = m.name
+                self.workers[wid].model = ""
+            m.waiting = ""
+            m.workers = workers
+            m.epoch = next(self._epochs)
+        error = self.assign_and_wait(m)
+        with self.changed:
+            if error is None:
+                m.state, m.error, m.recovering, m.abandoned = pb.MODEL_STATE_READY, "", False, False
+                self.recoveries.append(
+                    {"model": m.name, "lost": lost, "seconds": time.monotonic() - t0}
+                )
+                log.warning("model %s ready again (epoch %d)", m.name, m.epoch)
+                self.health.set(f"pipeserve.model.{m.name}", True)
+            else:
+                m.error = f"recovery failed: {error}; retrying"
+                m.abandoned = False
+            self.changed.notify_all()
+
+    def assign_and_wait(self, m: ModelRecord) -> str | None:
+        """Assign every stage of ``m`` (its current workers, epoch) and wait until ready;
+        None on success, else the error."""
+        plan_json = m.plan.dumps()
+        try:
+            for k, wid in enumerate(m.workers):
+                self.workers[wid].stub.Assign(
+                    pb.AssignRequest(
+                        model=m.name,
+                        plan_json=plan_json,
+                        stage=k,
+                        world_size=m.plan.num_stages,
+                        rendezvous=self.store_address,
+                        epoch=m.epoch,
+                        device=m.device,
+                        mode=m.mode,
+                    ),
+                    timeout=30,
+                )
+        except grpc.RpcError as e:
+            return f"assigning a stage failed: {e.details()}"
+        deadline = time.monotonic() + LOAD_TIMEOUT_S
+        while time.monotonic() < deadline:
+            states = []
+            for wid in m.workers:
+                try:
+                    st = self.workers[wid].stub.Status(pb.StatusRequest(), timeout=10)
+                except grpc.RpcError as e:
+                    return f"{wid} unreachable: {e.code()}"
+                if st.state == "failed":
+                    return f"{wid}: {st.error}"
+                states.append(st.state)
+            if all(x == "ready" for x in states):
+                return None
+            time.sleep(0.2)
+        return "timed out"
 
     def forward(self, request: pb.ForwardRequest, timeout: float | None) -> pb.ForwardResponse:
         """Run a forward-mode model through its last-stage worker (which hosts the driver)."""
@@ -289,6 +468,7 @@ class RegistryServicer(pbg.RegistryServicer):
                 request.device,
                 request.memory_bytes,
                 pbg.StageWorkerStub(rpc.channel(request.address)),
+                lost_after=self.c.lost_after,
             )
         log.info("worker %s registered from %s", wid, request.address)
         return pb.RegisterResponse(worker_id=wid, heartbeat_interval_ms=HEARTBEAT_MS)
@@ -391,6 +571,7 @@ class AdminServicer(pbg.AdminServicer):
             m = ModelRecord(
                 name, request.checkpoint, plan, [w.id for w in chosen], next(c._epochs), mode
             )
+            m.device = request.device
             c.models[name] = m
             for w in chosen:
                 w.model = name
@@ -566,6 +747,7 @@ def serve(
     metrics_port: int = 0,
     health_port: int = 0,
     model_roots: list[str] | None = None,
+    worker_timeout: float = LOST_AFTER_S,
 ) -> None:
     """Run the coordinator until ``stop`` is set (or forever)."""
     from coordinator.kserve import KServeServicer
@@ -585,6 +767,7 @@ def serve(
     )
     c = Coordinator(f"{advertise}:{store.port}", health)
     c.model_roots = [Path(r) for r in model_roots or []]
+    c.lost_after = worker_timeout
     serve_metrics(c.registry, metrics_port, host if host not in ("", "::") else "0.0.0.0")
     pbg.add_InferenceServicer_to_server(InferenceServicer(c), server)
     pbg.add_AdminServicer_to_server(AdminServicer(c), server)
@@ -601,6 +784,7 @@ def serve(
     if ready is not None:
         ready(port)
     stop = stop or threading.Event()
+    threading.Thread(target=c.monitor, args=(stop,), name="monitor", daemon=True).start()
     stop.wait()
     server.stop(grace=2)
     if health_server is not None:

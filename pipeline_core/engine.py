@@ -358,6 +358,20 @@ class GenerationEngine:
         self.inbox.put(("stop",))
         self._thread.join(timeout)
 
+    def abandon(self, reason: str) -> None:
+        """The pipeline is broken: fail every request now and stop, sending nothing on the
+        ring (its peers may be gone).  Safe to call from any thread."""
+        self._broken = reason
+        self._stopped.set()
+        with self._lock:
+            pending, self._pending = list(self._pending), deque()
+        for h in pending:
+            h._finish("error", reason)
+        for g in list(self._groups.values()):
+            for h in g.rows:
+                h._finish("error", reason)
+        self.inbox.put(("abandon",))
+
     @property
     def queue_depth(self) -> int:
         """Requests waiting to be admitted."""
@@ -393,6 +407,8 @@ class GenerationEngine:
                 if isinstance(item, tuple) and item[0] == "stop":
                     self._shutdown()
                     return
+                if isinstance(item, tuple) and item[0] == "abandon":
+                    return
                 self._handle(item)
                 while True:  # drain what else arrived
                     try:
@@ -401,6 +417,8 @@ class GenerationEngine:
                         break
                     if isinstance(item, tuple) and item[0] == "stop":
                         self._shutdown()
+                        return
+                    if isinstance(item, tuple) and item[0] == "abandon":
                         return
                     self._handle(item)
                 self._expire_pending()

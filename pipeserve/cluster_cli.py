@@ -61,6 +61,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         health_port=args.health_port,
         model_roots=args.model_root,
+        worker_timeout=args.worker_timeout,
     )
     return 0
 
@@ -324,6 +325,12 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--store-port", type=int, default=0, help="data-plane rendezvous port")
     p.add_argument("--advertise-host", help="host workers use to reach the rendezvous store")
+    p.add_argument(
+        "--worker-timeout",
+        type=float,
+        default=5.0,
+        help="seconds without a heartbeat before a worker is lost and its stage moves to a spare",
+    )
     p.add_argument(
         "--model-root",
         action="append",

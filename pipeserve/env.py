@@ -5,6 +5,8 @@ ENV_VARS = {
     "PIPESERVE_ADMIN_TOKEN": "coordinator: require 'authorization: Bearer <token>' on Admin "
     "calls; pipeserve admin: send it",
     "PIPESERVE_WORKER_TOKEN": "coordinator: workers must present it to register; worker: send it",
+    "PIPESERVE_DATAPLANE_TIMEOUT": "worker: seconds before a stuck gloo/NCCL operation fails "
+    "(default 60)",
     "PIPESERVE_TLS_CA": "CA certificate (verify peers; servers then require client certs)",
     "PIPESERVE_TLS_CERT": "this process's TLS certificate",
     "PIPESERVE_TLS_KEY": "its private key",

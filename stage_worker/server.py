@@ -42,7 +42,8 @@ __all__ = ["Worker", "serve"]
 log = logging.getLogger(__name__)
 
 SERVICE = "pipeserve.v1.StageWorker"
-TIMEOUT_S = 300.0
+TIMEOUT_S = float(os.environ.get("PIPESERVE_DATAPLANE_TIMEOUT", "60"))
+"""Data-plane (gloo/NCCL) timeout: a peer stuck this long fails the operation."""
 FINISH = {
     "stop": pb.FINISH_REASON_STOP,
     "length": pb.FINISH_REASON_LENGTH,
@@ -127,7 +128,7 @@ class _Job:
         req = self.req
         self.stage = GenStage(self.plan, req.stage, self.device, stats=self.stats)
         self.state = "joining"
-        ring = Ring(self._store(), req.stage, req.world_size, self.device)
+        ring = Ring(self._store(), req.stage, req.world_size, self.device, TIMEOUT_S)
         self.ring = ring
         if req.stage == 0:
             ring_ = ring if req.world_size > 1 else None
@@ -174,6 +175,13 @@ class _Job:
             "steps": st.steps,
             "bytes_sent": self.ring.bytes_sent if self.ring is not None else 0,
         }
+
+    def abandon(self) -> None:
+        """Drop the stage at once (a peer is gone): fail this stage's requests, send nothing.
+        Threads blocked on the dead data plane end at its timeout."""
+        if self.engine is not None:
+            self.engine.abandon("the pipeline lost a worker; the coordinator replays requests")
+        self.stage = self.engine = self.driver = None
 
     def release(self) -> None:
         if self.engine is not None:
@@ -239,7 +247,7 @@ class Worker(pbg.StageWorkerServicer):
             job, self.job = self.job, None
         self._set_health(False)
         if job is not None:
-            job.release()
+            job.abandon() if request.abandon else job.release()
         return pb.ReleaseResponse()
 
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> Any:
@@ -285,6 +293,12 @@ class Worker(pbg.StageWorkerServicer):
                 prompt = tok(request.text)["input_ids"]
             else:
                 prompt = list(request.token_ids.ids)
+            resume = list(request.resume_token_ids)
+            if resume:  # replay after a lost worker: continue after what was streamed
+                if len(resume) >= params.max_new_tokens:
+                    raise ValueError("resume_token_ids already reach max_new_tokens")
+                params.max_new_tokens -= len(resume)
+                prompt = prompt + resume
             handle = job.engine.submit(prompt, params)
         except Exception as e:
             rpc.abort_for(context, e)

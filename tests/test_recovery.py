@@ -1,0 +1,183 @@
+"""Surviving worker loss: a killed (SIGKILL) or hung (SIGSTOP) stage worker is detected by its
+missing heartbeats, its stage moves to a spare worker, the survivors re-form the pipeline under
+a new epoch (no restart), and every in-flight request is replayed with the tokens it already
+streamed -- each client stream is token-identical to an undisturbed run.  Without a spare,
+requests fail fast with UNAVAILABLE, and the model recovers by itself once a worker joins.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pipeserve.v1 import pipeserve_pb2 as pb
+from pipeserve.v1 import pipeserve_pb2_grpc as pbg
+
+from .models import lm_model, save_hf
+from .test_cluster import _code, _port
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+NEW = 40
+
+
+class Fleet:
+    def __init__(self, tmp: Path) -> None:
+        self.port = _port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.tmp = tmp
+        self.workers: dict[int, subprocess.Popen] = {}  # gRPC port -> process
+        self.coordinator = self._spawn(
+            "coordinator", "--port", str(self.port), "--worker-timeout", "2"
+        )
+        ch = grpc.insecure_channel(self.address)
+        grpc.channel_ready_future(ch).result(timeout=120)
+        self.admin, self.inference = pbg.AdminStub(ch), pbg.InferenceStub(ch)
+
+    def _spawn(self, *args: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{args[0]}-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
+        common = ["--host", "127.0.0.1", "--advertise-host", "127.0.0.1"]
+        env = {**os.environ, "PIPESERVE_DATAPLANE_TIMEOUT": "20"}
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeserve", *args, *common],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+    def add_worker(self) -> None:
+        port = _port()
+        self.workers[port] = self._spawn(
+            "worker", "--coordinator", self.address, "--port", str(port)
+        )
+        self.wait(
+            lambda st: any(w.address.endswith(f":{port}") and w.state == "idle" for w in st.workers)
+        )
+
+    def wait(self, ok, timeout: float = 120.0) -> pb.ClusterStatusResponse:
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.admin.ClusterStatus(pb.ClusterStatusRequest(), timeout=10)
+            if ok(st):
+                return st
+            assert time.monotonic() < deadline, st
+            time.sleep(0.1)
+
+    def process_of_stage(self, stage: int) -> subprocess.Popen:
+        st = self.admin.ClusterStatus(pb.ClusterStatusRequest(), timeout=10)
+        (w,) = [w for w in st.workers if w.model == "m" and w.stage == stage and w.state == "ready"]
+        return self.workers[int(w.address.rsplit(":", 1)[1])]
+
+    def model(self) -> pb.ModelInfo:
+        (m,) = self.inference.ListModels(pb.ListModelsRequest(), timeout=10).models
+        return m
+
+    def stream(self, prompt: list[int], out: list, errors: list) -> None:
+        req = pb.GenerateRequest(
+            model="m",
+            token_ids=pb.TokenIds(ids=prompt),
+            max_new_tokens=NEW,
+            sampling=pb.SamplingParameters(ignore_eos=True),
+        )
+        try:
+            for r in self.inference.Generate(req, timeout=300):
+                out.extend(r.token_ids)
+        except grpc.RpcError as e:
+            errors.append((e.code(), e.details()))
+
+    def close(self) -> None:
+        for p in [self.coordinator, *self.workers.values()]:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+            p.wait(timeout=30)
+
+
+def _many(fleet: Fleet, prompts: list[list[int]], after) -> tuple[list, list]:
+    outs: list[list[int]] = [[] for _ in prompts]
+    errors: list = []
+    threads = [
+        threading.Thread(target=fleet.stream, args=(p, o, errors))
+        for p, o in zip(prompts, outs, strict=True)
+    ]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while sum(map(len, outs)) < 2 * len(prompts) and time.monotonic() < deadline:
+        time.sleep(0.01)  # every stream is under way
+    after()
+    for t in threads:
+        t.join(300)
+    return outs, errors
+
+
+def test_worker_loss_is_survived(tmp_path):
+    save_hf(lm_model("llama"), tmp_path / "m")
+    fleet = Fleet(tmp_path)
+    try:
+        for _ in range(4):  # 3 stages + 1 spare
+            fleet.add_worker()
+        list(
+            fleet.admin.LoadModel(
+                pb.LoadModelRequest(
+                    name="m", checkpoint=str(tmp_path / "m"), policy=pb.SplitPolicy(equal_size=3)
+                ),
+                timeout=300,
+            )
+        )
+        prompts = [[1 + i, 2 + i % 7, 3, 4 + i % 5] for i in range(20)]
+        undisturbed, errors = _many(fleet, prompts, lambda: None)
+        assert not errors and all(len(o) == NEW for o in undisturbed)
+
+        # 1. SIGKILL the stage-1 worker with 20 requests in flight; a spare takes over
+        epoch = fleet.model().epoch
+        victim = fleet.process_of_stage(1)
+        t_kill = []
+        outs, errors = _many(
+            fleet, prompts, lambda: (t_kill.append(time.monotonic()), victim.kill())
+        )
+        assert not errors, errors[:3]
+        assert outs == undisturbed  # every stream complete, no duplicate or missing token
+        m = fleet.model()
+        assert m.state == pb.MODEL_STATE_READY and m.epoch > epoch
+
+        # 2. no spare left: kill another stage worker -> UNAVAILABLE fast, then a new worker
+        #    joins and the model is ready again by itself
+        fleet.process_of_stage(2).kill()
+        fleet.wait(lambda st: fleet.model().state != pb.MODEL_STATE_READY, 30)
+        t0 = time.monotonic()
+        code, msg = _code(
+            lambda: list(
+                fleet.inference.Generate(
+                    pb.GenerateRequest(
+                        model="m", token_ids=pb.TokenIds(ids=[1, 2, 3]), max_new_tokens=4
+                    ),
+                    timeout=60,
+                )
+            )
+        )
+        assert code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - t0 < 10, msg
+        fleet.add_worker()
+        fleet.wait(lambda st: fleet.model().state == pb.MODEL_STATE_READY, 120)
+        out: list[int] = []
+        fleet.stream(prompts[0], out, errors)
+        assert out == undisturbed[0] and not errors
+
+        # 3. a hung worker (SIGSTOP) is detected like a crash
+        fleet.add_worker()  # a spare again
+        hung = fleet.process_of_stage(0)
+        outs, errors = _many(fleet, prompts[:8], lambda: hung.send_signal(signal.SIGSTOP))
+        assert not errors, errors[:3]
+        assert outs == undisturbed[:8]
+    finally:
+        fleet.close()
