@@ -2,8 +2,9 @@
 
 Greedy decoding is ``argmax`` of the float32 logits, exactly as ``transformers`` ``generate``
 does; sampling applies, in ``generate``'s order, repetition penalty, temperature, top-k and
-top-p, then draws from each sequence's own ``torch.Generator`` seeded per request, so a
-request's tokens do not depend on what else is in its batch.
+top-p, then draws token ``k`` of a request with a generator seeded from (request seed, ``k``), so a
+request's tokens do not depend on what else is in its batch, and a replay from token ``k``
+(after a lost worker) continues exactly.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     timeout_s: float | None = None
+    step_offset: int = 0
+    """Tokens this request generated before (a replay after a lost worker continues its
+    random stream from there: each token's draw depends only on the seed and its index)."""
 
     def validate(self, prompt_len: int, context: int | None) -> None:
         if self.max_new_tokens <= 0:
@@ -75,8 +79,17 @@ def encode_rows(params: list[SamplingParams], seeds: list[int]) -> tuple[torch.T
     f = torch.tensor(
         [[p.temperature, p.top_p, p.repetition_penalty] for p in params], dtype=torch.float64
     )
-    i = torch.tensor([[p.top_k, s] for p, s in zip(params, seeds, strict=True)], dtype=torch.int64)
+    i = torch.tensor(
+        [[p.top_k, s, p.step_offset] for p, s in zip(params, seeds, strict=True)],
+        dtype=torch.int64,
+    )
     return f, i
+
+
+def _step_seed(seed: int, step: int) -> int:
+    """The seed of token ``step``'s draw: a request's tokens are reproducible one by one, so a
+    replay from any point continues exactly."""
+    return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9) % (2**63)
 
 
 class Sampler:
@@ -87,20 +100,20 @@ class Sampler:
         self.top_p = floats[:, 1].tolist()
         self.penalty = floats[:, 2].tolist()
         self.top_k = ints[:, 0].tolist()
-        self.generators = []
-        for seed in ints[:, 1].tolist():
-            g = torch.Generator()
-            g.manual_seed(int(seed))
-            self.generators.append(g)
+        self.seeds = ints[:, 1].tolist()
+        self.steps = ints[:, 2].tolist()
+        self._gen = torch.Generator()
+
+    _ROWS = ("temperature", "top_p", "penalty", "top_k", "seeds", "steps")
 
     def select(self, keep: list[int]) -> None:
-        for name in ("temperature", "top_p", "penalty", "top_k", "generators"):
+        for name in self._ROWS:
             v = getattr(self, name)
             setattr(self, name, [v[i] for i in keep])
 
     def extend(self, other: Sampler) -> None:
         """Append another group's rows (groups merge)."""
-        for name in ("temperature", "top_p", "penalty", "top_k", "generators"):
+        for name in self._ROWS:
             getattr(self, name).extend(getattr(other, name))
 
     def choose(self, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -108,6 +121,7 @@ class Sampler:
         history (for the repetition penalty)."""
         if len(self.top_k) != logits.shape[0]:
             raise PlanError(f"sampler has {len(self.top_k)} rows, logits {logits.shape[0]}")
+        self.steps = [k + 1 for k in self.steps]  # the draw of token k uses step k
         if all(t == 0 for t in self.temperature) and all(p == 1 for p in self.penalty):
             return torch.argmax(logits, dim=-1).cpu()
         out = []
@@ -132,7 +146,8 @@ class Sampler:
         if self.top_p[r] < 1:
             scores = TopPLogitsWarper(self.top_p[r])(ids, scores)
         probs = torch.softmax(scores.float().cpu(), dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generators[r]))
+        self._gen.manual_seed(_step_seed(int(self.seeds[r]), self.steps[r] - 1))
+        return int(torch.multinomial(probs, 1, generator=self._gen))
 
 
 def context_length(config: Any) -> int | None:

@@ -298,6 +298,7 @@ class Worker(pbg.StageWorkerServicer):
                 if len(resume) >= params.max_new_tokens:
                     raise ValueError("resume_token_ids already reach max_new_tokens")
                 params.max_new_tokens -= len(resume)
+                params.step_offset = len(resume)  # seeded sampling continues its stream
                 prompt = prompt + resume
             handle = job.engine.submit(prompt, params)
         except Exception as e:

@@ -293,3 +293,20 @@ def test_queue_full_is_refused(tmp_path):
         assert waiting.result(timeout=60).finish_reason == "length"  # it got its turn
     finally:
         engine.close()
+
+
+def test_seeded_sampling_resumes_exactly(tmp_path):
+    """Token k's draw depends only on (seed, k): a replay from token k (after a lost worker)
+    continues the same stream."""
+    _, plan = _plan(tmp_path, "gpt2", 1)
+    engine = GenerationEngine(GenStage(plan, 0), None)
+    try:
+        kw = dict(temperature=1.0, top_k=40, seed=1234, ignore_eos=True)
+        full = engine.generate([PROMPTS[1]], SamplingParams(max_new_tokens=24, **kw))[0]
+        k = 9
+        rest = engine.generate(
+            [PROMPTS[1] + full[:k]], SamplingParams(max_new_tokens=24 - k, step_offset=k, **kw)
+        )[0]
+        assert full[k:] == rest
+    finally:
+        engine.close()
