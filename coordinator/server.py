@@ -289,7 +289,9 @@ class Coordinator:
                     except Exception:  # keep monitoring
                         log.exception("recovery of %s failed", m.name)
 
-    def recover(self, m: ModelRecord, lost: list[str]) -> None:
+    def recover(self, m: ModelRecord, lost: list[str], drained: bool = False) -> None:
+        """Move the stages of ``lost`` workers to spares and re-form ``m`` (``drained``: the
+        workers are alive and leave on request, so they are released too)."""
         t0 = time.monotonic()
         with self.changed:
             if not m.recovering:
@@ -304,7 +306,7 @@ class Coordinator:
         if not m.abandoned:
             for wid in m.workers:
                 w = self.workers[wid]
-                if wid in lost:
+                if wid in lost and not drained:
                     continue
                 try:
                     w.stub.Release(pb.ReleaseRequest(model=m.name, abandon=True), timeout=10)
@@ -683,6 +685,8 @@ class AdminServicer(pbg.AdminServicer):
         return pb.TimelineResponse(events=sorted(events, key=lambda e: (e.stage, e.start)))
 
     def DrainWorker(self, request: pb.DrainWorkerRequest, context: grpc.ServicerContext) -> Any:
+        """No new work for the worker; if it serves a stage and a spare exists, the stage
+        moves to the spare now (in-flight requests are replayed, none fails)."""
         self._authorize(context)
         with self.c.lock:
             w = self.c.workers.get(request.worker_id)
@@ -690,6 +694,16 @@ class AdminServicer(pbg.AdminServicer):
                 context.abort(grpc.StatusCode.NOT_FOUND, f"no worker {request.worker_id!r}")
             assert w is not None
             w.draining = True
+            m = self.c.models.get(w.model)
+            spare = any(x.state == "idle" and not x.model for x in self.c.workers.values())
+        if m is not None and m.mode == "generate" and request.worker_id in m.workers:
+            if not spare:
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{w.id} is draining but serves stage {m.workers.index(w.id)} of "
+                    f"{m.name!r} and no spare worker can take it; start a worker",
+                )
+            self.c.recover(m, [request.worker_id], drained=True)
         return pb.DrainWorkerResponse()
 
 

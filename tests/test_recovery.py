@@ -179,5 +179,19 @@ def test_worker_loss_is_survived(tmp_path):
         outs, errors = _many(fleet, prompts[:8], lambda: hung.send_signal(signal.SIGSTOP))
         assert not errors, errors[:3]
         assert outs == undisturbed[:8]
+
+        # 4. drain: the stage moves to a spare while requests run, none fails
+        fleet.add_worker()
+        st = fleet.admin.ClusterStatus(pb.ClusterStatusRequest(), timeout=10)
+        (w1,) = [w for w in st.workers if w.model == "m" and w.stage == 1 and w.state == "ready"]
+        outs, errors = _many(
+            fleet,
+            prompts[:8],
+            lambda: fleet.admin.DrainWorker(pb.DrainWorkerRequest(worker_id=w1.id), timeout=120),
+        )
+        assert not errors and outs == undisturbed[:8]
+        st = fleet.admin.ClusterStatus(pb.ClusterStatusRequest(), timeout=10)
+        assert {w.id: w.state for w in st.workers}[w1.id] == "draining"
+        assert w1.id not in {w.id for w in st.workers if w.model == "m"}
     finally:
         fleet.close()
