@@ -16,6 +16,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,8 @@ class WorkerRecord:
     draining: bool = False
     model: str = ""
     lost_after: float = LOST_AFTER_S
+    seq: int = 0
+    """Registration order (stages go to the earliest idle workers)."""
 
     @property
     def state(self) -> str:
@@ -110,6 +113,45 @@ class ModelRecord:
         )
 
 
+class StateStore:
+    """The coordinator's deployments in SQLite (``--state-db``), so a restarted coordinator
+    comes back with its models: workers keep serving, re-register, and are linked back by
+    (model, stage, epoch)."""
+
+    def __init__(self, path: str) -> None:
+        import sqlite3
+
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS models (name TEXT PRIMARY KEY, checkpoint TEXT, "
+            "plan TEXT, mode TEXT, device TEXT, epoch INTEGER)"
+        )
+        self._lock = threading.Lock()
+
+    def save(self, m: ModelRecord) -> None:
+        with self._lock:
+            self.db.execute(
+                "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?)",
+                (m.name, m.checkpoint, m.plan.dumps(), m.mode, m.device, m.epoch),
+            )
+
+    def delete(self, name: str) -> None:
+        with self._lock:
+            self.db.execute("DELETE FROM models WHERE name = ?", (name,))
+
+    def load(self) -> list[ModelRecord]:
+        with self._lock:
+            rows = self.db.execute("SELECT * FROM models").fetchall()
+        out = []
+        for name, checkpoint, plan, mode, device, epoch in rows:
+            p = Plan.from_json(plan)
+            m = ModelRecord(name, checkpoint, p, [""] * p.num_stages, epoch, mode)
+            m.device = device
+            m.error = "restoring: waiting for its workers to re-register"
+            out.append(m)
+        return out
+
+
 def policy_from_proto(p: pb.SplitPolicy) -> Policy:
     kind = p.WhichOneof("kind")
     if kind == "threshold_bytes":
@@ -134,6 +176,8 @@ class Coordinator:
         self.registry.register(_ClusterCollector(self))
         self.model_roots: list[Path] = []
         self.lost_after = LOST_AFTER_S
+        self.instance = uuid.uuid4().hex[:4]
+        self.state: StateStore | None = None
         self.recoveries: list[dict[str, Any]] = []
         """Completed recoveries: model, lost workers, seconds from detection to ready."""
         self.lock = threading.RLock()
@@ -208,6 +252,7 @@ class Coordinator:
             while True:
                 req = pb.GenerateRequest()
                 req.CopyFrom(request)
+                resumed = len(streamed)
                 if streamed:
                     req.resume_token_ids.extend(streamed)
                 epoch = self.models[request.model].epoch if request.model in self.models else 0
@@ -224,9 +269,9 @@ class Coordinator:
                 context.add_callback(call.cancel)  # client cancelled / deadline: upstream too
                 try:
                     for r in call:
-                        if r.finish_reason and streamed:  # usage of the whole request
-                            r.usage.prompt_tokens -= len(streamed)
-                            r.usage.completion_tokens += len(streamed)
+                        if r.finish_reason and resumed:  # usage of the whole request
+                            r.usage.prompt_tokens -= resumed
+                            r.usage.completion_tokens += resumed
                         streamed += r.token_ids
                         track.tokens(len(r.token_ids))
                         yield r
@@ -250,6 +295,23 @@ class Coordinator:
                 status = "CANCELLED"
             track.done(status)
             log.info("generate on %s: %s", request.model, status)
+
+    def relink(self, w: WorkerRecord) -> None:
+        """A worker that re-registered after a coordinator restart and still serves a stage
+        of a restored model takes its place again (caller holds the lock)."""
+        st = w.status
+        m = self.models.get(st.model)
+        if m is None or st.state != "ready" or st.epoch != m.epoch or w.model:
+            return
+        if not (0 <= st.stage < len(m.workers)) or m.workers[st.stage]:
+            return
+        m.workers[st.stage] = w.id
+        w.model = m.name
+        if all(m.workers):
+            m.state, m.error = pb.MODEL_STATE_READY, ""
+            self.health.set(f"pipeserve.model.{m.name}", True)
+            self.changed.notify_all()
+            log.warning("model %s restored (epoch %d)", m.name, m.epoch)
 
     def wait_recovered(self, name: str, epoch: int, context: grpc.ServicerContext) -> bool:
         """After an upstream failure: True once the model is ready again under a newer epoch
@@ -282,6 +344,8 @@ class Coordinator:
             for m in list(self.models.values()):
                 if m.mode != "generate":
                     continue
+                if not all(m.workers):
+                    continue  # restoring after a coordinator restart
                 lost = [w for w in m.workers if self.workers[w].state == "lost"]
                 if lost and (m.state == pb.MODEL_STATE_READY or m.recovering):
                     try:
@@ -316,7 +380,7 @@ class Coordinator:
         with self.lock:
             spares = sorted(
                 (w for w in self.workers.values() if w.state == "idle" and not w.model),
-                key=lambda w: int(w.id[1:]),
+                key=lambda w: w.seq,
             )
             if len(spares) < len(lost):
                 m.waiting = (
@@ -341,6 +405,8 @@ class Coordinator:
                 self.recoveries.append(
                     {"model": m.name, "lost": lost, "seconds": time.monotonic() - t0}
                 )
+                if self.state is not None:
+                    self.state.save(m)
                 log.warning("model %s ready again (epoch %d)", m.name, m.epoch)
                 self.health.set(f"pipeserve.model.{m.name}", True)
             else:
@@ -463,7 +529,10 @@ class RegistryServicer(pbg.RegistryServicer):
         if not request.address:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "register needs the worker address")
         with self.c.lock:
-            wid = f"w{next(self.c._ids)}"
+            seq = next(self.c._ids)
+            # unique across coordinator restarts: a worker heartbeating with an id from the
+            # previous coordinator must not be mistaken for a new one
+            wid = f"w{seq}-{self.c.instance}"
             self.c.workers[wid] = WorkerRecord(
                 wid,
                 request.address,
@@ -471,6 +540,7 @@ class RegistryServicer(pbg.RegistryServicer):
                 request.memory_bytes,
                 pbg.StageWorkerStub(rpc.channel(request.address)),
                 lost_after=self.c.lost_after,
+                seq=seq,
             )
         log.info("worker %s registered from %s", wid, request.address)
         return pb.RegisterResponse(worker_id=wid, heartbeat_interval_ms=HEARTBEAT_MS)
@@ -483,6 +553,7 @@ class RegistryServicer(pbg.RegistryServicer):
                 return pb.HeartbeatResponse(known=False)
             w.status = request.status
             w.last_seen = time.monotonic()
+            self.c.relink(w)
         return pb.HeartbeatResponse(known=True)
 
 
@@ -569,7 +640,7 @@ class AdminServicer(pbg.AdminServicer):
                     f"the plan has {plan.num_stages} stages but only {len(idle)} idle workers "
                     "are registered; start more `pipeserve worker` processes",
                 )
-            chosen = sorted(idle, key=lambda w: int(w.id[1:]))[: plan.num_stages]
+            chosen = sorted(idle, key=lambda w: w.seq)[: plan.num_stages]
             m = ModelRecord(
                 name, request.checkpoint, plan, [w.id for w in chosen], next(c._epochs), mode
             )
@@ -622,6 +693,8 @@ class AdminServicer(pbg.AdminServicer):
             elif ready:
                 m.state = pb.MODEL_STATE_READY
                 c.health.set(f"pipeserve.model.{name}", True)
+                if c.state is not None:
+                    c.state.save(m)
             elif time.monotonic() > deadline or not context.is_active():
                 self._fail(m, "loading timed out" if context.is_active() else "load cancelled")
             done = m.state != pb.MODEL_STATE_LOADING
@@ -646,6 +719,8 @@ class AdminServicer(pbg.AdminServicer):
         self.c.release_all(m)
         with self.c.lock:
             self.c.models.pop(m.name, None)
+        if self.c.state is not None:
+            self.c.state.delete(m.name)
         return pb.UnloadModelResponse()
 
     def ClusterStatus(self, request: pb.ClusterStatusRequest, context: Any) -> Any:
@@ -762,6 +837,7 @@ def serve(
     health_port: int = 0,
     model_roots: list[str] | None = None,
     worker_timeout: float = LOST_AFTER_S,
+    state_db: str = "",
 ) -> None:
     """Run the coordinator until ``stop`` is set (or forever)."""
     from coordinator.kserve import KServeServicer
@@ -782,6 +858,14 @@ def serve(
     c = Coordinator(f"{advertise}:{store.port}", health)
     c.model_roots = [Path(r) for r in model_roots or []]
     c.lost_after = worker_timeout
+    if state_db:
+        c.state = StateStore(state_db)
+        for m in c.state.load():
+            c.models[m.name] = m
+            c._epochs = itertools.count(max(m.epoch + 1, next(c._epochs)))
+            health.set(f"pipeserve.model.{m.name}", False)
+        if c.models:
+            print(f"restored {len(c.models)} model(s) from {state_db}", flush=True)
     serve_metrics(c.registry, metrics_port, host if host not in ("", "::") else "0.0.0.0")
     pbg.add_InferenceServicer_to_server(InferenceServicer(c), server)
     pbg.add_AdminServicer_to_server(AdminServicer(c), server)

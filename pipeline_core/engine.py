@@ -40,6 +40,7 @@ from .ring import (
     OP_DECODE,
     OP_FAIL,
     OP_MERGE,
+    OP_PING,
     OP_PREFILL,
     OP_RELEASE,
     OP_STATS,
@@ -215,6 +216,8 @@ def serve_generation(stage: GenStage, ring: Ring) -> None:
             ring.send(msg)
         elif op == OP_STATS:
             ring.send([OP_STATS, (*msg[1], _stats(stage))])
+        elif op == OP_PING:
+            ring.send(msg)  # the last stage sends it on to stage 0, which drops it
         elif op == OP_STOP:
             ring.send(msg)
             return
@@ -397,13 +400,22 @@ class GenerationEngine:
     # ------------------------------------------------------------------ loop
 
     def _loop(self) -> None:
+        # an idle ring still sends a message round now and then, so no stage's receive
+        # reaches the data-plane timeout (and a dead peer is noticed)
+        ping = max(0.5, self.ring.timeout_s / 4) if self.ring is not None else None
+        last = time.monotonic()
         while True:
             try:
-                timeout = 0.05 if self._pending or self._groups else None
+                timeout = 0.05 if self._pending or self._groups else ping
                 try:
                     item = self.inbox.get(timeout=timeout)
                 except queue.Empty:
                     item = None
+                if ping is not None and time.monotonic() - last > ping and not self._broken:
+                    self.ring.send([OP_PING])
+                    last = time.monotonic()
+                if isinstance(item, list):
+                    last = time.monotonic()
                 if isinstance(item, tuple) and item[0] == "stop":
                     self._shutdown()
                     return
@@ -439,6 +451,8 @@ class GenerationEngine:
             self._send([OP_STATS, (_stats(self.stage),)])
             return
         op = item[0]
+        if op == OP_PING:
+            return
         if op == OP_TOKENS:
             self._on_tokens(item[1], item[2])
         elif op == OP_FAIL:

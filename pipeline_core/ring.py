@@ -24,6 +24,7 @@ __all__ = [
     "OP_DECODE",
     "OP_FAIL",
     "OP_MERGE",
+    "OP_PING",
     "OP_PREFILL",
     "OP_RELEASE",
     "OP_STATS",
@@ -45,6 +46,7 @@ OP_STOP = 5  # [op]
 OP_TOKENS = 6  # last -> first: [op, group, chosen token ids]
 OP_FAIL = 7  # [op, group, message]: a stage failed on this group's step
 OP_MERGE = 8  # [op, group, other group]: append the other group's rows (and caches)
+OP_PING = 9  # [op]: keep-alive around an idle ring (every receive completes before timeout)
 
 
 class Ring:
@@ -59,6 +61,7 @@ class Ring:
         timeout_s: float = 300.0,
     ) -> None:
         self.index, self.num_stages = index, num_stages
+        self.timeout_s = timeout_s
         self.inbox: queue.Queue[Any] = queue.Queue()
         self._out: Channel | None = None
         self._in: Channel | None = None

@@ -62,6 +62,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         health_port=args.health_port,
         model_roots=args.model_root,
         worker_timeout=args.worker_timeout,
+        state_db=args.state_db,
     )
     return 0
 
@@ -205,12 +206,12 @@ def cmd_admin(args: argparse.Namespace) -> int:
 
 def _print_status(r: Any, _human: Any, pb: Any) -> None:
     print(
-        f"{'worker':<6} {'address':<22} {'device':<7} {'state':<9} {'model':<16} "
+        f"{'worker':<9} {'address':<22} {'device':<7} {'state':<9} {'model':<16} "
         f"{'stage':>5} {'kv seqs':>7} {'kv bytes':>10} {'heartbeat':>9}"
     )
     for w in r.workers:
         print(
-            f"{w.id:<6} {w.address:<22} {w.device:<7} {w.state:<9} {w.model or '-':<16} "
+            f"{w.id:<9} {w.address:<22} {w.device:<7} {w.state:<9} {w.model or '-':<16} "
             f"{w.stage if w.model else '-':>5} {w.kv_sequences:>7} "
             f"{_human(w.kv_bytes):>10} {w.seconds_since_heartbeat:>8.1f}s"
         )
@@ -330,6 +331,11 @@ def add_commands(sub: Any) -> None:
         type=float,
         default=5.0,
         help="seconds without a heartbeat before a worker is lost and its stage moves to a spare",
+    )
+    p.add_argument(
+        "--state-db",
+        default="",
+        help="SQLite file for deployments: a restarted coordinator restores its models",
     )
     p.add_argument(
         "--model-root",

@@ -31,13 +31,22 @@ NEW = 40
 
 
 class Fleet:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *coordinator_args: str) -> None:
         self.port = _port()
         self.address = f"127.0.0.1:{self.port}"
         self.tmp = tmp
+        self.coordinator_args = coordinator_args
         self.workers: dict[int, subprocess.Popen] = {}  # gRPC port -> process
+        self.start_coordinator()
+
+    def start_coordinator(self) -> None:
         self.coordinator = self._spawn(
-            "coordinator", "--port", str(self.port), "--worker-timeout", "2"
+            "coordinator",
+            "--port",
+            str(self.port),
+            "--worker-timeout",
+            "2",
+            *self.coordinator_args,
         )
         ch = grpc.insecure_channel(self.address)
         grpc.channel_ready_future(ch).result(timeout=120)
@@ -46,7 +55,7 @@ class Fleet:
     def _spawn(self, *args: str) -> subprocess.Popen:
         log = open(self.tmp / f"{args[0]}-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
         common = ["--host", "127.0.0.1", "--advertise-host", "127.0.0.1"]
-        env = {**os.environ, "PIPESERVE_DATAPLANE_TIMEOUT": "20"}
+        env = {**os.environ, "PIPESERVE_DATAPLANE_TIMEOUT": "20", "PYTHONUNBUFFERED": "1"}
         return subprocess.Popen(
             [sys.executable, "-m", "pipeserve", *args, *common],
             cwd=ROOT,
@@ -193,5 +202,36 @@ def test_worker_loss_is_survived(tmp_path):
         st = fleet.admin.ClusterStatus(pb.ClusterStatusRequest(), timeout=10)
         assert {w.id: w.state for w in st.workers}[w1.id] == "draining"
         assert w1.id not in {w.id for w in st.workers if w.model == "m"}
+    finally:
+        fleet.close()
+
+
+def test_coordinator_restart_restores_models(tmp_path):
+    save_hf(lm_model("llama"), tmp_path / "m")
+    fleet = Fleet(tmp_path, "--state-db", str(tmp_path / "state.db"))
+    try:
+        for _ in range(2):
+            fleet.add_worker()
+        list(
+            fleet.admin.LoadModel(
+                pb.LoadModelRequest(
+                    name="m", checkpoint=str(tmp_path / "m"), policy=pb.SplitPolicy(equal_size=2)
+                ),
+                timeout=300,
+            )
+        )
+        before: list[int] = []
+        errors: list = []
+        fleet.stream([4, 5, 6], before, errors)
+        fleet.coordinator.kill()  # SIGKILL: no clean shutdown
+        fleet.coordinator.wait(timeout=30)
+        fleet.start_coordinator()
+        deadline = time.monotonic() + 60
+        while fleet.model().state != pb.MODEL_STATE_READY:  # no reload by hand
+            assert time.monotonic() < deadline, fleet.model()
+            time.sleep(0.2)
+        after: list[int] = []
+        fleet.stream([4, 5, 6], after, errors)
+        assert not errors and after == before and len(after) == NEW
     finally:
         fleet.close()
