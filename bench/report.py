@@ -16,12 +16,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 OUT = ROOT / "BENCHMARKS.md"
-ORDER = ["core", "balance", "generate", "grpc"]
+ORDER = ["core", "balance", "generate", "grpc", "reliability"]
 BASELINES = {
     "core": "`torch.distributed.pipelining` ScheduleGPipe, same split; load peak vs shard bytes",
     "balance": "one process with the whole model; GPipe split at the middle",
     "generate": "HF `generate` in one process; PiPPy-style recompute; the model on 1 stage",
     "grpc": "`pipeline_core` called directly on the same local stages",
+    "reliability": "the same requests run undisturbed / alone",
 }
 
 

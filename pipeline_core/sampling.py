@@ -9,6 +9,7 @@ request's tokens do not depend on what else is in its batch, and a replay from t
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,9 @@ class SamplingParams:
                 f"exceeds the model's context of {context} tokens; shorten the prompt or ask "
                 "for fewer tokens"
             )
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise RequestError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not self.temperature >= 0:
             raise RequestError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -67,6 +71,8 @@ class SamplingParams:
             raise RequestError(
                 f"repetition_penalty must be > 0 (1: none), got {self.repetition_penalty}"
             )
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise RequestError(f"seed must be in [0, 2**64), got {self.seed}")
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise RequestError(f"timeout_s must be > 0, got {self.timeout_s}")
 
