@@ -10,6 +10,7 @@ tokenizer, ``text_output`` (BYTES).  ``ModelStreamInfer`` answers one response p
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -22,7 +23,7 @@ from pipeserve.inference import grpc_predict_v2_pb2 as kv2
 from pipeserve.inference import grpc_predict_v2_pb2_grpc as kg
 from pipeserve.v1 import pipeserve_pb2 as pb
 
-from .server import CallError, Coordinator
+from .server import CallError, Coordinator, _check_token
 
 __all__ = ["KServeServicer"]
 
@@ -207,7 +208,13 @@ class KServeServicer(kg.GRPCInferenceServiceServicer):
         finally:
             call.cancel()
 
+    def _authorize(self, context: Any) -> None:
+        token = os.environ.get("PIPESERVE_CLIENT_TOKEN", "")
+        if token:
+            _check_token(context, token, "client calls", "PIPESERVE_CLIENT_TOKEN")
+
     def ModelInfer(self, request: kv2.ModelInferRequest, context: Any) -> Any:
+        self._authorize(context)
         with self.c.lock:
             m = self.c.models.get(request.model_name)
         if m is not None and m.mode == "forward":
@@ -231,6 +238,7 @@ class KServeServicer(kg.GRPCInferenceServiceServicer):
         return _response(request.model_name, request.id, ids, text if has_text else None)
 
     def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
+        self._authorize(context)
         for req in request_iterator:
             try:
                 for r in self._run(req, rpc.remaining(context)):

@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -484,19 +485,45 @@ class Coordinator:
 
 
 class InferenceServicer(pbg.InferenceServicer):
-    def __init__(self, c: Coordinator) -> None:
+    """The client API.  With ``PIPESERVE_CLIENT_TOKEN`` set, calls need it as a bearer token;
+    ``max_streams_per_client`` bounds the Generate calls one client address has in flight."""
+
+    def __init__(self, c: Coordinator, max_streams_per_client: int = 0) -> None:
         self.c = c
+        self.token = os.environ.get("PIPESERVE_CLIENT_TOKEN", "")
+        self.max_streams = max_streams_per_client
+        self.streams: Counter[str] = Counter()
+
+    def _authorize(self, context: grpc.ServicerContext) -> None:
+        if self.token:
+            _check_token(context, self.token, "client calls", "PIPESERVE_CLIENT_TOKEN")
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Any:
-        yield from self.c.relay_generate(request, context)
+        self._authorize(context)
+        peer = context.peer().rsplit(":", 1)[0]  # the client's address, without its port
+        with self.c.lock:
+            if self.max_streams and self.streams[peer] >= self.max_streams:
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{peer} already has {self.streams[peer]} requests in flight (the limit "
+                    "per client); wait for one to finish",
+                )
+            self.streams[peer] += 1
+        try:
+            yield from self.c.relay_generate(request, context)
+        finally:
+            with self.c.lock:
+                self.streams[peer] -= 1
 
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> Any:
+        self._authorize(context)
         try:
             return self.c.forward(request, rpc.remaining(context))
         except CallError as e:
             context.abort(e.code, e.message)
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> Any:
+        self._authorize(context)
         with self.c.lock:
             return pb.ListModelsResponse(models=[m.info() for m in self.c.models.values()])
 
@@ -838,6 +865,7 @@ def serve(
     model_roots: list[str] | None = None,
     worker_timeout: float = LOST_AFTER_S,
     state_db: str = "",
+    max_streams_per_client: int = 0,
 ) -> None:
     """Run the coordinator until ``stop`` is set (or forever)."""
     from coordinator.kserve import KServeServicer
@@ -867,7 +895,7 @@ def serve(
         if c.models:
             print(f"restored {len(c.models)} model(s) from {state_db}", flush=True)
     serve_metrics(c.registry, metrics_port, host if host not in ("", "::") else "0.0.0.0")
-    pbg.add_InferenceServicer_to_server(InferenceServicer(c), server)
+    pbg.add_InferenceServicer_to_server(InferenceServicer(c, max_streams_per_client), server)
     pbg.add_AdminServicer_to_server(AdminServicer(c), server)
     pbg.add_RegistryServicer_to_server(RegistryServicer(c), server)
     kg.add_GRPCInferenceServiceServicer_to_server(KServeServicer(c), server)

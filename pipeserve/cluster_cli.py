@@ -19,10 +19,12 @@ def _stubs(address: str) -> Any:
     from pipeserve.v1 import pipeserve_pb2_grpc as pbg
 
     ch = rpc.channel(address)
-    token = os.environ.get("PIPESERVE_ADMIN_TOKEN", "")
-    if token:  # admin calls carry the token
-        ch = grpc.intercept_channel(ch, _token_interceptor(token))
-    return pbg.AdminStub(ch), pbg.InferenceStub(ch)
+    admin_ch = client_ch = ch
+    if token := os.environ.get("PIPESERVE_ADMIN_TOKEN", ""):  # admin calls carry it
+        admin_ch = grpc.intercept_channel(ch, _token_interceptor(token))
+    if token := os.environ.get("PIPESERVE_CLIENT_TOKEN", ""):  # client calls carry it
+        client_ch = grpc.intercept_channel(ch, _token_interceptor(token))
+    return pbg.AdminStub(admin_ch), pbg.InferenceStub(client_ch)
 
 
 def _token_interceptor(token: str) -> Any:
@@ -63,6 +65,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         model_roots=args.model_root,
         worker_timeout=args.worker_timeout,
         state_db=args.state_db,
+        max_streams_per_client=args.max_streams_per_client,
     )
     return 0
 
@@ -331,6 +334,12 @@ def add_commands(sub: Any) -> None:
         type=float,
         default=5.0,
         help="seconds without a heartbeat before a worker is lost and its stage moves to a spare",
+    )
+    p.add_argument(
+        "--max-streams-per-client",
+        type=int,
+        default=0,
+        help="Generate calls one client address may have in flight (0: no limit)",
     )
     p.add_argument(
         "--state-db",

@@ -4,6 +4,8 @@ ENV_VARS = {
     "PIPESERVE_LOG": "log level of every pipeserve process (DEBUG, INFO, WARNING; default WARNING)",
     "PIPESERVE_ADMIN_TOKEN": "coordinator: require 'authorization: Bearer <token>' on Admin "
     "calls; pipeserve admin: send it",
+    "PIPESERVE_CLIENT_TOKEN": "coordinator: require it as a bearer token on client calls "
+    "(Inference, KServe inference); pipeserve generate: send it",
     "PIPESERVE_WORKER_TOKEN": "coordinator: workers must present it to register; worker: send it",
     "PIPESERVE_DATAPLANE_TIMEOUT": "worker: seconds before a stuck gloo/NCCL operation fails "
     "(default 60)",

@@ -614,3 +614,32 @@ def test_reflection_v1_and_v1alpha(cluster):
         req = r.ServerReflectionRequest(file_containing_symbol="pipeserve.v1.Inference")
         (resp,) = list(call(iter([req]), timeout=30))
         assert resp.file_descriptor_response.file_descriptor_proto, service
+
+
+def test_200_concurrent_mixed_requests(cluster):
+    """200 requests at once, mixed prompt and output lengths, through a 1000-token KV budget
+    (most wait their turn): every one completes with exactly its greedy tokens."""
+    import threading
+
+    g = torch.Generator().manual_seed(5)
+    jobs = []
+    for _ in range(200):
+        n = int(torch.randint(2, 11, (1,), generator=g))
+        prompt = torch.randint(1, 90, (n,), generator=g).tolist()
+        jobs.append((prompt, int(torch.randint(4, 25, (1,), generator=g))))
+    outs: list[list[int] | None] = [None] * len(jobs)
+
+    def run(i: int) -> None:
+        prompt, new = jobs[i]
+        outs[i] = cluster.generate(
+            "small", prompt, new, sampling=pb.SamplingParameters(ignore_eos=True)
+        )
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert all(o is not None and len(o) == new for o, (_, new) in zip(outs, jobs, strict=True))
+    for i in range(0, 200, 25):  # a sample against single-process transformers
+        assert outs[i] == _greedy(cluster.small, *jobs[i]), i

@@ -52,7 +52,12 @@ def test_mtls_tokens_and_refused_workers(tmp_path):
         "--tls-key",
         str(certs / "server.key"),
     ]
-    env = {**os.environ, "PIPESERVE_ADMIN_TOKEN": "adm1n", "PIPESERVE_WORKER_TOKEN": "w0rker"}
+    env = {
+        **os.environ,
+        "PIPESERVE_ADMIN_TOKEN": "adm1n",
+        "PIPESERVE_WORKER_TOKEN": "w0rker",
+        "PIPESERVE_CLIENT_TOKEN": "cl1ent",
+    }
 
     def start(*args: str, **extra: str) -> subprocess.Popen:
         return subprocess.Popen(
@@ -64,7 +69,18 @@ def test_mtls_tokens_and_refused_workers(tmp_path):
         )
 
     common = ["--host", "127.0.0.1", "--advertise-host", "127.0.0.1", *tls]
-    procs = [start("coordinator", "--port", str(port), "--health-port", str(health_port), *common)]
+    procs = [
+        start(
+            "coordinator",
+            "--port",
+            str(port),
+            "--health-port",
+            str(health_port),
+            "--max-streams-per-client",
+            "2",
+            *common,
+        )
+    ]
     try:
         ch = _secure(address, certs)
         grpc.channel_ready_future(ch).result(timeout=120)
@@ -101,13 +117,32 @@ def test_mtls_tokens_and_refused_workers(tmp_path):
             max_new_tokens=12,
             sampling=pb.SamplingParameters(ignore_eos=True),
         )
-        got = [t for r in inference.Generate(req, timeout=120) for t in r.token_ids]
+        client = (("authorization", "Bearer cl1ent"),)
+        code, _ = _code(lambda: list(inference.Generate(req, timeout=60)))
+        assert code == grpc.StatusCode.UNAUTHENTICATED  # the client API wants its token
+        got = [
+            t for r in inference.Generate(req, timeout=120, metadata=client) for t in r.token_ids
+        ]
         assert got == _greedy(model, [3, 4, 5], 12)  # over mTLS, coordinator <-> worker too
+        # at most 2 streams in flight per client address
+        long = pb.GenerateRequest(
+            model="gpt2",
+            token_ids=pb.TokenIds(ids=[3, 4, 5]),
+            max_new_tokens=100,
+            sampling=pb.SamplingParameters(ignore_eos=True),
+        )
+        held = [inference.Generate(long, timeout=120, metadata=client) for _ in range(2)]
+        for h in held:
+            next(h)
+        code, msg = _code(lambda: list(inference.Generate(req, timeout=60, metadata=client)))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "in flight" in msg
+        for h in held:
+            h.cancel()
 
         # no client certificate / no TLS at all: the server refuses the connection
         for bad in (_secure(address, certs, client=False), grpc.insecure_channel(address)):
             stub = pbg.InferenceStub(bad)
-            code, _ = _code(lambda s=stub: list(s.Generate(req, timeout=10)))
+            code, _ = _code(lambda s=stub: list(s.Generate(req, timeout=10, metadata=client)))
             assert code == grpc.StatusCode.UNAVAILABLE
         # Kubernetes probes: plaintext health on its own port
         h = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{health_port}"))
