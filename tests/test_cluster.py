@@ -153,6 +153,12 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    yield from running_cluster(tmp_path_factory)
+
+
+def running_cluster(tmp_path_factory):
+    """A coordinator + 3 workers with "small" loaded (for module fixtures: each test module
+    defines its own, so modules interleaved on one xdist worker keep separate clusters)."""
     tmp = tmp_path_factory.mktemp("cluster")
     small = lm_model("llama")
     save_hf(small, tmp / "small")

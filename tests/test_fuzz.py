@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from test_cluster are parameters here)
 """Property-based fuzzing of every client and admin RPC (hypothesis): malformed and extreme
 requests get a proper status code (never INTERNAL/UNKNOWN), no server dies, and good requests
 running at the same time still get exactly their tokens."""
@@ -13,10 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeserve.inference import grpc_predict_v2_pb2 as kv2
 from pipeserve.v1 import pipeserve_pb2 as pb
 
-from .test_cluster import _greedy, cluster  # noqa: F401 -- the cluster fixture
+from .test_cluster import _greedy, running_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +49,11 @@ def _call(fn) -> grpc.StatusCode:
         assert code in EXPECTED, (code, e.details())
     SEEN[code.name] += 1
     return code
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    yield from running_cluster(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +183,10 @@ def test_fuzz_forward_and_kserve(
 ):
     t = pb.Tensor(name=name, dtype=dtype, shape=shape, data=data)
     _call(lambda: cluster.inference.Forward(pb.ForwardRequest(model=model, inputs=[t]), timeout=60))
-    from pipeserve.inference import grpc_predict_v2_pb2_grpc as kg
+    # KServe messages built with tritonclient's own protos (the same wire format; importing
+    # ours too would clash with them in one process's protobuf pool)
+    from tritonclient.grpc import service_pb2 as kv2
+    from tritonclient.grpc import service_pb2_grpc as kg
 
     stub = kg.GRPCInferenceServiceStub(cluster.channel)
     req = kv2.ModelInferRequest(model_name=model)
