@@ -1,14 +1,14 @@
 """The coordinator: registry of workers, planner, assignment, client and admin APIs.
 
 It plans models on the meta device (never holding weights), assigns one stage per idle worker
-with a rendezvous endpoint (a ``torch.distributed`` TCPStore it hosts) and a group epoch, and
+with a group epoch -- the data plane's rendezvous is a key-value store served on the
+coordinator's own gRPC port (bound to its address, under its TLS and worker token) -- and
 relays client requests to the stage-0 worker, whose scheduler streams tokens back.  It never
 holds weights or activations: only token ids and text pass through it.
 """
 
 from __future__ import annotations
 
-import datetime
 import hmac
 import itertools
 import logging
@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import torch.distributed as dist
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
@@ -178,6 +177,8 @@ class Coordinator:
         self.model_roots: list[Path] = []
         self.lost_after = LOST_AFTER_S
         self.instance = uuid.uuid4().hex[:4]
+        self.kv: dict[str, bytes] = {}
+        """The data-plane rendezvous records (Registry.Store*)."""
         self.state: StateStore | None = None
         self.recoveries: list[dict[str, Any]] = []
         """Completed recoveries: model, lost workers, seconds from detection to ready."""
@@ -572,6 +573,33 @@ class RegistryServicer(pbg.RegistryServicer):
         log.info("worker %s registered from %s", wid, request.address)
         return pb.RegisterResponse(worker_id=wid, heartbeat_interval_ms=HEARTBEAT_MS)
 
+    def StoreSet(self, request: pb.StoreSetRequest, context: grpc.ServicerContext) -> Any:
+        self._authorize(context)
+        with self.c.changed:
+            self.c.kv[request.key] = request.value
+            self.c.changed.notify_all()
+        return pb.StoreSetResponse()
+
+    def StoreWait(self, request: pb.StoreWaitRequest, context: grpc.ServicerContext) -> Any:
+        self._authorize(context)
+        keys = list(request.keys)
+        deadline = time.monotonic() + max(0.0, min(request.timeout_s, 600.0))
+        with self.c.changed:
+            while not all(k in self.c.kv for k in keys):
+                left = deadline - time.monotonic()
+                if left <= 0 or not context.is_active():
+                    return pb.StoreWaitResponse(found=False)
+                self.c.changed.wait(min(left, 1.0))
+            return pb.StoreWaitResponse(found=True, values=[self.c.kv[k] for k in keys])
+
+    def StoreAdd(self, request: pb.StoreAddRequest, context: grpc.ServicerContext) -> Any:
+        self._authorize(context)
+        with self.c.changed:
+            value = int(self.c.kv.get(request.key, b"0")) + request.amount
+            self.c.kv[request.key] = str(value).encode()
+            self.c.changed.notify_all()
+        return pb.StoreAddResponse(value=value)
+
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> Any:
         self._authorize(context)
         with self.c.lock:
@@ -856,7 +884,6 @@ def serve(
     host: str = "0.0.0.0",
     port: int = 50051,
     *,
-    store_port: int = 0,
     advertise_host: str | None = None,
     stop: threading.Event | None = None,
     ready: Any = None,
@@ -872,18 +899,10 @@ def serve(
     from pipeserve.inference import grpc_predict_v2_pb2_grpc as kg
 
     advertise = advertise_host or (host if host not in ("0.0.0.0", "::", "") else socket.getfqdn())
-    store = dist.TCPStore(
-        host if host not in ("", "::") else "0.0.0.0",
-        store_port,
-        None,
-        True,
-        timeout=datetime.timedelta(seconds=600),
-        wait_for_workers=False,
-    )
     server, port, health, _ = rpc.make_server(
         f"{host}:{port}", [*SERVICES, "inference.GRPCInferenceService"]
     )
-    c = Coordinator(f"{advertise}:{store.port}", health)
+    c = Coordinator("", health)  # rendezvous: this server's Registry store
     c.model_roots = [Path(r) for r in model_roots or []]
     c.lost_after = worker_timeout
     if state_db:
@@ -903,10 +922,7 @@ def serve(
     for s in ["", *SERVICES, "inference.GRPCInferenceService"]:
         health.set(s, True)
     health_server = rpc.serve_health_only(health, f"{host}:{health_port}") if health_port else None
-    print(
-        f"coordinator listening on {advertise}:{port} (rendezvous store {c.store_address})",
-        flush=True,
-    )
+    print(f"coordinator listening on {advertise}:{port}", flush=True)
     if ready is not None:
         ready(port)
     stop = stop or threading.Event()
@@ -915,4 +931,3 @@ def serve(
     server.stop(grace=2)
     if health_server is not None:
         health_server.stop(grace=1)
-    del store

@@ -49,6 +49,13 @@ OP_MERGE = 8  # [op, group, other group]: append the other group's rows (and cac
 OP_PING = 9  # [op]: keep-alive around an idle ring (every receive completes before timeout)
 
 
+def _scoped(store: dist.Store, prefix: str) -> dist.Store:
+    """Keys of ``store`` under ``prefix`` (a store may scope itself: torch's PrefixStore cannot
+    wrap a store implemented in Python)."""
+    scoped = getattr(store, "prefixed", None)
+    return scoped(prefix) if scoped is not None else dist.PrefixStore(prefix, store)
+
+
 class Ring:
     """Stage ``index`` of ``num_stages`` on the ring (``num_stages == 1``: no transport)."""
 
@@ -71,7 +78,7 @@ class Ring:
         device = torch.device(device)
         out_edge, in_edge = index, (index - 1) % num_stages
         for edge in sorted({out_edge, in_edge}):
-            prefix = dist.PrefixStore(f"ring/{edge}", store)
+            prefix = _scoped(store, f"ring/{edge}")
             rank = 0 if edge == out_edge else 1
             if device.type == "cuda":
                 torch.cuda.set_device(device)

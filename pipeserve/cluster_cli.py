@@ -58,7 +58,6 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     serve(
         args.host,
         args.port,
-        store_port=args.store_port,
         advertise_host=args.advertise_host,
         metrics_port=args.metrics_port,
         health_port=args.health_port,
@@ -327,8 +326,7 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("coordinator", help="run the coordinator (gRPC)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--store-port", type=int, default=0, help="data-plane rendezvous port")
-    p.add_argument("--advertise-host", help="host workers use to reach the rendezvous store")
+    p.add_argument("--advertise-host", help="host name this coordinator reports")
     p.add_argument(
         "--worker-timeout",
         type=float,

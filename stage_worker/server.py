@@ -36,6 +36,7 @@ from pipeserve import rpc
 from pipeserve.observe import REQUEST_ID, WorkerCollector, new_request_id, serve_metrics
 from pipeserve.v1 import pipeserve_pb2 as pb
 from pipeserve.v1 import pipeserve_pb2_grpc as pbg
+from stage_worker.rendezvous import CoordinatorStore
 
 __all__ = ["Worker", "serve"]
 
@@ -56,9 +57,16 @@ class _Job:
     """One assignment: the stage, its ring, and (stage 0) the scheduler."""
 
     def __init__(
-        self, req: pb.AssignRequest, device: str, limits: EngineLimits, on_ready: Any
+        self,
+        req: pb.AssignRequest,
+        device: str,
+        limits: EngineLimits,
+        on_ready: Any,
+        registry: Any = None,
+        metadata: Any = None,
     ) -> None:
         self.req = req
+        self.registry, self.metadata = registry, metadata
         self.limits = limits
         self.on_ready = on_ready
         self.device = req.device or device
@@ -77,10 +85,14 @@ class _Job:
         self.done = threading.Event()
 
     def _store(self) -> dist.Store:
-        host, port = self.req.rendezvous.rsplit(":", 1)
-        timeout = datetime.timedelta(seconds=TIMEOUT_S)
-        store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
-        return dist.PrefixStore(f"{self.req.model}/{self.req.epoch}", store)
+        if self.req.rendezvous:  # a TCPStore somewhere
+            host, port = self.req.rendezvous.rsplit(":", 1)
+            timeout = datetime.timedelta(seconds=TIMEOUT_S)
+            store: dist.Store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
+            return dist.PrefixStore(f"{self.req.model}/{self.req.epoch}", store)
+        # the coordinator's Registry store (default)
+        store = CoordinatorStore(self.registry, self.metadata, TIMEOUT_S)
+        return store.prefixed(f"{self.req.model}/{self.req.epoch}")
 
     def _run(self) -> None:
         try:
@@ -200,6 +212,8 @@ class Worker(pbg.StageWorkerServicer):
         self.health = health
         self.counter = counter
         self.limits = limits
+        self.registry: Any = None  # the coordinator's Registry stub (rendezvous store)
+        self.metadata: Any = None
         self.worker_id = ""
         self.job: _Job | None = None
         self.lock = threading.Lock()
@@ -230,7 +244,14 @@ class Worker(pbg.StageWorkerServicer):
                     f"{self.job.req.model!r}; release it first",
                 )
             try:
-                job = _Job(request, self.device, self.limits, lambda: self._set_health(True))
+                job = _Job(
+                    request,
+                    self.device,
+                    self.limits,
+                    lambda: self._set_health(True),
+                    self.registry,
+                    self.metadata,
+                )
             except Exception as e:
                 rpc.abort_for(context, e)
             if not 0 <= request.stage < job.plan.num_stages:
@@ -385,8 +406,10 @@ def serve(
     health_server = rpc.serve_health_only(health, f"{host}:{health_port}") if health_port else None
     token = os.environ.get("PIPESERVE_WORKER_TOKEN", "")
     md = (("authorization", f"Bearer {token}"),) if token else None
+    worker.metadata = md
     address = f"{advertise_host or socket.gethostname()}:{port}"
     registry = pbg.RegistryStub(rpc.channel(coordinator))
+    worker.registry = registry
     stop = stop or threading.Event()
     interval = 1.0
     log.info("worker serving on %s, coordinator %s", address, coordinator)

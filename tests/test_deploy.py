@@ -111,9 +111,9 @@ def test_manifests_match_the_code(overlay):
     ca = parser.parse_args(_args(cc, config))  # every flag exists in the CLI
     ports = {p["name"]: p["containerPort"] for p in cc["ports"]}
     assert ca.cmd == "coordinator"
-    assert ports == {"grpc": ca.port, "rendezvous": ca.store_port, "health": ca.health_port}
+    assert ports == {"grpc": ca.port, "health": ca.health_port}
     svc_ports = {p["name"]: p["port"] for p in coord_svc["spec"]["ports"]}
-    assert svc_ports == {"grpc": ca.port, "rendezvous": ca.store_port}
+    assert svc_ports == {"grpc": ca.port}  # the rendezvous is served on the same port
     assert cc["readinessProbe"]["grpc"] == {"port": ca.health_port, "service": SERVICES[0]}
     assert cc["livenessProbe"]["grpc"] == {"port": ca.health_port}
     assert ca.model_root == ["/models"]
@@ -160,7 +160,7 @@ def test_manifests_match_the_code(overlay):
         for rule in d["spec"]["ingress"]
         for p in rule.get("ports", [])
     }
-    assert policy_ports == {ca.port, ca.store_port, wa.port}
+    assert policy_ports == {ca.port, wa.port}
     for d in (coord_dep, workers, job):
         spec = d["spec"]["template"]["spec"]
         assert spec["securityContext"]["runAsNonRoot"] is True

@@ -115,8 +115,6 @@ def test_pipeline_across_network_namespaces(hosts, tmp_path):
             caddr,
             "--port",
             "50051",
-            "--store-port",
-            "50052",
             "--advertise-host",
             caddr,
         )

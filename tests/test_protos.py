@@ -20,8 +20,9 @@ def test_generated_code_is_current():
 
 
 def test_no_message_carries_pickled_or_tensor_payloads():
-    """gRPC carries control only: the one bytes field of pipeserve.v1 is the size-limited
-    Forward tensor, and nothing is named pickle/state_dict/activation."""
+    """gRPC carries control only: the bytes fields of pipeserve.v1 are the size-limited
+    Forward tensor and the rendezvous records, and nothing is named
+    pickle/state_dict/activation."""
     from pipeserve.v1 import pipeserve_pb2
 
     bytes_fields = []
@@ -30,4 +31,8 @@ def test_no_message_carries_pickled_or_tensor_payloads():
             assert not any(w in f.name for w in ("pickle", "state_dict", "activation"))
             if f.type == f.TYPE_BYTES:
                 bytes_fields.append(f"{msg.name}.{f.name}")
-    assert bytes_fields == ["Tensor.data"]
+    assert sorted(bytes_fields) == [
+        "StoreSetRequest.value",
+        "StoreWaitResponse.values",
+        "Tensor.data",
+    ]

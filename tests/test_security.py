@@ -40,7 +40,7 @@ def _secure(address: str, certs: Path, client: bool = True) -> grpc.Channel:
 @pytest.mark.slow
 def test_mtls_tokens_and_refused_workers(tmp_path):
     certs = make_certs(tmp_path / "certs")
-    model = lm_model("gpt2")
+    model = lm_model("llama")  # a long context: the held streams below last seconds
     save_hf(model, tmp_path / "gpt2")
     port, health_port = _port(), _port()
     address = f"127.0.0.1:{port}"
@@ -128,7 +128,7 @@ def test_mtls_tokens_and_refused_workers(tmp_path):
         long = pb.GenerateRequest(
             model="gpt2",
             token_ids=pb.TokenIds(ids=[3, 4, 5]),
-            max_new_tokens=100,
+            max_new_tokens=1500,
             sampling=pb.SamplingParameters(ignore_eos=True),
         )
         held = [inference.Generate(long, timeout=120, metadata=client) for _ in range(2)]

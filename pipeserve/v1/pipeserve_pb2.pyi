@@ -332,6 +332,48 @@ class DrainWorkerResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class StoreSetRequest(_message.Message):
+    __slots__ = ("key", "value")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    value: bytes
+    def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+
+class StoreSetResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StoreWaitRequest(_message.Message):
+    __slots__ = ("keys", "timeout_s")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    timeout_s: float
+    def __init__(self, keys: _Optional[_Iterable[str]] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class StoreWaitResponse(_message.Message):
+    __slots__ = ("found", "values")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    values: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, found: _Optional[bool] = ..., values: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class StoreAddRequest(_message.Message):
+    __slots__ = ("key", "amount")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    amount: int
+    def __init__(self, key: _Optional[str] = ..., amount: _Optional[int] = ...) -> None: ...
+
+class StoreAddResponse(_message.Message):
+    __slots__ = ("value",)
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    value: int
+    def __init__(self, value: _Optional[int] = ...) -> None: ...
+
 class RegisterRequest(_message.Message):
     __slots__ = ("address", "device", "memory_bytes", "hostname")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]

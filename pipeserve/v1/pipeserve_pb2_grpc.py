@@ -517,6 +517,21 @@ class RegistryStub:
                 request_serializer=pipeserve_dot_v1_dot_pipeserve__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=pipeserve_dot_v1_dot_pipeserve__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.StoreSet = channel.unary_unary(
+                '/pipeserve.v1.Registry/StoreSet',
+                request_serializer=pipeserve_dot_v1_dot_pipeserve__pb2.StoreSetRequest.SerializeToString,
+                response_deserializer=pipeserve_dot_v1_dot_pipeserve__pb2.StoreSetResponse.FromString,
+                _registered_method=True)
+        self.StoreWait = channel.unary_unary(
+                '/pipeserve.v1.Registry/StoreWait',
+                request_serializer=pipeserve_dot_v1_dot_pipeserve__pb2.StoreWaitRequest.SerializeToString,
+                response_deserializer=pipeserve_dot_v1_dot_pipeserve__pb2.StoreWaitResponse.FromString,
+                _registered_method=True)
+        self.StoreAdd = channel.unary_unary(
+                '/pipeserve.v1.Registry/StoreAdd',
+                request_serializer=pipeserve_dot_v1_dot_pipeserve__pb2.StoreAddRequest.SerializeToString,
+                response_deserializer=pipeserve_dot_v1_dot_pipeserve__pb2.StoreAddResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -536,6 +551,28 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StoreSet(self, request, context):
+        """The data plane's rendezvous (a key-value store the process groups use to exchange
+        addresses), served here so it is bound to the coordinator's address and covered by its
+        TLS and worker token.  Keys are scoped by model and group epoch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StoreWait(self, request, context):
+        """Wait (up to timeout_s) until every key exists; return their values.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StoreAdd(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -548,6 +585,21 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=pipeserve_dot_v1_dot_pipeserve__pb2.HeartbeatRequest.FromString,
                     response_serializer=pipeserve_dot_v1_dot_pipeserve__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'StoreSet': grpc.unary_unary_rpc_method_handler(
+                    servicer.StoreSet,
+                    request_deserializer=pipeserve_dot_v1_dot_pipeserve__pb2.StoreSetRequest.FromString,
+                    response_serializer=pipeserve_dot_v1_dot_pipeserve__pb2.StoreSetResponse.SerializeToString,
+            ),
+            'StoreWait': grpc.unary_unary_rpc_method_handler(
+                    servicer.StoreWait,
+                    request_deserializer=pipeserve_dot_v1_dot_pipeserve__pb2.StoreWaitRequest.FromString,
+                    response_serializer=pipeserve_dot_v1_dot_pipeserve__pb2.StoreWaitResponse.SerializeToString,
+            ),
+            'StoreAdd': grpc.unary_unary_rpc_method_handler(
+                    servicer.StoreAdd,
+                    request_deserializer=pipeserve_dot_v1_dot_pipeserve__pb2.StoreAddRequest.FromString,
+                    response_serializer=pipeserve_dot_v1_dot_pipeserve__pb2.StoreAddResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -606,6 +658,87 @@ class Registry:
             '/pipeserve.v1.Registry/Heartbeat',
             pipeserve_dot_v1_dot_pipeserve__pb2.HeartbeatRequest.SerializeToString,
             pipeserve_dot_v1_dot_pipeserve__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StoreSet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pipeserve.v1.Registry/StoreSet',
+            pipeserve_dot_v1_dot_pipeserve__pb2.StoreSetRequest.SerializeToString,
+            pipeserve_dot_v1_dot_pipeserve__pb2.StoreSetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StoreWait(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pipeserve.v1.Registry/StoreWait',
+            pipeserve_dot_v1_dot_pipeserve__pb2.StoreWaitRequest.SerializeToString,
+            pipeserve_dot_v1_dot_pipeserve__pb2.StoreWaitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StoreAdd(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pipeserve.v1.Registry/StoreAdd',
+            pipeserve_dot_v1_dot_pipeserve__pb2.StoreAddRequest.SerializeToString,
+            pipeserve_dot_v1_dot_pipeserve__pb2.StoreAddResponse.FromString,
             options,
             channel_credentials,
             insecure,
