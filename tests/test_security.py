@@ -124,21 +124,6 @@ def test_mtls_tokens_and_refused_workers(tmp_path):
             t for r in inference.Generate(req, timeout=120, metadata=client) for t in r.token_ids
         ]
         assert got == _greedy(model, [3, 4, 5], 12)  # over mTLS, coordinator <-> worker too
-        # at most 2 streams in flight per client address
-        long = pb.GenerateRequest(
-            model="gpt2",
-            token_ids=pb.TokenIds(ids=[3, 4, 5]),
-            max_new_tokens=1500,
-            sampling=pb.SamplingParameters(ignore_eos=True),
-        )
-        held = [inference.Generate(long, timeout=120, metadata=client) for _ in range(2)]
-        for h in held:
-            next(h)
-        code, msg = _code(lambda: list(inference.Generate(req, timeout=60, metadata=client)))
-        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "in flight" in msg
-        for h in held:
-            h.cancel()
-
         # no client certificate / no TLS at all: the server refuses the connection
         for bad in (_secure(address, certs, client=False), grpc.insecure_channel(address)):
             stub = pbg.InferenceStub(bad)
@@ -187,3 +172,52 @@ def test_load_paths_are_confined_to_model_roots(tmp_path):
     assert not confined(str(root / "link"), [root])  # a symlink out of the root
     assert not confined("/etc", [root])
     assert confined("/etc", [])  # no roots configured: anything
+
+
+def test_per_client_stream_limit():
+    """--max-streams-per-client: the third concurrent Generate from one address is refused
+    with RESOURCE_EXHAUSTED; another address and a freed slot are served."""
+    import threading as th
+
+    from coordinator.server import InferenceServicer
+
+    release = th.Event()
+
+    class Coord:
+        lock = th.RLock()
+
+        def relay_generate(self, request, context):
+            yield pb.GenerateResponse(token_ids=[1])
+            release.wait(30)
+
+    class Aborted(Exception):
+        pass
+
+    class Ctx:
+        def __init__(self, peer):
+            self._peer = peer
+
+        def peer(self):
+            return self._peer
+
+        def invocation_metadata(self):
+            return ()
+
+        def abort(self, code, message):
+            raise Aborted(code, message)
+
+    svc = InferenceServicer(Coord(), max_streams_per_client=2)
+    a = [svc.Generate(pb.GenerateRequest(), Ctx("ipv4:10.0.0.1:1000")) for _ in range(2)]
+    for g in a:
+        next(g)  # two streams in flight from 10.0.0.1
+    with pytest.raises(Aborted) as e:
+        next(svc.Generate(pb.GenerateRequest(), Ctx("ipv4:10.0.0.1:2000")))
+    assert e.value.args[0] == grpc.StatusCode.RESOURCE_EXHAUSTED and "in flight" in e.value.args[1]
+    other = svc.Generate(pb.GenerateRequest(), Ctx("ipv4:10.0.0.2:1000"))
+    assert next(other).token_ids == [1]  # another client is not affected
+    release.set()
+    for g in [*a, other]:
+        list(g)  # finish: the slots are freed
+    again = svc.Generate(pb.GenerateRequest(), Ctx("ipv4:10.0.0.1:3000"))
+    assert next(again).token_ids == [1]
+    list(again)
