@@ -118,6 +118,30 @@ def make_mesh(store: dist.Store, ranks: RankMap, node: int, device: str, timeout
     return Mesh(ranks, edge, stages)
 
 
+def wait_ready(
+    store: dist.Store, procs: dict[int, Any], timeout_s: float
+) -> dict[int, dict[str, Any]]:
+    """Wait until every stage process has reported ``ready/<k>`` (its load report) in the
+    store; raise with the stage's own error, or when its process died, or at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    info: dict[int, dict[str, Any]] = {}
+    while len(info) < len(procs):
+        for k, p in procs.items():
+            if k in info:
+                continue
+            if store.check([f"error/{k}"]):
+                err = store.get(f"error/{k}").decode()
+                raise RuntimeError(f"stage {k} failed to start: {err}")
+            if store.check([f"ready/{k}"]):
+                info[k] = json.loads(store.get(f"ready/{k}"))
+            elif not p.is_alive():
+                raise RuntimeError(f"stage {k} process died (exit code {p.exitcode})")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"stages not ready after {timeout_s:.0f}s")
+        time.sleep(0.02)
+    return info
+
+
 def _td(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
@@ -187,7 +211,7 @@ class LocalPipeline:
                         plan, n - 1, devices[-1], stats=stats, on_traced=probe.mark
                     )
                 local_info = {n - 1: probe.report(stats)}
-            remote = self._wait_ready(timeout_s)
+            remote = wait_ready(self.store, self.procs, timeout_s)
             self.stage_info = [local_info.get(k) or remote[k] for k in range(n)]
             mesh = make_mesh(self.store, ranks, DRIVER, devices[-1], timeout_s)
         except BaseException:
@@ -200,25 +224,6 @@ class LocalPipeline:
             args, outputs = hosted.args, hosted.outputs
         self.driver = Driver(mesh, args, outputs, hosted=hosted)
         self._closed = False
-
-    def _wait_ready(self, timeout_s: float) -> dict[int, dict[str, Any]]:
-        deadline = time.monotonic() + timeout_s
-        info: dict[int, dict[str, Any]] = {}
-        while len(info) < len(self.procs):
-            for k, p in self.procs.items():
-                if k in info:
-                    continue
-                if self.store.check([f"error/{k}"]):
-                    err = self.store.get(f"error/{k}").decode()
-                    raise RuntimeError(f"stage {k} failed to start: {err}")
-                if self.store.check([f"ready/{k}"]):
-                    info[k] = json.loads(self.store.get(f"ready/{k}"))
-                elif not p.is_alive():
-                    raise RuntimeError(f"stage {k} process died (exit code {p.exitcode})")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"stages not ready after {timeout_s:.0f}s")
-            time.sleep(0.02)
-        return info
 
     def __call__(self, *args: Any, chunks: int = 1, **inputs: Any) -> Any:
         """Run the model on a batch; positional args follow the plan's input order."""

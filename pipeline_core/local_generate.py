@@ -12,9 +12,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import time
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,7 +21,7 @@ from .engine import EngineLimits, GenerationEngine, RequestHandle, serve_generat
 from .errors import PlanError
 from .gen_stage import GenStage
 from .load import ReadStats
-from .local import _td, memory_probe
+from .local import _td, memory_probe, wait_ready
 from .plan import Plan
 from .ring import Ring
 from .sampling import SamplingParams
@@ -99,7 +97,8 @@ class LocalGenerator:
             stats, probe = ReadStats(), memory_probe()
             probe.mark()
             stage = GenStage(plan, 0, devices[0], stats=stats)
-            self.stage_info = [probe.report(stats), *self._wait_ready(timeout_s)]
+            remote = wait_ready(self.store, self.procs, timeout_s)
+            self.stage_info = [probe.report(stats), *(remote[k] for k in sorted(remote))]
             ring = Ring(self.store, 0, n, devices[0], timeout_s) if n > 1 else None
             self.engine = GenerationEngine(stage, ring, limits)
         except BaseException:
@@ -107,25 +106,6 @@ class LocalGenerator:
             torch.set_num_threads(self._saved_threads)
             raise
         self.tokenizer = hf_tokenizer(plan.source.checkpoint)
-
-    def _wait_ready(self, timeout_s: float) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout_s
-        info: dict[int, dict[str, Any]] = {}
-        while len(info) < len(self.procs):
-            for k, p in self.procs.items():
-                if k in info:
-                    continue
-                if self.store.check([f"error/{k}"]):
-                    err = self.store.get(f"error/{k}").decode()
-                    raise RuntimeError(f"stage {k} failed to start: {err}")
-                if self.store.check([f"ready/{k}"]):
-                    info[k] = json.loads(self.store.get(f"ready/{k}"))
-                elif not p.is_alive():
-                    raise RuntimeError(f"stage {k} process died (exit code {p.exitcode})")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"stages not ready after {timeout_s:.0f}s")
-            time.sleep(0.02)
-        return [info[k] for k in sorted(info)]
 
     def _engine(self) -> GenerationEngine:
         if self.engine is None:

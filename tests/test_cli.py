@@ -8,7 +8,7 @@ import pytest
 
 from pipeserve.cli import main
 
-from .models import hf_model, save_hf
+from .models import hf_greedy, hf_model, save_hf
 
 
 @pytest.fixture(scope="module")
@@ -50,19 +50,7 @@ def test_plan_errors_are_clear(gpt2_dir, tmp_path, capsys):
         main(["plan", str(gpt2_dir), "--equal-size", "2", "--threshold", "1MB"])
 
 
-def _greedy(model, prompt, new):
-    import torch
-
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=torch.tensor([prompt]),
-            do_sample=False,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt) :].tolist()
+_greedy = hf_greedy
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pipeserve.v1 import pipeserve_pb2 as pb
 from pipeserve.v1 import pipeserve_pb2_grpc as pbg
 
-from .models import lm_model, save_hf
+from .models import hf_greedy, lm_model, save_hf
 
 pytestmark = pytest.mark.slow
 
@@ -56,17 +56,7 @@ def _grpcurl() -> str:
     return exe
 
 
-def _greedy(model, prompt: list[int], new: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=torch.tensor([prompt]),
-            do_sample=False,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt) :].tolist()
+_greedy = hf_greedy
 
 
 class Cluster:
