@@ -10,7 +10,6 @@ tokenizer, ``text_output`` (BYTES).  ``ModelStreamInfer`` answers one response p
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +22,7 @@ from pipeserve.inference import grpc_predict_v2_pb2 as kv2
 from pipeserve.inference import grpc_predict_v2_pb2_grpc as kg
 from pipeserve.v1 import pipeserve_pb2 as pb
 
-from .server import CallError, Coordinator, _check_token
+from .server import CallError, Coordinator
 
 __all__ = ["KServeServicer"]
 
@@ -208,13 +207,8 @@ class KServeServicer(kg.GRPCInferenceServiceServicer):
         finally:
             call.cancel()
 
-    def _authorize(self, context: Any) -> None:
-        token = os.environ.get("PIPESERVE_CLIENT_TOKEN", "")
-        if token:
-            _check_token(context, token, "client calls", "PIPESERVE_CLIENT_TOKEN")
-
     def ModelInfer(self, request: kv2.ModelInferRequest, context: Any) -> Any:
-        self._authorize(context)
+        self.c.authorize_client(context)
         with self.c.lock:
             m = self.c.models.get(request.model_name)
         if m is not None and m.mode == "forward":
@@ -238,7 +232,7 @@ class KServeServicer(kg.GRPCInferenceServiceServicer):
         return _response(request.model_name, request.id, ids, text if has_text else None)
 
     def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
-        self._authorize(context)
+        self.c.authorize_client(context)
         for req in request_iterator:
             try:
                 for r in self._run(req, rpc.remaining(context)):

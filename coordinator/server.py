@@ -166,10 +166,7 @@ def policy_from_proto(p: pb.SplitPolicy) -> Policy:
 class Coordinator:
     """Cluster state and the gRPC servicers over it."""
 
-    def __init__(
-        self, store_address: str, health: rpc.Health, registry: CollectorRegistry | None = None
-    ) -> None:
-        self.store_address = store_address
+    def __init__(self, health: rpc.Health, registry: CollectorRegistry | None = None) -> None:
         self.health = health
         self.registry = registry or CollectorRegistry()
         self.metrics = CoordinatorMetrics(self.registry)
@@ -177,6 +174,7 @@ class Coordinator:
         self.model_roots: list[Path] = []
         self.lost_after = LOST_AFTER_S
         self.instance = uuid.uuid4().hex[:4]
+        self.client_token = os.environ.get("PIPESERVE_CLIENT_TOKEN", "")
         self.kv: dict[str, bytes] = {}
         """The data-plane rendezvous records (Registry.Store*)."""
         self.state: StateStore | None = None
@@ -190,6 +188,12 @@ class Coordinator:
         self._epochs = itertools.count(1)
 
     # ------------------------------------------------------------------ helpers
+
+    def authorize_client(self, context: grpc.ServicerContext) -> None:
+        """Client calls (Inference, KServe inference) carry ``PIPESERVE_CLIENT_TOKEN`` when
+        one is set."""
+        if self.client_token:
+            _check_token(context, self.client_token, "client calls", "PIPESERVE_CLIENT_TOKEN")
 
     def find(self, name: str, ready: bool = True) -> ModelRecord:
         """The model called ``name``; raises :class:`CallError` with the status to return."""
@@ -416,9 +420,9 @@ class Coordinator:
                 m.abandoned = False
             self.changed.notify_all()
 
-    def assign_and_wait(self, m: ModelRecord) -> str | None:
-        """Assign every stage of ``m`` (its current workers, epoch) and wait until ready;
-        None on success, else the error."""
+    def assign(self, m: ModelRecord) -> str | None:
+        """Send every stage of ``m`` to its worker (its current workers and epoch); None on
+        success, else the error.  The rendezvous is this coordinator's Registry store."""
         plan_json = m.plan.dumps()
         try:
             for k, wid in enumerate(m.workers):
@@ -428,7 +432,6 @@ class Coordinator:
                         plan_json=plan_json,
                         stage=k,
                         world_size=m.plan.num_stages,
-                        rendezvous=self.store_address,
                         epoch=m.epoch,
                         device=m.device,
                         mode=m.mode,
@@ -437,6 +440,13 @@ class Coordinator:
                 )
         except grpc.RpcError as e:
             return f"assigning a stage failed: {e.details()}"
+        return None
+
+    def assign_and_wait(self, m: ModelRecord) -> str | None:
+        """:meth:`assign`, then wait until every stage is ready; None on success."""
+        error = self.assign(m)
+        if error is not None:
+            return error
         deadline = time.monotonic() + LOAD_TIMEOUT_S
         while time.monotonic() < deadline:
             states = []
@@ -491,13 +501,11 @@ class InferenceServicer(pbg.InferenceServicer):
 
     def __init__(self, c: Coordinator, max_streams_per_client: int = 0) -> None:
         self.c = c
-        self.token = os.environ.get("PIPESERVE_CLIENT_TOKEN", "")
         self.max_streams = max_streams_per_client
         self.streams: Counter[str] = Counter()
 
     def _authorize(self, context: grpc.ServicerContext) -> None:
-        if self.token:
-            _check_token(context, self.token, "client calls", "PIPESERVE_CLIENT_TOKEN")
+        self.c.authorize_client(context)
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Any:
         self._authorize(context)
@@ -704,24 +712,9 @@ class AdminServicer(pbg.AdminServicer):
             for w in chosen:
                 w.model = name
         c.health.set(f"pipeserve.model.{name}", False)
-        plan_json = plan.dumps()
-        try:
-            for k, w in enumerate(chosen):
-                w.stub.Assign(
-                    pb.AssignRequest(
-                        model=name,
-                        plan_json=plan_json,
-                        stage=k,
-                        world_size=plan.num_stages,
-                        rendezvous=c.store_address,
-                        epoch=m.epoch,
-                        device=request.device,
-                        mode=mode,
-                    ),
-                    timeout=30,
-                )
-        except grpc.RpcError as e:
-            self._fail(m, f"assigning a stage failed: {e.details()}")
+        error = c.assign(m)
+        if error is not None:
+            self._fail(m, error)
             context.abort(grpc.StatusCode.UNAVAILABLE, m.error)
         deadline = time.monotonic() + LOAD_TIMEOUT_S
         while True:
@@ -902,7 +895,7 @@ def serve(
     server, port, health, _ = rpc.make_server(
         f"{host}:{port}", [*SERVICES, "inference.GRPCInferenceService"]
     )
-    c = Coordinator("", health)  # rendezvous: this server's Registry store
+    c = Coordinator(health)
     c.model_roots = [Path(r) for r in model_roots or []]
     c.lost_after = worker_timeout
     if state_db:

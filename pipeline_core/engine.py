@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -257,7 +257,6 @@ class _Counters:
     steps: int = 0
     groups_max: int = 0
     merges: int = 0
-    rows_by_step: list[int] = field(default_factory=list)
 
 
 class GenerationEngine:
@@ -576,7 +575,6 @@ class GenerationEngine:
             g.reserved = [g.reserved[i] for i in stay]
         tokens = torch.tensor([h.tokens[-1] for h in g.rows], dtype=torch.long)
         g.busy = True
-        self.counters.rows_by_step.append(len(g.rows))
         self._send(run_step(self.stage, [OP_DECODE, g.gid, keep, tokens, (None,)]))
 
     def _free(self, g: _Group, rows: list[RequestHandle]) -> None:
@@ -645,7 +643,6 @@ class GenerationEngine:
             mask[r, length - len(h.prompt) :] = 1
         floats, ints = encode_rows([h.params for h in rows], [h.seed for h in rows])
         npass = 2 if self.stage.enc_dec else 1
-        self.counters.rows_by_step.append(len(rows))
         msg = [OP_PREFILL, gid, ids, mask, floats, ints, (None,) * npass]
         self._send(run_step(self.stage, msg))
 

@@ -149,7 +149,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         LocalGenerator,
         ModelSource,
         PlanError,
-        RequestError,
         SamplingParams,
         make_plan,
     )
@@ -187,12 +186,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _run_torchrun(args, plan, ids, params, tok)
     with LocalGenerator(plan, threads_per_stage=args.threads) as gen:
-        try:
-            handle = gen.submit(ids, params)
-        except RequestError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return _print_generation(args, ids, handle, tok)
+        return _generate_and_print(gen.submit, args, ids, params, tok)
 
 
 def _run_torchrun(args, plan, ids, params, tok) -> int:  # type: ignore[no-untyped-def]
@@ -201,7 +195,7 @@ def _run_torchrun(args, plan, ids, params, tok) -> int:  # type: ignore[no-untyp
     import torch
     import torch.distributed as dist
 
-    from pipeline_core import GenStage, ModelSource, Policy, RequestError, make_plan
+    from pipeline_core import GenStage, ModelSource, Policy, make_plan
     from pipeline_core.engine import GenerationEngine, serve_generation
     from pipeline_core.ring import Ring
 
@@ -224,18 +218,21 @@ def _run_torchrun(args, plan, ids, params, tok) -> int:  # type: ignore[no-untyp
         return 0
     engine = GenerationEngine(stage, ring)
     try:
-        try:
-            handle = engine.submit(ids, params)
-        except RequestError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return _print_generation(args, ids, handle, tok)
+        return _generate_and_print(engine.submit, args, ids, params, tok)
     finally:
         engine.close()
         dist.destroy_process_group()
 
 
-def _print_generation(args, ids, handle, tok) -> int:  # type: ignore[no-untyped-def]
+def _generate_and_print(submit, args, ids, params, tok) -> int:  # type: ignore[no-untyped-def]
+    """Submit one request (a bad one is a clear error, exit 2) and print its tokens."""
+    from pipeline_core import RequestError
+
+    try:
+        handle = submit(ids, params)
+    except RequestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not args.json:
         for t in handle:
             piece = tok.decode([t]) if tok is not None else f"{t} "

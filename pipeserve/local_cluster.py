@@ -10,8 +10,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-__all__ = ["run_local"]
+__all__ = ["hf_greedy", "run_local"]
 
 PROMPTS = [[11, 12, 13, 14, 15], [101, 102, 103], [7, 8, 9, 10, 11, 12, 13]]
 NEW_TOKENS = 16
@@ -26,15 +27,17 @@ def _free(port: int) -> int:
         return s.getsockname()[1]
 
 
-def _reference(model: object, prompt: list[int]) -> list[int]:
+def hf_greedy(model: Any, prompt: list[int], new: int) -> list[int]:
+    """The ``new`` tokens single-process ``transformers`` ``generate`` picks greedily (the
+    reference pipelined generation must equal; also used by the tests)."""
     import torch
 
     with torch.no_grad():
         out = model.generate(
             input_ids=torch.tensor([prompt]),
             do_sample=False,
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
+            max_new_tokens=new,
+            min_new_tokens=new,
             eos_token_id=None,
             pad_token_id=0,
         )
@@ -107,7 +110,7 @@ def run_local(model_dir: Path, *, stages: int = 3, port: int = 50051, once: bool
             )
             for r in inference.Generate(g, timeout=300):
                 got += list(r.token_ids)
-            want = _reference(reference, prompt)
+            want = hf_greedy(reference, prompt, NEW_TOKENS)
             ok &= got == want
             note = "" if got == want else f"   (single-process transformers: {want})"
             print(f"  prompt {prompt} -> {got}{note}")

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pipeline_core import pipe_split
+from pipeserve.local_cluster import hf_greedy  # noqa: F401 -- the tests' reference
 
 VOCAB = 96
 
@@ -302,17 +303,3 @@ def save_word_tokenizer(path: Path, vocab_size: int = VOCAB) -> Any:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
     fast.save_pretrained(path)
     return fast
-
-
-def hf_greedy(model: nn.Module, prompt: list[int], new: int) -> list[int]:
-    """``new`` greedy tokens of ``transformers`` ``generate`` for one prompt, in one process."""
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=torch.tensor([prompt]),
-            do_sample=False,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt) :].tolist()

@@ -186,6 +186,9 @@ def test_per_client_stream_limit():
     class Coord:
         lock = th.RLock()
 
+        def authorize_client(self, context):
+            pass  # no client token in this test
+
         def relay_generate(self, request, context):
             yield pb.GenerateResponse(token_ids=[1])
             release.wait(30)
