@@ -27,7 +27,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
-from pipeline_core import ModelSource, Plan, Policy, make_plan
+from pipeline_core import ModelSource, Plan, Policy, Workload, make_plan
 from pipeserve import rpc
 from pipeserve.observe import REQUEST_ID, CoordinatorMetrics, new_request_id, serve_metrics
 from pipeserve.v1 import pipeserve_pb2 as pb
@@ -42,6 +42,8 @@ LOST_AFTER_S = 5.0
 """A worker whose heartbeats stop this long is lost (``--worker-timeout``)."""
 RECOVERY_TIMEOUT_S = 300.0
 LOAD_TIMEOUT_S = 900.0
+PROFILE_TIMEOUT_S = 300.0
+"""How long a worker may take to profile a model's unit kinds before planning by FLOPs."""
 SERVICES = ["pipeserve.v1.Inference", "pipeserve.v1.Admin", "pipeserve.v1.Registry"]
 
 
@@ -67,6 +69,10 @@ class WorkerRecord:
     lost_after: float = LOST_AFTER_S
     seq: int = 0
     """Registration order (stages go to the earliest idle workers)."""
+    speed: float = 0.0
+    """Matmul GFLOP/s the worker measured (or was told) at start-up."""
+    device_name: str = ""
+    kv_tokens: int = 0
 
     @property
     def state(self) -> str:
@@ -153,14 +159,43 @@ class StateStore:
 
 
 def policy_from_proto(p: pb.SplitPolicy) -> Policy:
+    """The split policy; ``balanced`` (by time) when none is set."""
     kind = p.WhichOneof("kind")
     if kind == "threshold_bytes":
         return Policy.threshold(p.threshold_bytes)
     if kind == "manual":
         return Policy.manual(list(p.manual.split_at))
-    if kind == "balanced":
-        return Policy.balanced(p.balanced)
-    return Policy.equal_size(p.equal_size or 1)
+    if kind == "equal_size":
+        return Policy.equal_size(p.equal_size)
+    return Policy.balanced(p.balanced)
+
+
+SAME_SPEED = 0.15
+"""Workers whose speed figures differ by less than this share count as equally fast: the
+start-up matmul is noisy, and a 5% wobble must not move layers between identical workers."""
+
+
+def relative_speeds(speeds: list[float]) -> list[float]:
+    """Each worker's speed relative to the first, snapped to 1.0 within ``SAME_SPEED``."""
+    ref = speeds[0] if speeds and speeds[0] > 0 else 0.0
+    if ref <= 0 or any(s <= 0 for s in speeds):
+        return [1.0] * len(speeds)
+    out = []
+    for s in speeds:
+        r = s / ref
+        out.append(1.0 if abs(r - 1.0) < SAME_SPEED else r)
+    return out
+
+
+@dataclass
+class Placement:
+    """A balanced plan's inputs from the idle workers: who, how fast, how big, unit times."""
+
+    workers: list[WorkerRecord]
+    policy: Policy
+    workload: Workload
+    unit_seconds: dict[str, float] | None
+    times_from: str
 
 
 class Coordinator:
@@ -577,6 +612,9 @@ class RegistryServicer(pbg.RegistryServicer):
                 pbg.StageWorkerStub(rpc.channel(request.address)),
                 lost_after=self.c.lost_after,
                 seq=seq,
+                speed=request.speed_gflops,
+                device_name=request.device_name,
+                kv_tokens=request.kv_tokens,
             )
         log.info("worker %s registered from %s", wid, request.address)
         return pb.RegisterResponse(worker_id=wid, heartbeat_interval_ms=HEARTBEAT_MS)
@@ -620,6 +658,13 @@ class RegistryServicer(pbg.RegistryServicer):
         return pb.HeartbeatResponse(known=True)
 
 
+def _stage_workers(plan: Plan, placed: Placement | None) -> list[WorkerRecord]:
+    """The worker a balanced plan gives each stage (empty without a placement)."""
+    if placed is None:
+        return []
+    return [placed.workers[s.worker if s.worker >= 0 else s.index] for s in plan.stages]
+
+
 class AdminServicer(pbg.AdminServicer):
     """Admin API; with ``PIPESERVE_ADMIN_TOKEN`` set, every call must carry the metadata
     ``authorization: Bearer <token>`` (else UNAUTHENTICATED)."""
@@ -633,6 +678,54 @@ class AdminServicer(pbg.AdminServicer):
             return
         _check_token(context, self.token, "admin calls", "PIPESERVE_ADMIN_TOKEN")
 
+    def _placement(
+        self, checkpoint: str, policy: Policy, dtype: str, workload: Workload, mode: str
+    ) -> Placement | None:
+        """For ``balanced``: the idle workers to plan over (fastest first), their memory and
+        relative speeds, the KV budget to reserve, and unit times profiled on one of them."""
+        with self.c.lock:
+            idle = [w for w in self.c.workers.values() if w.state == "idle" and not w.model]
+        top = max((w.speed for w in idle), default=0.0)
+
+        def rank(w: WorkerRecord) -> tuple[float, int]:  # fastest first, else registration
+            return (0.0 if w.speed >= top * (1 - SAME_SPEED) else -w.speed, w.seq)
+
+        idle.sort(key=rank)
+        n = policy.stages or len(idle)
+        if n < 1 or len(idle) < n:
+            return None  # not enough workers yet: plan without them (LoadModel refuses)
+        chosen = idle[:n]
+        if not workload.kv_tokens and mode == "generate":
+            workload.kv_tokens = min(w.kv_tokens for w in chosen)
+        ref = chosen[0]
+        times: dict[str, float] | None = None
+        times_from = "flops"
+        try:
+            r = ref.stub.Profile(
+                pb.ProfileRequest(
+                    checkpoint=checkpoint,
+                    dtype=dtype,
+                    workload=pb.Workload(
+                        batch=workload.batch, seq=workload.seq, chunks=workload.chunks
+                    ),
+                ),
+                timeout=PROFILE_TIMEOUT_S,
+            )
+            times, times_from = dict(r.unit_seconds), f"worker {ref.id} ({r.device_name})"
+        except grpc.RpcError as e:
+            log.warning("profiling on %s failed (%s): planning by FLOPs", ref.id, e.details())
+        return Placement(
+            workers=chosen,
+            policy=Policy.balanced(
+                n,
+                memory=[w.memory for w in chosen],
+                speeds=relative_speeds([w.speed for w in chosen]),
+            ),
+            workload=workload,
+            unit_seconds=times,
+            times_from=times_from,
+        )
+
     def _plan(
         self,
         checkpoint: str,
@@ -640,7 +733,9 @@ class AdminServicer(pbg.AdminServicer):
         dtype: str,
         context: Any,
         trace: bool = False,
-    ) -> Plan:
+        workload: pb.Workload | None = None,
+        mode: str = "generate",
+    ) -> tuple[Plan, Placement | None]:
         if not confined(checkpoint, self.c.model_roots):
             context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -652,29 +747,62 @@ class AdminServicer(pbg.AdminServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"checkpoint directory {checkpoint!r} does not exist on the coordinator",
             )
+        dtype = dtype or "float32"
+        pol = policy_from_proto(policy)
+        wl = rpc.workload_from_proto(workload or pb.Workload())
         try:
-            return make_plan(
+            placed = None
+            if pol.kind == "balanced":
+                placed = self._placement(checkpoint, pol, dtype, wl, mode)
+                if placed is not None:
+                    pol = placed.policy
+                else:
+                    pol.stages = pol.stages or 1
+                    wl.profile = False
+            plan = make_plan(
                 ModelSource(checkpoint=checkpoint),
-                policy_from_proto(policy),
-                dtype=dtype or "float32",
+                pol,
+                dtype=dtype,
                 trace=trace,
+                workload=wl,
+                unit_seconds=placed.unit_seconds if placed else None,
             )
+            return plan, placed
         except Exception as e:
             rpc.abort_for(context, e)
             raise
 
     def PlanModel(self, request: pb.PlanModelRequest, context: grpc.ServicerContext) -> Any:
         self._authorize(context)
-        plan = self._plan(request.checkpoint, request.policy, request.dtype, context)
-        total = sum(s.flops for s in plan.stages) or 1
+        plan, placed = self._plan(
+            request.checkpoint,
+            request.policy,
+            request.dtype,
+            context,
+            workload=request.workload,
+            mode=_default_mode(request.checkpoint),
+        )
+        timed = bool(plan.estimate)
+        total = sum(s.seconds if timed else s.flops for s in plan.stages) or 1
+        chosen = _stage_workers(plan, placed)
         return pb.PlanModelResponse(
             plan_json=plan.dumps(),
             stages=[
                 pb.StageSummary(
-                    stage=s.index, bytes=s.nbytes, units=s.units, compute_fraction=s.flops / total
+                    stage=s.index,
+                    bytes=s.nbytes,
+                    units=s.units,
+                    compute_fraction=(s.seconds if timed else s.flops) / total,
+                    seconds=s.seconds,
+                    kv_bytes_per_token=s.kv_bytes_per_token,
+                    worker_id=chosen[s.index].id if chosen else "",
                 )
                 for s in plan.stages
             ],
+            samples_per_s=plan.estimate.get("samples_per_s", 0.0),
+            bubble=plan.estimate.get("bubble", 0.0),
+            streaming_samples_per_s=plan.estimate.get("streaming_samples_per_s", 0.0),
+            times_from=placed.times_from if placed else ("flops" if timed else ""),
         )
 
     def LoadModel(self, request: pb.LoadModelRequest, context: grpc.ServicerContext) -> Any:
@@ -692,8 +820,14 @@ class AdminServicer(pbg.AdminServicer):
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"mode must be generate or forward, not {mode!r}"
             )
-        plan = self._plan(
-            request.checkpoint, request.policy, request.dtype, context, trace=mode == "forward"
+        plan, placed = self._plan(
+            request.checkpoint,
+            request.policy,
+            request.dtype,
+            context,
+            trace=mode == "forward",
+            workload=request.workload,
+            mode=mode,
         )
         with c.lock:
             idle = [w for w in c.workers.values() if w.state == "idle" and not w.model]
@@ -703,7 +837,9 @@ class AdminServicer(pbg.AdminServicer):
                     f"the plan has {plan.num_stages} stages but only {len(idle)} idle workers "
                     "are registered; start more `pipeserve worker` processes",
                 )
-            chosen = sorted(idle, key=lambda w: w.seq)[: plan.num_stages]
+            chosen = _stage_workers(plan, placed)
+            if not chosen or any(w not in idle for w in chosen):
+                chosen = sorted(idle, key=lambda w: w.seq)[: plan.num_stages]
             m = ModelRecord(
                 name, request.checkpoint, plan, [w.id for w in chosen], next(c._epochs), mode
             )
@@ -787,6 +923,8 @@ class AdminServicer(pbg.AdminServicer):
                     seconds_since_heartbeat=now - w.last_seen,
                     kv_sequences=w.status.kv_sequences,
                     kv_bytes=w.status.kv_bytes,
+                    speed_gflops=w.speed,
+                    device_name=w.device_name,
                 )
                 for w in self.c.workers.values()
             ]

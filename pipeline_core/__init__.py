@@ -21,8 +21,9 @@
 
 from torch.distributed.pipelining import pipe_split
 
+from .cost import Workload
 from .engine import EngineLimits, GenerationEngine, GenerationFailed, RequestHandle
-from .errors import CheckpointError, PlanError, TraceError, TransportError
+from .errors import CheckpointError, DoesNotFit, PlanError, TraceError, TransportError
 from .gen_stage import GenStage, UnsupportedModelError
 from .load import CheckpointIndex, ReadStats, read_tensors
 from .local import LocalPipeline
@@ -37,6 +38,7 @@ __all__ = [
     "PLAN_VERSION",
     "CheckpointError",
     "CheckpointIndex",
+    "DoesNotFit",
     "EngineLimits",
     "GenStage",
     "GenerationEngine",
@@ -59,6 +61,7 @@ __all__ = [
     "TransportError",
     "Unit",
     "UnsupportedModelError",
+    "Workload",
     "build_skeleton",
     "build_stage",
     "find_units",

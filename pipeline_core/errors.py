@@ -6,11 +6,15 @@ Every error that can reach a user says what was wrong and what to do about it.
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "PlanError", "TraceError", "TransportError"]
+__all__ = ["CheckpointError", "DoesNotFit", "PlanError", "TraceError", "TransportError"]
 
 
 class PlanError(ValueError):
     """A split policy or plan cannot be satisfied (too many stages, unknown module, ...)."""
+
+
+class DoesNotFit(PlanError):
+    """The model does not fit the workers' memory; the message says how much is missing."""
 
 
 class CheckpointError(RuntimeError):

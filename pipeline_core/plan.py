@@ -7,18 +7,19 @@ and is plain, versioned JSON, so a worker on another host rebuilds exactly its s
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
 from . import split as policies
+from .cost import UnitCost, Workload, estimate_units
 from .errors import PlanError
 from .source import InputSpec, ModelSource, build_skeleton, default_inputs, parse_dtype
 from .trace import WHOLE, TracedPipeline, Wire, call_order, trace_pipeline
 from .units import Unit, find_units, stage_nbytes, tensor_table
 
-__all__ = ["PLAN_VERSION", "Plan", "Policy", "StagePlan", "make_plan"]
+__all__ = ["PLAN_VERSION", "Plan", "Policy", "StagePlan", "make_plan", "predict"]
 
 PLAN_VERSION = 1
 
@@ -72,7 +73,7 @@ class Policy:
         if self.kind == "manual":
             return f"manual({', '.join(self.split_at)})"
         if self.kind == "balanced":
-            return f"balanced({self.stages}) by FLOPs" + (
+            return f"balanced({self.stages}) by time" + (
                 " within worker memory" * bool(self.memory)
             )
         return "pipe_split() markers"
@@ -89,6 +90,12 @@ class StagePlan:
     """Parameter + buffer bytes (tied tensors once)."""
     flops: int = 0
     """FLOPs of the stage's units on the example inputs (relative compute cost)."""
+    seconds: float = 0.0
+    """Estimated compute per microbatch of the plan's workload on this stage's worker."""
+    kv_bytes_per_token: int = 0
+    """KV-cache bytes this stage holds per cached token (generation)."""
+    worker: int = -1
+    """``balanced`` with per-worker memory/speeds: which of those workers takes this stage."""
     receives: list[dict[str, Any]] = field(default_factory=list)
     sends: list[dict[str, Any]] = field(default_factory=list)
 
@@ -105,6 +112,10 @@ class Plan:
     tied: dict[str, list[str]]
     """Tensor name -> the other names of the same (tied) tensor."""
     outputs: list[dict[str, Any]] = field(default_factory=list)
+    workload: dict[str, Any] = field(default_factory=dict)
+    """The :class:`~pipeline_core.cost.Workload` times were estimated for (empty: none)."""
+    estimate: dict[str, Any] = field(default_factory=dict)
+    """Predicted pipeline throughput and bubble for the workload (see :func:`predict`)."""
 
     @property
     def num_stages(self) -> int:
@@ -144,25 +155,57 @@ class Plan:
         return cls(**d)
 
 
-def _starts(policy: Policy, units: list[Unit]) -> list[int]:
+def _starts(
+    policy: Policy, units: list[Unit], costs: list[UnitCost], kv_tokens: int
+) -> tuple[list[int], list[int]]:
+    """Stage starts, and for ``balanced`` which given worker takes each stage."""
     sizes = [u.nbytes for u in units]
     names = [u.name for u in units]
     if policy.kind == "equal_size":
-        return policies.equal_size(sizes, policy.stages, names)
+        return policies.equal_size(sizes, policy.stages, names), []
     if policy.kind == "threshold":
-        return policies.threshold(sizes, policy.max_bytes, names)
+        return policies.threshold(sizes, policy.max_bytes, names), []
     if policy.kind == "manual":
-        return policies.manual(names, policy.split_at)
+        return policies.manual(names, policy.split_at), []
     if policy.kind == "balanced":
-        return policies.balanced(
-            [u.flops for u in units],
-            sizes,
-            policy.stages,
-            names,
-            memory=policy.memory or None,
-            speeds=policy.speeds or None,
-        )
+        kv = [c.kv_bytes_per_token * kv_tokens for c in costs]
+        try:
+            order, starts = policies.balanced_order(
+                [c.seconds for c in costs],
+                [b + k for b, k in zip(sizes, kv, strict=True)],
+                policy.stages,
+                names,
+                memory=policy.memory or None,
+                speeds=policy.speeds or None,
+            )
+        except PlanError as e:
+            if kv_tokens and "missing" in str(e):
+                raise PlanError(
+                    f"{e} (weights {policies._human(sum(sizes))} + KV cache "
+                    f"{policies._human(sum(kv))} for {kv_tokens} tokens)"
+                ) from e
+            raise
+        return starts, order if policy.memory or policy.speeds else []
     raise PlanError(f"unknown split policy {policy.kind!r}")
+
+
+def predict(seconds: list[float], workload: Workload) -> dict[str, Any]:
+    """Throughput and bubble of a fill-drain pass from per-stage seconds per microbatch.
+
+    One batch of ``chunks`` microbatches takes ``sum(t) + (chunks - 1) * max(t)`` (the first
+    microbatch crosses every stage, then the slowest stage sets the pace); the bubble is the
+    share of stage-time idle in that pass.  Streaming batches back to back (``imap``), the
+    slowest stage alone sets the pace: ``microbatch rows / max(t)``.
+    """
+    m, slow, total = workload.chunks, max(seconds), sum(seconds)
+    makespan = total + (m - 1) * slow
+    return {
+        "stage_seconds": seconds,
+        "batch_seconds": makespan,
+        "samples_per_s": workload.batch / makespan if makespan else 0.0,
+        "streaming_samples_per_s": workload.microbatch / slow if slow else 0.0,
+        "bubble": 1 - m * total / (len(seconds) * makespan) if makespan else 0.0,
+    }
 
 
 def _merge_repeated(
@@ -203,11 +246,17 @@ def make_plan(
     inputs: list[InputSpec] | None = None,
     dtype: str | torch.dtype = "float32",
     trace: bool = True,
+    workload: Workload | None = None,
+    unit_seconds: dict[str, float] | None = None,
 ) -> Plan:
     """Plan ``source`` under ``policy`` on the meta device (no weight memory).
 
     With ``trace`` the model is also captured with ``torch.export`` (fake tensors) to record
-    exactly what each stage receives and sends; ``markers`` always traces.
+    exactly what each stage receives and sends; ``markers`` always traces.  With a
+    ``workload`` (always for ``balanced``) every unit's time and KV bytes are estimated
+    (:mod:`.cost`) and the plan predicts per-stage time, throughput and bubble;
+    ``unit_seconds`` (unit name -> seconds per microbatch, e.g. profiled by a worker on its own
+    device) replaces the local estimate.
     """
     torch_dtype = parse_dtype(dtype)
     model = build_skeleton(source, torch_dtype)
@@ -223,14 +272,25 @@ def make_plan(
     for u in units:
         u.flops = flops[u.name]
     units = _merge_repeated([by_name[n] for n in order], calls, model_tensors)
+    if workload is None and (policy.kind == "balanced" or unit_seconds):
+        workload = Workload()
+    costs: list[UnitCost] = []
+    if workload is not None:
+        if unit_seconds:
+            workload = replace(workload, profile=False)
+        costs = estimate_units(source, units, inputs, workload, torch_dtype)
+        for c in costs:
+            if unit_seconds and c.name in unit_seconds:
+                c.seconds, c.source = float(unit_seconds[c.name]), "worker"
     traced = None
+    order: list[int] = []
     if policy.kind == "markers":
         traced = trace_pipeline(
             build_skeleton(source, torch_dtype), inputs, None, is_hf=source.is_hf
         )
         starts = _starts_from_markers(traced, units)
     else:
-        starts = _starts(policy, units)
+        starts, order = _starts(policy, units, costs, workload.kv_tokens if workload else 0)
     ends = [*starts[1:], len(units)]
     stages = []
     for i, (a, b) in enumerate(zip(starts, ends, strict=True)):
@@ -242,17 +302,31 @@ def make_plan(
                 tensors=[t for t in dict.fromkeys(names) if infos[t].persistent],
                 nbytes=stage_nbytes(model_tensors, names),
                 flops=sum(u.flops for u in units[a:b]),
+                seconds=sum(c.seconds for c in costs[a:b]) / _speed(policy, order, i),
+                kv_bytes_per_token=sum(c.kv_bytes_per_token for c in costs[a:b]),
+                worker=order[i] if order else -1,
             )
+        )
+    unit_rows = [{"name": u.name, "nbytes": u.nbytes, "flops": u.flops} for u in units]
+    for row, c in zip(unit_rows, costs, strict=False):
+        row.update(
+            seconds=c.seconds,
+            flops_workload=c.flops,
+            kv_bytes_per_token=c.kv_bytes_per_token,
+            cost=c.source,
         )
     plan = Plan(
         source=source,
         dtype=str(torch_dtype).removeprefix("torch."),
         inputs=inputs,
         policy=policy,
-        units=[{"name": u.name, "nbytes": u.nbytes, "flops": u.flops} for u in units],
+        units=unit_rows,
         stages=stages,
         tied={n: [a for a in g if a != n] for n, g in groups.items() if len(g) > 1},
     )
+    if workload is not None:
+        plan.workload = workload.to_json()
+        plan.estimate = predict([s.seconds for s in stages], workload)
     if traced is None and trace and len(stages) > 1:
         traced = trace_pipeline(
             build_skeleton(source, torch_dtype), inputs, plan.split_points, is_hf=source.is_hf
@@ -260,6 +334,12 @@ def make_plan(
     if traced is not None:
         attach_wiring(plan, traced)
     return plan
+
+
+def _speed(policy: Policy, order: list[int], stage: int) -> float:
+    if not policy.speeds:
+        return 1.0
+    return policy.speeds[order[stage] if order else stage]
 
 
 def _describe(w: Wire, traced: TracedPipeline) -> dict[str, Any]:

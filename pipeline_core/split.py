@@ -8,20 +8,31 @@ A split is the list of unit indices where each stage starts (the first is always
   balanced boundaries). PiPPy used a greedy guess over parameter counts.
 * :func:`threshold` -- start a new stage whenever the next unit would pass the limit.
 * :func:`manual` -- split before the named modules.
-* :func:`balanced` -- n stages minimizing the slowest stage's *compute* (FLOPs / worker
-  speed) while every stage fits its worker's memory.  ``equal_size`` balances bytes, which is
-  right for memory and wrong for speed: an embedding is big and nearly free, an output layer
-  is big and expensive.
+* :func:`balanced` -- n stages minimizing the slowest stage's *time* (unit seconds from
+  :mod:`.cost` / worker speed) while every stage fits its worker's memory (weights + KV
+  cache); :func:`balanced_order` also picks which worker takes which stage.  ``equal_size``
+  balances bytes, which is right for memory and wrong for speed: an embedding is big and
+  nearly free, an output layer is big and expensive.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 
-from .errors import PlanError
+from .errors import DoesNotFit, PlanError
 
-__all__ = ["balanced", "equal_size", "manual", "parse_size", "stage_sizes", "threshold"]
+__all__ = [
+    "balanced",
+    "balanced_order",
+    "equal_size",
+    "manual",
+    "parse_size",
+    "slowest",
+    "stage_sizes",
+    "threshold",
+]
 
 _UNITS = {
     "": 1,
@@ -192,13 +203,13 @@ def balanced(
     caps = memory or [sum(sizes)] * n
     need, have = sum(sizes), sum(caps)
     if need > have:
-        raise PlanError(
+        raise DoesNotFit(
             f"the model needs {_human(need)} but the {n} workers hold {_human(have)} in total: "
             f"{_human(need - have)} missing; add workers or memory, or use a smaller dtype"
         )
     for name, s in zip(names, sizes, strict=True):
         if s > max(caps):
-            raise PlanError(
+            raise DoesNotFit(
                 f"unit {name!r} ({_human(s)}) is larger than any worker's memory "
                 f"({_human(max(caps))})"
             )
@@ -223,7 +234,7 @@ def balanced(
     lo, hi = 0.0, float(sum(costs)) / min(speeds) + 1.0
     best = fill(hi)
     if best is None:
-        raise PlanError(
+        raise DoesNotFit(
             "the units cannot be laid out in order within the workers' memory; the biggest "
             "units need bigger workers earlier or later in the pipeline"
         )
@@ -235,6 +246,63 @@ def balanced(
         else:
             hi, best = mid, starts
     return best
+
+
+def slowest(costs: Sequence[float], starts: Sequence[int], speeds: Sequence[float]) -> float:
+    """The slowest stage's time: ``max_k sum(costs of stage k) / speeds[k]``."""
+    ends = [*starts[1:], len(costs)]
+    return max(
+        sum(costs[a:b]) / speeds[k] for k, (a, b) in enumerate(zip(starts, ends, strict=True))
+    )
+
+
+def balanced_order(
+    costs: Sequence[float],
+    sizes: Sequence[int],
+    n: int,
+    names: Sequence[str],
+    *,
+    memory: Sequence[int] | None = None,
+    speeds: Sequence[float] | None = None,
+    max_orders: int = 5040,
+) -> tuple[list[int], list[int]]:
+    """:func:`balanced` over the best order of unequal workers.
+
+    Which worker takes which stage matters when workers differ (the big-memory one may have to
+    hold the embedding; the fast one should take the heaviest run of units), so every distinct
+    order of the distinct workers is tried (up to ``max_orders``) and the one with the fastest
+    slowest stage wins; ties keep the given order.  Returns ``(order, starts)``: stage ``k``
+    runs on worker ``order[k]``.
+    """
+    speeds = list(speeds or [1.0] * n)
+    memory = list(memory or [])
+    if len(speeds) != n or (memory and len(memory) != n):
+        raise PlanError(f"give one speed and one memory size per stage ({n} stages)")
+    profiles = [(memory[i] if memory else 0, speeds[i]) for i in range(n)]
+    best: tuple[float, list[int], list[int]] | None = None
+    first_error: DoesNotFit | None = None
+    seen: set[tuple[tuple[int, float], ...]] = set()
+    for k, order in enumerate(itertools.permutations(range(n))):
+        if k >= max_orders:
+            break
+        key = tuple(profiles[i] for i in order)
+        if key in seen:
+            continue
+        seen.add(key)
+        sp = [speeds[i] for i in order]
+        mem = [memory[i] for i in order] if memory else None
+        try:
+            starts = balanced(costs, sizes, n, names, memory=mem, speeds=sp)
+        except DoesNotFit as e:
+            first_error = first_error or e
+            continue
+        t = slowest(costs, starts, sp)
+        if best is None or t < best[0] * (1 - 1e-9):
+            best = (t, list(order), starts)
+    if best is None:
+        assert first_error is not None
+        raise first_error
+    return best[1], best[2]
 
 
 def _human(n: float) -> str:

@@ -26,6 +26,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.distributed.pipelining import SplitPoint
 from torch.distributed.pipelining._IR import MultiUseParameterConfig, Pipe, annotate_split_points
 from torch.export import Dim
+from torch.utils._pytree import tree_map
 
 from .errors import TraceError
 from .source import HFForward, InputSpec
@@ -178,6 +179,28 @@ def trace_pipeline(
     return _wiring(pipe, names)
 
 
+@dataclass(frozen=True)
+class ArgSpec:
+    """A tensor argument seen on fake tensors: enough to make a real one of its kind."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @staticmethod
+    def of(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return ArgSpec(tuple(int(d) for d in v.shape), v.dtype)
+        return v
+
+    def make(self, device: torch.device | str) -> torch.Tensor:
+        """Random floats, zeros for integers (valid indices and positions), True for bools."""
+        if self.dtype.is_floating_point:
+            return torch.randn(self.shape, device=device).to(self.dtype)
+        if self.dtype == torch.bool:
+            return torch.ones(self.shape, dtype=torch.bool, device=device)
+        return torch.zeros(self.shape, dtype=self.dtype, device=device)
+
+
 def _count_cpu_attention() -> None:
     """``FlopCounterMode`` has no formula for the CPU flash-attention kernel, so attention
     would count 0 FLOPs on CPU (its share grows with sequence length); register one."""
@@ -195,7 +218,12 @@ def _count_cpu_attention() -> None:
 
 
 def call_order(
-    model: nn.Module, inputs: list[InputSpec], names: list[str], *, is_hf: bool
+    model: nn.Module,
+    inputs: list[InputSpec],
+    names: list[str],
+    *,
+    is_hf: bool,
+    capture: dict[str, Any] | None = None,
 ) -> tuple[list[str], dict[str, int], dict[str, int]]:
     """``names`` (module FQNs) sorted by when ``forward`` first calls them.
 
@@ -206,7 +234,9 @@ def call_order(
 
     Returns the ordered names, how many times each was called (a module called twice, like
     T5's shared dropout, cannot begin a stage) and the FLOPs each ran on the example inputs
-    (``torch.utils.flop_counter``: matmuls, convolutions, attention; lookups count 0).
+    (``torch.utils.flop_counter``: matmuls, convolutions, attention; lookups count 0).  With
+    ``capture``, each unit's first ``(args, kwargs)`` is stored there, tensors as
+    :class:`ArgSpec` (what the profiler in :mod:`.cost` feeds a unit run alone).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -218,11 +248,13 @@ def call_order(
     for name in names:
         mod = model.get_submodule(name)
 
-        def hook(_m: nn.Module, _a: Any, name: str = name) -> None:
+        def hook(_m: nn.Module, args: Any, kwargs: Any, name: str = name) -> None:
             first.setdefault(name, len(first))
             calls[name] += 1
+            if capture is not None and name not in capture:
+                capture[name] = tree_map(ArgSpec.of, (args, kwargs))
 
-        hooks.append(mod.register_forward_pre_hook(hook))
+        hooks.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
     _count_cpu_attention()
     counter = FlopCounterMode(display=False)
     try:

@@ -1,6 +1,8 @@
 """``pipeserve`` console script.
 
-* ``pipeserve plan MODEL_DIR --equal-size 3 | --threshold 500MB | --split-at a,b [--json]``
+* ``pipeserve plan MODEL_DIR [--stages 3 | --equal-size 3 | --threshold 500MB | --split-at a,b]
+  [--batch 8 --seq 128 --chunks 4] [--json]`` -- per stage: bytes, KV bytes per token,
+  estimated time; predicted throughput and bubble (``--stages N``: ``balanced``, by time)
 * ``pipeserve local`` -- the embedded default: builds a small model, splits it over local stage
   processes and checks the pipelined forward and generation against the single-process model.
 * ``pipeserve run MODEL_DIR --stages N --prompt-ids 1,2,3 --max-new-tokens K`` -- one-shot
@@ -33,7 +35,9 @@ def _policy(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         x for x in (args.equal_size, args.threshold, args.split_at, args.balanced) if x is not None
     ]
     if len(chosen) + int(args.markers) > 1:
-        raise SystemExit("choose one of --equal-size, --threshold, --split-at, --markers")
+        raise SystemExit(
+            "choose one of --stages/--balanced, --equal-size, --threshold, --split-at, --markers"
+        )
     if args.threshold is not None:
         return Policy.threshold(args.threshold)
     if args.split_at is not None:
@@ -44,7 +48,31 @@ def _policy(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         memory = args.stage_memory.split(",") if args.stage_memory else None
         speeds = [float(s) for s in args.stage_speed.split(",")] if args.stage_speed else None
         return Policy.balanced(args.balanced, memory=memory, speeds=speeds)
-    return Policy.equal_size(args.equal_size or 2)
+    if args.equal_size is not None:
+        return Policy.equal_size(args.equal_size)
+    return Policy.balanced(2)
+
+
+def _workload(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from pipeline_core.cost import Workload
+
+    return Workload(
+        batch=args.batch,
+        seq=args.seq,
+        chunks=args.chunks,
+        kv_tokens=args.kv_tokens,
+        device=args.device,
+        threads=args.threads,
+        profile=not args.no_profile,
+    )
+
+
+def _deterministic_workload():  # type: ignore[no-untyped-def]
+    """Times from FLOPs only: every process that plans gets the same split (a profile is
+    measured, so two processes could disagree by noise)."""
+    from pipeline_core.cost import Workload
+
+    return Workload(profile=False)
 
 
 def format_plan(plan) -> str:  # type: ignore[no-untyped-def]
@@ -52,18 +80,39 @@ def format_plan(plan) -> str:  # type: ignore[no-untyped-def]
         f"model   {plan.source.factory or plan.source.checkpoint}",
         f"policy  {plan.policy.describe()}   dtype {plan.dtype}   "
         f"total {_human(plan.total_bytes)} in {len(plan.units)} units",
-        "",
-        f"{'stage':>5}  {'bytes':>12}  {'compute':>7}  {'tensors':>7}  {'recv':>4}  {'send':>4}"
-        "  units",
     ]
-    total_flops = sum(s.flops for s in plan.stages) or 1
+    timed = bool(plan.estimate)
+    if timed:
+        w = plan.workload
+        sources = sorted({u.get("cost", "") for u in plan.units} - {""})
+        lines.append(
+            f"times   per microbatch of {-(-w['batch'] // w['chunks'])} x {w['seq']} on "
+            f"{w['device']} ({w['threads']} thread(s)), from {' / '.join(sources)}"
+        )
+    lines += [
+        "",
+        f"{'stage':>5}  {'bytes':>12}  {'KV/token':>9}  {'est. ms':>8}  {'compute':>7}  "
+        f"{'tensors':>7}  {'recv':>4}  {'send':>4}  units",
+    ]
+    total = sum(s.seconds for s in plan.stages) if timed else sum(s.flops for s in plan.stages)
     for s in plan.stages:
         units = s.units if len(s.units) <= 4 else [*s.units[:2], "...", s.units[-1]]
+        share = (s.seconds if timed else s.flops) / (total or 1)
+        ms = f"{1e3 * s.seconds:8.1f}" if timed else f"{'-':>8}"
         lines.append(
-            f"{s.index:>5}  {_human(s.nbytes):>12}  {100 * s.flops / total_flops:>6.1f}%  "
-            f"{len(s.tensors):>7}  "
+            f"{s.index:>5}  {_human(s.nbytes):>12}  {_human(s.kv_bytes_per_token):>9}  {ms}  "
+            f"{100 * share:>6.1f}%  {len(s.tensors):>7}  "
             f"{len(s.receives):>4}  {len(s.sends):>4}  {', '.join(units)} ({len(s.units)})"
         )
+    if timed:
+        e, w = plan.estimate, plan.workload
+        lines += [
+            "",
+            f"predicted: one batch of {w['batch']} in {w['chunks']} microbatches "
+            f"{e['batch_seconds']:.3f} s ({e['samples_per_s']:.2f} samples/s), bubble "
+            f"{100 * e['bubble']:.0f}%; batches streamed back to back "
+            f"{e['streaming_samples_per_s']:.2f} samples/s",
+        ]
     return "\n".join(lines)
 
 
@@ -72,7 +121,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     source = ModelSource(checkpoint=args.model_dir, factory=args.factory or "")
     try:
-        plan = make_plan(source, _policy(args), dtype=args.dtype, trace=not args.no_trace)
+        plan = make_plan(
+            source,
+            _policy(args),
+            dtype=args.dtype,
+            trace=not args.no_trace,
+            workload=_workload(args),
+        )
     except (PlanError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -126,7 +181,7 @@ def check_forward(model_dir: Path, stages: int, batch: int = 6, seq: int = 32) -
 
     from pipeline_core import LocalPipeline, ModelSource, Policy, make_plan
 
-    plan = make_plan(ModelSource(checkpoint=str(model_dir)), Policy.equal_size(stages))
+    plan = make_plan(ModelSource(checkpoint=str(model_dir)), Policy.balanced(stages))
     print(format_plan(plan), "\n")
     torch.manual_seed(1)
     ids = torch.randint(0, 1000, (batch, seq))
@@ -162,6 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             _policy(args),
             dtype=args.dtype,
             trace=False,
+            workload=_deterministic_workload(),
         )
     except (PlanError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -201,11 +257,12 @@ def _run_torchrun(args, plan, ids, params, tok) -> int:  # type: ignore[no-untyp
 
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     if plan.num_stages != world:
-        plan = make_plan(
+        plan = make_plan(  # every rank plans alike: by FLOPs, not by a noisy profile
             ModelSource(checkpoint=args.model_dir),
-            Policy.equal_size(world),
+            Policy.balanced(world),
             dtype=args.dtype,
             trace=False,
+            workload=_deterministic_workload(),
         )
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo")
@@ -259,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=os.environ.get("PIPESERVE_LOG", "WARNING").upper())
     if args.cmd == "run":
-        args.equal_size = args.stages
+        args.balanced = args.stages
     return int(args.func(args))
 
 
@@ -270,13 +327,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="split a model into stages and print the plan")
     p.add_argument("model_dir", help="checkpoint directory (config.json + weights)")
+    p.add_argument(
+        "--stages",
+        "--balanced",
+        dest="balanced",
+        type=int,
+        metavar="N",
+        help="N stages of balanced time (the default policy, N=2)",
+    )
     p.add_argument("--equal-size", type=int, metavar="N", help="N stages of balanced bytes")
     p.add_argument("--threshold", metavar="SIZE", help="new stage past SIZE (e.g. 500MB)")
     p.add_argument("--split-at", metavar="A,B", help="begin stages at these modules")
     p.add_argument("--markers", action="store_true", help="split at pipe_split() calls")
-    p.add_argument("--balanced", type=int, metavar="N", help="N stages of balanced compute")
-    p.add_argument("--stage-memory", metavar="M1,M2", help="with --balanced: memory per stage")
-    p.add_argument("--stage-speed", metavar="S1,S2", help="with --balanced: speed per stage")
+    p.add_argument(
+        "--stage-memory", metavar="M1,M2", help="with --stages: memory of each worker (8GiB,..)"
+    )
+    p.add_argument(
+        "--stage-speed", metavar="S1,S2", help="with --stages: relative speed of each worker"
+    )
+    p.add_argument("--batch", type=int, default=8, help="rows per batch (for times; 8)")
+    p.add_argument("--seq", type=int, default=128, help="tokens per row (for times; 128)")
+    p.add_argument("--chunks", type=int, default=4, help="microbatches per batch (4)")
+    p.add_argument(
+        "--kv-tokens", type=int, default=0, help="KV-cache tokens each stage must hold (memory)"
+    )
+    p.add_argument("--device", default="cpu", help="device to profile units on (cpu, cuda)")
+    p.add_argument("--threads", type=int, default=1, help="threads per stage while profiling")
+    p.add_argument(
+        "--no-profile", action="store_true", help="estimate times from FLOPs, run nothing"
+    )
     p.add_argument("--factory", help="package.module:function building a plain nn.Module")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -299,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="one-shot pipelined generation on local stage processes")
     p.add_argument("model_dir", help="Hugging Face checkpoint directory")
-    p.add_argument("--stages", type=int, default=2, help="equal_size stages (default 2)")
+    p.add_argument("--stages", type=int, default=2, help="stages balanced by FLOPs (default 2)")
     p.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
     p.add_argument("--prompt-ids", metavar="1,2,3", help="prompt token ids")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -312,7 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads per stage")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.set_defaults(
-        func=cmd_run, equal_size=None, threshold=None, split_at=None, balanced=None, markers=False
+        func=cmd_run,
+        equal_size=None,
+        threshold=None,
+        split_at=None,
+        balanced=None,
+        markers=False,
+        stage_memory=None,
+        stage_speed=None,
     )
 
     from pipeserve.cluster_cli import add_commands

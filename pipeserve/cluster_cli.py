@@ -71,6 +71,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from pipeline_core import EngineLimits
+    from pipeline_core.split import parse_size
     from pipeserve.observe import setup_logging
     from stage_worker.server import serve
 
@@ -85,6 +86,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         limits=EngineLimits(max_tokens=args.max_kv_tokens, max_sequences=args.max_sequences),
         metrics_port=args.metrics_port,
         health_port=args.health_port,
+        speed_gflops=args.speed,
+        memory_bytes=parse_size(args.memory) if args.memory else 0,
     )
     return 0
 
@@ -97,9 +100,15 @@ def _policy_proto(args: argparse.Namespace) -> Any:
         return pb.SplitPolicy(threshold_bytes=parse_size(args.threshold))
     if args.split_at:
         return pb.SplitPolicy(manual=pb.ManualSplit(split_at=args.split_at.split(",")))
-    if args.balanced:
-        return pb.SplitPolicy(balanced=args.balanced)
-    return pb.SplitPolicy(equal_size=args.equal_size or 1)
+    if args.equal_size:
+        return pb.SplitPolicy(equal_size=args.equal_size)
+    return pb.SplitPolicy(balanced=args.balanced or 0)  # default: by time, one per idle worker
+
+
+def _workload_proto(args: argparse.Namespace) -> Any:
+    from pipeserve.v1 import pipeserve_pb2 as pb
+
+    return pb.Workload(batch=args.batch, seq=args.seq, chunks=args.chunks, kv_tokens=args.kv_tokens)
 
 
 def _bar(done: int, total: int, width: int = 24) -> str:
@@ -125,6 +134,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
                 dtype=args.dtype,
                 device=args.device or "",
                 mode=args.mode or "",
+                workload=_workload_proto(args),
             )
             last = None
             tty = sys.stdout.isatty()
@@ -149,19 +159,33 @@ def cmd_admin(args: argparse.Namespace) -> int:
         elif args.action == "plan":
             r = admin.PlanModel(
                 pb.PlanModelRequest(
-                    checkpoint=args.target, policy=_policy_proto(args), dtype=args.dtype
+                    checkpoint=args.target,
+                    policy=_policy_proto(args),
+                    dtype=args.dtype,
+                    workload=_workload_proto(args),
                 )
             )
             if args.json:
                 print(r.plan_json)
             else:
-                print(f"{'stage':>5}  {'bytes':>12}  {'compute':>7}  units")
+                print(
+                    f"{'stage':>5}  {'worker':>10}  {'bytes':>12}  {'KV/token':>9}  "
+                    f"{'est. ms':>8}  {'compute':>7}  units"
+                )
                 for s in r.stages:
                     u = list(s.units)
                     shown = u if len(u) <= 4 else [*u[:2], "...", u[-1]]
                     print(
-                        f"{s.stage:>5}  {_human(s.bytes):>12}  {s.compute_fraction:>7.1%}  "
-                        f"{', '.join(shown)} ({len(u)})"
+                        f"{s.stage:>5}  {s.worker_id or '-':>10}  {_human(s.bytes):>12}  "
+                        f"{_human(s.kv_bytes_per_token):>9}  {1e3 * s.seconds:>8.1f}  "
+                        f"{s.compute_fraction:>7.1%}  {', '.join(shown)} ({len(u)})"
+                    )
+                if r.times_from:
+                    print(
+                        f"\npredicted ({args.chunks} microbatches of {args.batch} x {args.seq}, "
+                        f"times from {r.times_from}): {r.samples_per_s:.2f} samples/s per batch, "
+                        f"bubble {r.bubble:.0%}; streamed {r.streaming_samples_per_s:.2f} "
+                        "samples/s"
                     )
         elif args.action == "status":
             while True:
@@ -208,12 +232,14 @@ def cmd_admin(args: argparse.Namespace) -> int:
 
 def _print_status(r: Any, _human: Any, pb: Any) -> None:
     print(
-        f"{'worker':<9} {'address':<22} {'device':<7} {'state':<9} {'model':<16} "
-        f"{'stage':>5} {'kv seqs':>7} {'kv bytes':>10} {'heartbeat':>9}"
+        f"{'worker':<9} {'address':<22} {'device':<7} {'GFLOP/s':>8} {'memory':>10} "
+        f"{'state':<9} {'model':<16} {'stage':>5} {'kv seqs':>7} {'kv bytes':>10} "
+        f"{'heartbeat':>9}"
     )
     for w in r.workers:
         print(
-            f"{w.id:<9} {w.address:<22} {w.device:<7} {w.state:<9} {w.model or '-':<16} "
+            f"{w.id:<9} {w.address:<22} {w.device:<7} {w.speed_gflops:>8.0f} "
+            f"{_human(w.memory_bytes):>10} {w.state:<9} {w.model or '-':<16} "
             f"{w.stage if w.model else '-':>5} {w.kv_sequences:>7} "
             f"{_human(w.kv_bytes):>10} {w.seconds_since_heartbeat:>8.1f}s"
         )
@@ -361,6 +387,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--advertise-host", help="host the coordinator uses to reach this worker")
     p.add_argument("--max-kv-tokens", type=int, default=65536, help="stage 0: KV budget in tokens")
     p.add_argument("--max-sequences", type=int, default=256, help="stage 0: sequences at once")
+    p.add_argument(
+        "--speed", type=float, default=0.0, help="GFLOP/s to report (default: measured at start)"
+    )
+    p.add_argument("--memory", help="memory to offer stages, e.g. 20GiB (default: the device's)")
     _observability_flags(p)
     p.set_defaults(func=cmd_worker)
 
@@ -372,7 +402,23 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--equal-size", type=int, metavar="N")
     p.add_argument("--threshold", metavar="SIZE")
     p.add_argument("--split-at", metavar="A,B")
-    p.add_argument("--balanced", type=int, metavar="N")
+    p.add_argument(
+        "--stages",
+        "--balanced",
+        dest="balanced",
+        type=int,
+        metavar="N",
+        help="N stages balanced by time (the default; 0: one per idle worker)",
+    )
+    p.add_argument("--batch", type=int, default=8, help="workload for times: rows per batch")
+    p.add_argument("--seq", type=int, default=128, help="workload for times: tokens per row")
+    p.add_argument("--chunks", type=int, default=4, help="workload for times: microbatches")
+    p.add_argument(
+        "--kv-tokens",
+        type=int,
+        default=0,
+        help="KV tokens each stage must hold (0: the workers' --max-kv-tokens, generation)",
+    )
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", help="cpu or cuda (default: each worker's own)")
     p.add_argument(

@@ -86,7 +86,7 @@ def run_local(model_dir: Path, *, stages: int = 3, port: int = 50051, once: bool
         print(f"coordinator {address} and {stages} workers started (logs in {log_dir})")
         name = model_dir.name
         req = pb.LoadModelRequest(
-            name=name, checkpoint=str(model_dir.resolve()), policy=pb.SplitPolicy(equal_size=stages)
+            name=name, checkpoint=str(model_dir.resolve()), policy=pb.SplitPolicy(balanced=stages)
         )
         for p in admin.LoadModel(req, timeout=900):
             if p.done:

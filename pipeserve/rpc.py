@@ -20,11 +20,13 @@ from grpc_reflection.v1alpha import reflection
 from grpc_reflection.v1alpha import reflection_pb2 as _rpb2
 
 from pipeline_core import (
+    DoesNotFit,
     GenerationFailed,
     PlanError,
     RequestError,
     ResourceExhausted,
     SamplingParams,
+    Workload,
 )
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "tensor_from_bytes",
     "tensor_from_proto",
     "tensor_to_proto",
+    "workload_from_proto",
 ]
 
 log = logging.getLogger(__name__)
@@ -237,12 +240,27 @@ def abort_for(context: grpc.ServicerContext, e: BaseException) -> None:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     if isinstance(e, ResourceExhausted):
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+    if isinstance(e, DoesNotFit):
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
     if isinstance(e, PlanError | FileNotFoundError):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     if isinstance(e, GenerationFailed):
         context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
     log.exception("internal error")
     context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+
+def workload_from_proto(w: Any, device: str = "cpu", threads: int = 1) -> Workload:
+    """A ``pipeline_core`` ``Workload`` from a ``pipeserve.v1.Workload`` (0 -> defaults)."""
+    d = Workload()
+    return Workload(
+        batch=w.batch or d.batch,
+        seq=w.seq or d.seq,
+        chunks=w.chunks or d.chunks,
+        kv_tokens=w.kv_tokens,
+        device=device,
+        threads=threads,
+    )
 
 
 def sampling_from_proto(req: Any) -> SamplingParams:

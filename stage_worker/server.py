@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 from prometheus_client import CollectorRegistry
 
-from pipeline_core import GenStage, ReadStats
+from pipeline_core import GenStage, ModelSource, ReadStats
+from pipeline_core.cost import device_flops, device_name, unit_seconds
 from pipeline_core.engine import EngineLimits, GenerationEngine, serve_generation
 from pipeline_core.local import make_mesh
 from pipeline_core.plan import Plan
@@ -274,6 +275,24 @@ class Worker(pbg.StageWorkerServicer):
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> Any:
         return _forward(self, request, context)
 
+    def Profile(self, request: pb.ProfileRequest, context: grpc.ServicerContext) -> Any:
+        """Unit times of a checkpoint's model on this device (planning by time)."""
+        if self.job is not None:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"worker {self.worker_id} serves a stage; profile on an idle worker",
+            )
+        workload = rpc.workload_from_proto(request.workload, self.device, torch.get_num_threads())
+        try:
+            with self.lock:
+                seconds = unit_seconds(
+                    ModelSource(checkpoint=request.checkpoint), request.dtype or "float32", workload
+                )
+        except Exception as e:
+            rpc.abort_for(context, e)
+            raise
+        return pb.ProfileResponse(unit_seconds=seconds, device_name=device_name(self.device))
+
     def Timeline(self, request: pb.TimelineRequest, context: grpc.ServicerContext) -> Any:
         job = self.job
         timeline = getattr(job.stage, "timeline", None) if job is not None else None
@@ -393,9 +412,18 @@ def serve(
     metrics_port: int = 0,
     health_port: int = 0,
     stop: threading.Event | None = None,
+    speed_gflops: float = 0.0,
+    memory_bytes: int = 0,
 ) -> None:
-    """Run a worker until ``stop`` is set (or forever): serve, register, heartbeat."""
+    """Run a worker until ``stop`` is set (or forever): serve, register, heartbeat.
+
+    ``speed_gflops`` (0: measured now, a matmul on ``device``) and ``memory_bytes`` (0: the
+    device's total) are what the planner gives this worker's stage by.
+    """
     limits = limits or EngineLimits()
+    if speed_gflops <= 0:
+        speed_gflops = device_flops(device, torch.float32, torch.get_num_threads()) / 1e9
+    memory_bytes = memory_bytes or _memory_bytes(device)
     server, port, health, counter = rpc.make_server(f"{host}:{port}", [SERVICE])
     worker = Worker(device, health, counter, limits)
     pbg.add_StageWorkerServicer_to_server(worker, server)
@@ -413,7 +441,9 @@ def serve(
     stop = stop or threading.Event()
     interval = 1.0
     log.info("worker serving on %s, coordinator %s", address, coordinator)
-    print(f"worker listening on {address} (device {device})", flush=True)
+    print(
+        f"worker listening on {address} (device {device}, {speed_gflops:.0f} GFLOP/s)", flush=True
+    )
     while not stop.is_set():
         try:
             if not worker.worker_id:
@@ -421,8 +451,11 @@ def serve(
                     pb.RegisterRequest(
                         address=address,
                         device=device,
-                        memory_bytes=_memory_bytes(device),
+                        memory_bytes=memory_bytes,
                         hostname=socket.gethostname(),
+                        speed_gflops=speed_gflops,
+                        device_name=device_name(device),
+                        kv_tokens=limits.max_tokens,
                     ),
                     timeout=10,
                     metadata=md,

@@ -1,4 +1,6 @@
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -6,6 +8,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# Unit-time profiles (planning by time) go to a file of this test run, not ~/.cache; worker
+# processes the tests start inherit it.
+os.environ.setdefault(
+    "PIPESERVE_PROFILE_CACHE",
+    str(Path(tempfile.mkdtemp(prefix="pipeserve-profiles-")) / "unit-profiles.json"),
+)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,9 @@ def test_plan_table_and_json(gpt2_dir, capsys):
     assert main(["plan", str(gpt2_dir), "--equal-size", "3", "--no-trace"]) == 0
     table = capsys.readouterr().out
     assert "equal_size(3)" in table
-    assert [line.split()[0] for line in table.splitlines()[-3:]] == ["0", "1", "2"]
+    rows = table.split("send  units\n", 1)[1].split("\n\n")[0].splitlines()
+    assert [line.split()[0] for line in rows] == ["0", "1", "2"]
+    assert "predicted: one batch of 8 in 4 microbatches" in table and "bubble" in table
     assert main(["plan", str(gpt2_dir), "--split-at", "transformer.h.2", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["version"] == 1 and len(plan["stages"]) == 2
@@ -36,7 +38,11 @@ def test_plan_units_and_threshold(gpt2_dir, capsys):
     assert "threshold(100000 bytes)" in capsys.readouterr().out
     assert main(["plan", str(gpt2_dir), "--balanced", "2", "--stage-speed", "1,2"]) == 0
     out = capsys.readouterr().out
-    assert "balanced(2) by FLOPs" in out and "%" in out
+    assert "balanced(2) by time" in out and "%" in out
+    assert main(["plan", str(gpt2_dir), "--no-trace", "--json"]) == 0  # the default policy
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["policy"]["kind"] == "balanced" and len(plan["stages"]) == 2
+    assert plan["estimate"]["bubble"] > 0 and all(s["seconds"] > 0 for s in plan["stages"])
 
 
 def test_plan_errors_are_clear(gpt2_dir, tmp_path, capsys):

@@ -140,7 +140,7 @@ def test_manifests_match_the_code(overlay):
     jc = _container(job)
     ja = parser.parse_args(_args(jc, config))
     assert (ja.cmd, ja.action, ja.coordinator) == ("admin", "load", wa.coordinator)
-    assert ja.target == config["MODEL_DIR"] and ja.equal_size == int(config["STAGES"])
+    assert ja.target == config["MODEL_DIR"] and ja.balanced == int(config["STAGES"])
 
     # env: ours are read by the code; others are torch/NCCL/gloo networking or used in args
     used_in_args = {

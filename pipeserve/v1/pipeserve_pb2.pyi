@@ -202,21 +202,35 @@ class SplitPolicy(_message.Message):
     balanced: int
     def __init__(self, equal_size: _Optional[int] = ..., threshold_bytes: _Optional[int] = ..., manual: _Optional[_Union[ManualSplit, _Mapping]] = ..., balanced: _Optional[int] = ...) -> None: ...
 
+class Workload(_message.Message):
+    __slots__ = ("batch", "seq", "chunks", "kv_tokens")
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    batch: int
+    seq: int
+    chunks: int
+    kv_tokens: int
+    def __init__(self, batch: _Optional[int] = ..., seq: _Optional[int] = ..., chunks: _Optional[int] = ..., kv_tokens: _Optional[int] = ...) -> None: ...
+
 class LoadModelRequest(_message.Message):
-    __slots__ = ("name", "checkpoint", "policy", "dtype", "device", "mode")
+    __slots__ = ("name", "checkpoint", "policy", "dtype", "device", "mode", "workload")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
     name: str
     checkpoint: str
     policy: SplitPolicy
     dtype: str
     device: str
     mode: str
-    def __init__(self, name: _Optional[str] = ..., checkpoint: _Optional[str] = ..., policy: _Optional[_Union[SplitPolicy, _Mapping]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
+    workload: Workload
+    def __init__(self, name: _Optional[str] = ..., checkpoint: _Optional[str] = ..., policy: _Optional[_Union[SplitPolicy, _Mapping]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., mode: _Optional[str] = ..., workload: _Optional[_Union[Workload, _Mapping]] = ...) -> None: ...
 
 class StageProgress(_message.Message):
     __slots__ = ("stage", "worker_id", "bytes_loaded", "bytes_total", "state", "error")
@@ -257,41 +271,57 @@ class UnloadModelResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class PlanModelRequest(_message.Message):
-    __slots__ = ("checkpoint", "policy", "dtype")
+    __slots__ = ("checkpoint", "policy", "dtype", "workload")
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
     checkpoint: str
     policy: SplitPolicy
     dtype: str
-    def __init__(self, checkpoint: _Optional[str] = ..., policy: _Optional[_Union[SplitPolicy, _Mapping]] = ..., dtype: _Optional[str] = ...) -> None: ...
+    workload: Workload
+    def __init__(self, checkpoint: _Optional[str] = ..., policy: _Optional[_Union[SplitPolicy, _Mapping]] = ..., dtype: _Optional[str] = ..., workload: _Optional[_Union[Workload, _Mapping]] = ...) -> None: ...
 
 class StageSummary(_message.Message):
-    __slots__ = ("stage", "bytes", "units", "compute_fraction")
+    __slots__ = ("stage", "bytes", "units", "compute_fraction", "seconds", "kv_bytes_per_token", "worker_id")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     UNITS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     stage: int
     bytes: int
     units: _containers.RepeatedScalarFieldContainer[str]
     compute_fraction: float
-    def __init__(self, stage: _Optional[int] = ..., bytes: _Optional[int] = ..., units: _Optional[_Iterable[str]] = ..., compute_fraction: _Optional[float] = ...) -> None: ...
+    seconds: float
+    kv_bytes_per_token: int
+    worker_id: str
+    def __init__(self, stage: _Optional[int] = ..., bytes: _Optional[int] = ..., units: _Optional[_Iterable[str]] = ..., compute_fraction: _Optional[float] = ..., seconds: _Optional[float] = ..., kv_bytes_per_token: _Optional[int] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class PlanModelResponse(_message.Message):
-    __slots__ = ("plan_json", "stages")
+    __slots__ = ("plan_json", "stages", "samples_per_s", "bubble", "streaming_samples_per_s", "times_from")
     PLAN_JSON_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    BUBBLE_FIELD_NUMBER: _ClassVar[int]
+    STREAMING_SAMPLES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    TIMES_FROM_FIELD_NUMBER: _ClassVar[int]
     plan_json: str
     stages: _containers.RepeatedCompositeFieldContainer[StageSummary]
-    def __init__(self, plan_json: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageSummary, _Mapping]]] = ...) -> None: ...
+    samples_per_s: float
+    bubble: float
+    streaming_samples_per_s: float
+    times_from: str
+    def __init__(self, plan_json: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageSummary, _Mapping]]] = ..., samples_per_s: _Optional[float] = ..., bubble: _Optional[float] = ..., streaming_samples_per_s: _Optional[float] = ..., times_from: _Optional[str] = ...) -> None: ...
 
 class ClusterStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("id", "address", "device", "state", "memory_bytes", "model", "stage", "seconds_since_heartbeat", "kv_sequences", "kv_bytes")
+    __slots__ = ("id", "address", "device", "state", "memory_bytes", "model", "stage", "seconds_since_heartbeat", "kv_sequences", "kv_bytes", "speed_gflops", "device_name")
     ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -302,6 +332,8 @@ class WorkerInfo(_message.Message):
     SECONDS_SINCE_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     KV_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SPEED_GFLOPS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
     id: str
     address: str
     device: str
@@ -312,7 +344,9 @@ class WorkerInfo(_message.Message):
     seconds_since_heartbeat: float
     kv_sequences: int
     kv_bytes: int
-    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., state: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., model: _Optional[str] = ..., stage: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ..., kv_sequences: _Optional[int] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
+    speed_gflops: float
+    device_name: str
+    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., state: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., model: _Optional[str] = ..., stage: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ..., kv_sequences: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., speed_gflops: _Optional[float] = ..., device_name: _Optional[str] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
     __slots__ = ("workers", "models")
@@ -375,16 +409,22 @@ class StoreAddResponse(_message.Message):
     def __init__(self, value: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("address", "device", "memory_bytes", "hostname")
+    __slots__ = ("address", "device", "memory_bytes", "hostname", "speed_gflops", "device_name", "kv_tokens")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    SPEED_GFLOPS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
     address: str
     device: str
     memory_bytes: int
     hostname: str
-    def __init__(self, address: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., hostname: _Optional[str] = ...) -> None: ...
+    speed_gflops: float
+    device_name: str
+    kv_tokens: int
+    def __init__(self, address: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., hostname: _Optional[str] = ..., speed_gflops: _Optional[float] = ..., device_name: _Optional[str] = ..., kv_tokens: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("worker_id", "heartbeat_interval_ms")
@@ -407,6 +447,31 @@ class HeartbeatResponse(_message.Message):
     KNOWN_FIELD_NUMBER: _ClassVar[int]
     known: bool
     def __init__(self, known: _Optional[bool] = ...) -> None: ...
+
+class ProfileRequest(_message.Message):
+    __slots__ = ("checkpoint", "dtype", "workload")
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: str
+    dtype: str
+    workload: Workload
+    def __init__(self, checkpoint: _Optional[str] = ..., dtype: _Optional[str] = ..., workload: _Optional[_Union[Workload, _Mapping]] = ...) -> None: ...
+
+class ProfileResponse(_message.Message):
+    __slots__ = ("unit_seconds", "device_name")
+    class UnitSecondsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    UNIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    unit_seconds: _containers.ScalarMap[str, float]
+    device_name: str
+    def __init__(self, unit_seconds: _Optional[_Mapping[str, float]] = ..., device_name: _Optional[str] = ...) -> None: ...
 
 class AssignRequest(_message.Message):
     __slots__ = ("model", "plan_json", "stage", "world_size", "rendezvous", "epoch", "device", "mode")

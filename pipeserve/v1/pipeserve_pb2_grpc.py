@@ -790,6 +790,11 @@ class StageWorkerStub:
                 request_serializer=pipeserve_dot_v1_dot_pipeserve__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=pipeserve_dot_v1_dot_pipeserve__pb2.ForwardResponse.FromString,
                 _registered_method=True)
+        self.Profile = channel.unary_unary(
+                '/pipeserve.v1.StageWorker/Profile',
+                request_serializer=pipeserve_dot_v1_dot_pipeserve__pb2.ProfileRequest.SerializeToString,
+                response_deserializer=pipeserve_dot_v1_dot_pipeserve__pb2.ProfileResponse.FromString,
+                _registered_method=True)
 
 
 class StageWorkerServicer:
@@ -839,6 +844,14 @@ class StageWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Profile(self, request, context):
+        """Time one unit of each kind of a checkpoint's model on this worker's device (random
+        weights of the unit's shape, never the checkpoint's), for planning by time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -871,6 +884,11 @@ def add_StageWorkerServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=pipeserve_dot_v1_dot_pipeserve__pb2.ForwardRequest.FromString,
                     response_serializer=pipeserve_dot_v1_dot_pipeserve__pb2.ForwardResponse.SerializeToString,
+            ),
+            'Profile': grpc.unary_unary_rpc_method_handler(
+                    servicer.Profile,
+                    request_deserializer=pipeserve_dot_v1_dot_pipeserve__pb2.ProfileRequest.FromString,
+                    response_serializer=pipeserve_dot_v1_dot_pipeserve__pb2.ProfileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1036,6 +1054,33 @@ class StageWorker:
             '/pipeserve.v1.StageWorker/Forward',
             pipeserve_dot_v1_dot_pipeserve__pb2.ForwardRequest.SerializeToString,
             pipeserve_dot_v1_dot_pipeserve__pb2.ForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Profile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pipeserve.v1.StageWorker/Profile',
+            pipeserve_dot_v1_dot_pipeserve__pb2.ProfileRequest.SerializeToString,
+            pipeserve_dot_v1_dot_pipeserve__pb2.ProfileResponse.FromString,
             options,
             channel_credentials,
             insecure,
