@@ -1,4 +1,4 @@
-"""Benchmark ``Policy.balanced`` (split by FLOPs) against a split by bytes, GPipe and one process.
+"""Benchmark ``Policy.balanced`` (split by time) against a split by bytes, GPipe and one process.
 
 Run from the repository root::
 
@@ -19,17 +19,17 @@ in 4 microbatches, by
 * **ours, equal_size(2)** (info) and **ours, balanced(2)** (the goal rows): ``LocalPipeline``
   (2 processes, the driver hosts the last stage), batches streamed with ``pipe.imap``.
 
-Contestants alternate over rounds (rotating order) and the medians are reported.  For the
-balanced plan the per-stage compute time is also *predicted* from the plan's FLOPs (counted on
-the plan's small example inputs) with a FLOP/s calibrated on the single process, and compared
-with what ``LocalPipeline.stage_times()`` measured.
+Contestants alternate over rounds (rotating order) and the medians are reported.  Both plans
+are made for the benchmark's workload (batch 8 x 128, 4 microbatches, 1 thread): every unit's
+time is *profiled* by the planner (``pipeline_core.cost``: one unit of each kind on random
+weights, in this process, before any pipeline starts), and the plan's predicted per-stage time
+is compared with what ``LocalPipeline.stage_times()`` measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import tempfile
@@ -113,13 +113,17 @@ def _plan_summary(plan: Any) -> dict[str, Any]:
         "stage_units": [[s.units[0], s.units[-1], len(s.units)] for s in plan.stages],
         "stage_bytes": [s.nbytes for s in plan.stages],
         "stage_flops": [s.flops for s in plan.stages],
+        "stage_seconds": [s.seconds for s in plan.stages],
+        "estimate": plan.estimate,
+        "workload": plan.workload,
         "units": plan.units,
         "example_inputs": [{"name": i.name, "shape": list(i.shape)} for i in plan.inputs],
     }
 
 
 def bench(tmp: Path) -> dict[str, Any]:
-    from pipeline_core import LocalPipeline, ModelSource, Policy, make_plan
+    from pipeline_core import LocalPipeline, ModelSource, Policy, Workload, make_plan
+    from pipeline_core.cost import PROFILE_CACHE_ENV
 
     ckpt = tmp / "llama-96m"
     t0 = time.perf_counter()
@@ -131,17 +135,23 @@ def bench(tmp: Path) -> dict[str, Any]:
     )
     source = ModelSource(checkpoint=str(ckpt))
     plans, plan_s = {}, {}
-    for name, policy in (("equal_size", Policy.equal_size(2)), ("balanced", Policy.balanced(2))):
-        t0 = time.perf_counter()
-        plans[name] = make_plan(source, policy)
-        plan_s[name] = time.perf_counter() - t0
-        p = plans[name]
-        print(
-            f"[plan] {p.policy.describe()}: split at {p.split_points}, stage MiB "
-            f"{[round(s.nbytes / MiB, 1) for s in p.stages]}, stage GFLOPs (example inputs) "
-            f"{[round(s.flops / 1e9, 3) for s in p.stages]} ({plan_s[name]:.1f} s)",
-            flush=True,
-        )
+    workload = Workload(batch=BATCH, seq=SEQ, chunks=CHUNKS, threads=1)
+    with tempfile.TemporaryDirectory(prefix="profiles_") as cache:
+        os.environ[PROFILE_CACHE_ENV] = str(Path(cache) / "unit-profiles.json")  # fresh
+        for name, policy in (
+            ("balanced", Policy.balanced(2)),  # first: it pays for the profile
+            ("equal_size", Policy.equal_size(2)),
+        ):
+            t0 = time.perf_counter()
+            plans[name] = make_plan(source, policy, workload=workload)
+            plan_s[name] = time.perf_counter() - t0
+            p = plans[name]
+            print(
+                f"[plan] {p.policy.describe()}: split at {p.split_points}, stage MiB "
+                f"{[round(s.nbytes / MiB, 1) for s in p.stages]}, predicted ms per microbatch "
+                f"{[round(s.seconds * 1e3, 1) for s in p.stages]} ({plan_s[name]:.1f} s)",
+                flush=True,
+            )
 
     inputs = bench_inputs()
     names = ["ours_balanced", "ours_equal_size", "gpipe", "single_process"]
@@ -243,57 +253,31 @@ def bench(tmp: Path) -> dict[str, Any]:
 
 
 def predict(res: dict[str, Any], name: str) -> dict[str, Any]:
-    """Per-stage compute seconds per microbatch predicted from the plan's FLOPs vs measured.
-
-    FLOP/s = (sum of all units' FLOPs, scaled from the plan's example tokens to a microbatch's
-    tokens) / (the single process's seconds per batch / CHUNKS)."""
+    """Per-stage compute seconds per microbatch: the plan's prediction (profiled unit times,
+    summed per stage) vs what ``stage_times()`` measured while the pipeline ran."""
     plan = res["plans"][name]
-    example_tokens = math.prod(plan["example_inputs"][0]["shape"])
-    mb_tokens = BATCH // CHUNKS * SEQ
-    scale = mb_tokens / example_tokens
-    total = sum(u["flops"] for u in plan["units"]) * scale
-    single_mb_s = res["throughput"]["s_per_batch_median"]["single_process"] / CHUNKS
-    flops_per_s = total / single_mb_s
     stages = []
-    for k, (flops, t) in enumerate(
-        zip(plan["stage_flops"], res["stage_times"][f"ours_{name}"], strict=True)
+    for k, (predicted, t) in enumerate(
+        zip(plan["stage_seconds"], res["stage_times"][f"ours_{name}"], strict=True)
     ):
-        predicted = flops * scale / flops_per_s
         measured = t["compute_s"] / t["microbatches"]
         stages.append(
             {
                 "stage": k,
-                "flops_example": flops,
-                "flops_scaled": flops * scale,
                 "predicted_s_per_mb": predicted,
                 "measured_s_per_mb": measured,
                 "error": predicted / measured - 1,
-                "measured_share": None,
             }
         )
-    tot_meas = sum(s["measured_s_per_mb"] for s in stages)
-    for s in stages:
-        s["measured_share"] = s["measured_s_per_mb"] / tot_meas
-        s["predicted_share"] = s["flops_example"] / sum(plan["stage_flops"])
-    # what the count misses: torch's FlopCounterMode has no formula for the CPU attention
-    # kernel (aten._scaled_dot_product_flash_attention_for_cpu), so Q K^T and P V count 0 FLOPs
-    # at any sequence length; their cost per token per layer is 2 matmuls x 2 FLOPs x hidden x
-    # seq (full square; a causal kernel may skip up to half of it)
-    seq_example = plan["example_inputs"][0]["shape"][1]
-    h, layers = LLAMA["hidden_size"], LLAMA["num_hidden_layers"]
-    missing_per_layer = 4 * h * SEQ * mb_tokens
+    tp = res["throughput"]
+    measured_sps = tp["samples_per_s_median"][f"ours_{name}"]
+    streaming = plan["estimate"]["streaming_samples_per_s"]
     return {
-        "example_tokens": example_tokens,
-        "microbatch_tokens": mb_tokens,
-        "scale": scale,
-        "total_flops_per_microbatch": total,
-        "single_process_s_per_microbatch": single_mb_s,
-        "calibrated_flops_per_s": flops_per_s,
         "stages": stages,
         "max_abs_error": max(abs(s["error"]) for s in stages),
-        "example_seq": seq_example,
-        "attention_flops_missing_per_microbatch": missing_per_layer * layers,
-        "attention_flops_missing_fraction": missing_per_layer * layers / total,
+        "predicted_streaming_samples_per_s": streaming,
+        "measured_samples_per_s": measured_sps,
+        "throughput_error": streaming / measured_sps - 1,
     }
 
 
@@ -354,8 +338,8 @@ def _table(res: dict[str, Any]) -> list[tuple[str, ...]]:
             "n/a",
         ),
         (
-            "`balanced(2)`: per-stage compute per microbatch predicted from the plan's FLOPs "
-            "(FLOP/s calibrated on the single process) vs measured (`stage_times()`)",
+            "`balanced(2)`: per-stage compute per microbatch predicted by the plan (unit times "
+            "profiled by the planner) vs measured while the pipeline ran (`stage_times()`)",
             f"within {GOAL_PRED_ERR:.0%}",
             f"predicted {pred_txt}",
             f"measured {meas_txt}",
@@ -368,6 +352,16 @@ def _table(res: dict[str, Any]) -> list[tuple[str, ...]]:
             " / ".join(f"{s['predicted_s_per_mb'] * 1e3:.1f} ms" for s in pre["stages"]),
             " / ".join(f"{s['measured_s_per_mb'] * 1e3:.1f} ms" for s in pre["stages"]),
             " / ".join(f"{s['error']:+.1%}" for s in pre["stages"]),
+            "n/a",
+        ),
+        (
+            "Predicted throughput (batches streamed: microbatch rows / slowest stage) vs "
+            "measured: balanced / equal_size",
+            "info",
+            f"{pr['predicted_streaming_samples_per_s']:.2f} / "
+            f"{pre['predicted_streaming_samples_per_s']:.2f} samples/s",
+            f"{pr['measured_samples_per_s']:.2f} / {pre['measured_samples_per_s']:.2f} samples/s",
+            f"{pr['throughput_error']:+.1%} / {pre['throughput_error']:+.1%}",
             "n/a",
         ),
         (
@@ -390,7 +384,7 @@ def markdown(res: dict[str, Any]) -> str:
     m, tp, mi = res["machine"], res["throughput"], res["model"]
     pm = res["parallel_matmul"]
     lines = [
-        "# pipeline_core benchmark: FLOP-balanced split",
+        "# pipeline_core benchmark: time-balanced split",
         "",
         f"Generated by `python -m bench.bench_balance` on {res['date']} in "
         f"{res['total_s']:.0f} s, pipeline_core at commit `{res['code']['commit']}`"
@@ -429,19 +423,21 @@ def markdown(res: dict[str, Any]) -> str:
         plan_txt.append(
             f"`{p['policy']}` split at {', '.join(f'`{s}`' for s in p['split_points'])}: stages "
             + "; ".join(
-                f"{a} .. {b} ({c} units, {nb / MiB:.1f} MiB, {fl / 1e9:.3f} GFLOPs on the example)"
-                for (a, b, c), nb, fl in zip(
-                    p["stage_units"], p["stage_bytes"], p["stage_flops"], strict=True
+                f"{a} .. {b} ({c} units, {nb / MiB:.1f} MiB, predicted {t * 1e3:.1f} ms per "
+                "microbatch)"
+                for (a, b, c), nb, t in zip(
+                    p["stage_units"], p["stage_bytes"], p["stage_seconds"], strict=True
                 )
             )
             + f" (`make_plan` {res['plan_s'][n]:.1f} s)"
         )
     units = res["plans"]["balanced"]["units"]
-    unit_txt = ", ".join(f"{u['name']} {u['flops'] / 1e6:.1f}" for u in units)
+    unit_txt = ", ".join(f"{u['name']} {u['seconds'] * 1e3:.2f} ms ({u['cost']})" for u in units)
     lines.append(
-        "**Plans.** " + ".  ".join(plan_txt) + f".  Unit FLOPs on the plan's example inputs "
-        f"({res['plans']['balanced']['example_inputs'][0]['shape']} tokens), in MFLOPs: "
-        f"{unit_txt}."
+        "**Plans.** " + ".  ".join(plan_txt) + ".  Unit times per microbatch "
+        f"({BATCH // CHUNKS} x {SEQ} tokens, 1 thread), as the planner profiled them (one unit "
+        f"of each kind on random weights; `balanced` planned first with an empty profile "
+        f"cache, so its `make_plan` time includes the profiling): {unit_txt}."
     )
     lines.append("")
     by_round = "; ".join(
@@ -466,7 +462,6 @@ def markdown(res: dict[str, Any]) -> str:
         + "."
     )
     lines.append("")
-    pr = res["prediction"]["balanced"]
     m_cores, pm_slow = m["usable_cores"], pm["slowdown"]
     st_txt = "; ".join(
         f"{n}: "
@@ -477,30 +472,15 @@ def markdown(res: dict[str, Any]) -> str:
         )
         for n, ts in res["stage_times"].items()
     )
-    shares = " / ".join(
-        f"{s['predicted_share']:.1%} vs {s['measured_share']:.1%}" for s in pr["stages"]
-    )
     lines.append(
-        "**Prediction.** The plan counts each unit's FLOPs with a fake-tensor forward on its "
-        f"example inputs ({pr['example_tokens']} tokens).  Scaled linearly to a microbatch "
-        f"({pr['microbatch_tokens']} tokens, x{pr['scale']:.0f}) the whole model is "
-        f"{pr['total_flops_per_microbatch'] / 1e9:.2f} GFLOPs per microbatch; the single "
-        f"process takes {pr['single_process_s_per_microbatch'] * 1e3:.1f} ms per microbatch "
-        f"(its s/batch / {CHUNKS}; it runs the full batch at once), so the calibrated rate is "
-        f"{pr['calibrated_flops_per_s'] / 1e9:.2f} GFLOP/s.  Predicted stage time = stage "
-        "FLOPs x scale / rate; measured = `stage_times()` compute / microbatches (totals over "
-        "all runs, warm-up included, with both stages running concurrently on the 2 cores).  "
-        f"Predicted vs measured share of the compute per stage: {shares}.  Not counted at "
-        "all: the attention scores (`Q K^T`, `P V`): `torch.utils.flop_counter` has no formula "
-        "for the CPU attention kernel, so they count 0 FLOPs at any sequence length (a layer "
-        "counts exactly its 7 projections); at the example's seq "
-        f"{pr['example_seq']} that hides nothing, at seq {SEQ} about "
-        f"{pr['attention_flops_missing_per_microbatch'] / 1e9:.2f} GFLOPs per microbatch "
-        f"(full square, an upper bound), {pr['attention_flops_missing_fraction']:.1%} of the "
-        "counted total, all in the decoder layers (the whole-model calibration absorbs it).  "
-        "The measured stage times come from two single-thread processes computing at the same "
-        f"time on a {m_cores}-core VM, the calibration from one process alone; the matmul check "
-        f"above slowed by {pm_slow:.2f}x under the same concurrency.  Raw stage totals: "
+        "**Prediction.** Each stage's predicted time is the sum of its units' profiled times "
+        "(`plan.stages[k].seconds`); measured = `stage_times()` compute / microbatches (totals "
+        "over all runs, warm-up included).  The profile runs one unit alone in one process; "
+        "in the pipeline both stages compute at the same time on the "
+        f"{m_cores}-core VM (the matmul check above: {pm_slow:.2f}x slower when two run at "
+        "once), which is most of the gap.  The predicted throughput assumes batches streamed "
+        "back to back (`imap`), so the slowest stage sets the pace; transfers and the driver's "
+        "merging of the outputs are not modelled.  Raw stage totals: "
         f"{st_txt}."
     )
     lines.append("")

@@ -170,6 +170,8 @@ def policy_from_proto(p: pb.SplitPolicy) -> Policy:
     return Policy.balanced(p.balanced)
 
 
+UNKNOWN_MEMORY = 2**62
+"""A worker that reported no memory size is planned as if it had no limit."""
 SAME_SPEED = 0.15
 """Workers whose speed figures differ by less than this share count as equally fast: the
 start-up matmul is noisy, and a 5% wobble must not move layers between identical workers."""
@@ -687,8 +689,9 @@ class AdminServicer(pbg.AdminServicer):
             idle = [w for w in self.c.workers.values() if w.state == "idle" and not w.model]
         top = max((w.speed for w in idle), default=0.0)
 
-        def rank(w: WorkerRecord) -> tuple[float, int]:  # fastest first, else registration
-            return (0.0 if w.speed >= top * (1 - SAME_SPEED) else -w.speed, w.seq)
+        def rank(w: WorkerRecord) -> tuple[int, float, int]:  # fastest first, then by age
+            fast = w.speed >= top * (1 - SAME_SPEED)
+            return (0, 0.0, w.seq) if fast else (1, -w.speed, w.seq)
 
         idle.sort(key=rank)
         n = policy.stages or len(idle)
@@ -718,7 +721,7 @@ class AdminServicer(pbg.AdminServicer):
             workers=chosen,
             policy=Policy.balanced(
                 n,
-                memory=[w.memory for w in chosen],
+                memory=[w.memory if w.memory > 0 else UNKNOWN_MEMORY for w in chosen],
                 speeds=relative_speeds([w.speed for w in chosen]),
             ),
             workload=workload,
@@ -748,9 +751,10 @@ class AdminServicer(pbg.AdminServicer):
                 f"checkpoint directory {checkpoint!r} does not exist on the coordinator",
             )
         dtype = dtype or "float32"
-        pol = policy_from_proto(policy)
-        wl = rpc.workload_from_proto(workload or pb.Workload())
         try:
+            pol = policy_from_proto(policy)
+            wl = rpc.workload_from_proto(workload or pb.Workload())
+            wl.check()
             placed = None
             if pol.kind == "balanced":
                 placed = self._placement(checkpoint, pol, dtype, wl, mode)

@@ -62,6 +62,8 @@ __all__ = [
 
 PROFILE_CACHE_ENV = "PIPESERVE_PROFILE_CACHE"
 _REPS, _MIN_S = 5, 0.3
+MAX_PROFILE_TOKENS = 65536
+"""Largest microbatch (rows x seq) a unit is profiled at: bounds the profiler's memory."""
 
 
 @dataclass(kw_only=True)
@@ -92,6 +94,12 @@ class Workload:
                 raise PlanError(f"workload {name} must be at least 1, not {getattr(self, name)}")
         if self.kv_tokens < 0:
             raise PlanError(f"workload kv_tokens must be >= 0, not {self.kv_tokens}")
+        if self.microbatch * self.seq > MAX_PROFILE_TOKENS:
+            raise PlanError(
+                f"a microbatch of {self.microbatch} x {self.seq} tokens is more than the "
+                f"{MAX_PROFILE_TOKENS} tokens a plan estimates times for; use more chunks or "
+                "a shorter seq (times scale about linearly beyond)"
+            )
 
     def shape(self, inputs: list[InputSpec]) -> list[InputSpec]:
         """``inputs`` resized to one microbatch (dimensions named ``batch`` and ``seq``)."""

@@ -14,7 +14,7 @@ import torch
 
 from . import split as policies
 from .cost import UnitCost, Workload, estimate_units
-from .errors import PlanError
+from .errors import DoesNotFit, PlanError
 from .source import InputSpec, ModelSource, build_skeleton, default_inputs, parse_dtype
 from .trace import WHOLE, TracedPipeline, Wire, call_order, trace_pipeline
 from .units import Unit, find_units, stage_nbytes, tensor_table
@@ -178,9 +178,9 @@ def _starts(
                 memory=policy.memory or None,
                 speeds=policy.speeds or None,
             )
-        except PlanError as e:
-            if kv_tokens and "missing" in str(e):
-                raise PlanError(
+        except DoesNotFit as e:
+            if kv_tokens:
+                raise DoesNotFit(
                     f"{e} (weights {policies._human(sum(sizes))} + KV cache "
                     f"{policies._human(sum(kv))} for {kv_tokens} tokens)"
                 ) from e
@@ -204,7 +204,7 @@ def predict(seconds: list[float], workload: Workload) -> dict[str, Any]:
         "batch_seconds": makespan,
         "samples_per_s": workload.batch / makespan if makespan else 0.0,
         "streaming_samples_per_s": workload.microbatch / slow if slow else 0.0,
-        "bubble": 1 - m * total / (len(seconds) * makespan) if makespan else 0.0,
+        "bubble": max(0.0, 1 - m * total / (len(seconds) * makespan)) if makespan else 0.0,
     }
 
 

@@ -185,8 +185,8 @@ def balanced(
     """Contiguous stages minimizing ``max_k cost_k / speeds[k]`` with ``bytes_k <= memory[k]``.
 
     Stage ``k`` runs on worker ``k``.  Binary search on the slowest stage's time with a greedy
-    feasibility check (fill each worker as far as its time and memory allow).  Returns at most
-    ``n`` stages: fewer only when one more stage would not make the slowest one faster.
+    feasibility check (fill each worker as far as its time and memory allow, leaving at least
+    one unit for each worker after it).  Returns exactly ``n`` stages.
 
     Raises:
         PlanError: bad arguments, a unit larger than every worker, or too little memory in
@@ -217,7 +217,9 @@ def balanced(
     def fill(limit: float) -> list[int] | None:
         starts, k, cost, size = [0], 0, 0.0, 0
         for i, (c, b) in enumerate(zip(costs, sizes, strict=True)):
-            if cost + c > limit * speeds[k] or size + b > caps[k]:
+            over = cost + c > limit * speeds[k] or size + b > caps[k]
+            reserve = i > starts[-1] and len(costs) - i <= n - 1 - k  # a unit per stage left
+            if over or reserve:
                 if i == starts[-1]:
                     return None  # the unit alone does not fit this worker
                 k += 1
@@ -274,6 +276,8 @@ def balanced_order(
     slowest stage wins; ties keep the given order.  Returns ``(order, starts)``: stage ``k``
     runs on worker ``order[k]``.
     """
+    if n < 1 or n > len(costs):
+        equal_size(sizes, n, names)  # raises the same clear errors (before sizing lists by n)
     speeds = list(speeds or [1.0] * n)
     memory = list(memory or [])
     if len(speeds) != n or (memory and len(memory) != n):

@@ -236,12 +236,12 @@ def abort_for(context: grpc.ServicerContext, e: BaseException) -> None:
     """End the call with the status code that fits ``e`` (raises)."""
     if isinstance(e, grpc.RpcError) and hasattr(e, "code"):
         context.abort(e.code(), e.details() or str(e))
+    if isinstance(e, DoesNotFit):  # the request is fine; the cluster is too small for it
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
     if isinstance(e, RequestError | ValueError | TypeError):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     if isinstance(e, ResourceExhausted):
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-    if isinstance(e, DoesNotFit):
-        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
     if isinstance(e, PlanError | FileNotFoundError):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     if isinstance(e, GenerationFailed):

@@ -1,5 +1,6 @@
 """The gRPC cluster end to end: a coordinator and 3 stage workers started through the CLI as
-separate processes on 127.0.0.1, a model loaded with equal_size(3) by `pipeserve admin load`,
+separate processes on 127.0.0.1, a model loaded with balanced(3) (by time, units profiled on a
+worker) by `pipeserve admin load`,
 and generation through the generated Python client, `tritonclient.grpc` and the real
 `grpcurl` binary (reflection only) -- each giving exactly `transformers` greedy tokens.
 """
@@ -60,13 +61,16 @@ _greedy = hf_greedy
 
 
 class Cluster:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, workers: list[list[str]] | None = None) -> None:
+        """A coordinator and one worker per entry of ``workers`` (extra CLI args; default:
+        3 plain workers)."""
+        workers = workers if workers is not None else [[], [], []]
         self.port = _port()
         self.address = f"127.0.0.1:{self.port}"
         self.logs = tmp
         self.procs: list[subprocess.Popen] = []
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.metrics_ports = [_port() for _ in range(4)]  # coordinator, 3 workers
+        self.metrics_ports = [_port() for _ in range(1 + len(workers))]  # coordinator, workers
         self._start(
             "coordinator",
             "--host",
@@ -81,7 +85,7 @@ class Cluster:
         )
         self.channel = grpc.insecure_channel(self.address)
         grpc.channel_ready_future(self.channel).result(timeout=120)
-        for k in range(3):
+        for k, extra in enumerate(workers):
             self._start(
                 "worker",
                 "--coordinator",
@@ -94,12 +98,13 @@ class Cluster:
                 str(KV_BUDGET),
                 "--metrics-port",
                 str(self.metrics_ports[k + 1]),
+                *extra,
                 env=env,
             )
         self.admin = pbg.AdminStub(self.channel)
         self.inference = pbg.InferenceStub(self.channel)
         deadline = time.monotonic() + 120
-        while len(self.status().workers) < 3:
+        while len(self.status().workers) < len(workers):
             assert time.monotonic() < deadline, "workers did not register"
             time.sleep(0.2)
 
@@ -166,7 +171,7 @@ def running_cluster(tmp_path_factory):
             str(tmp / "small"),
             "--name",
             "small",
-            "--equal-size",
+            "--stages",  # balanced by time: units profiled on a worker
             "3",
             "--coordinator",
             c.address,

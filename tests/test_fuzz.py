@@ -148,6 +148,17 @@ def test_fuzz_admin(cluster, good_traffic, name, path, n, threshold, dtype):
                 pb.PlanModelRequest(checkpoint=path, policy=p, dtype=dtype), timeout=60
             )
         )
+    # planning by time on a real checkpoint, any workload
+    _call(
+        lambda: admin.PlanModel(
+            pb.PlanModelRequest(
+                checkpoint=str(cluster.ckpt / "small"),
+                policy=pb.SplitPolicy(balanced=n),
+                workload=pb.Workload(batch=n, seq=abs(n) % 5000, chunks=n, kv_tokens=threshold),
+            ),
+            timeout=120,
+        )
+    )
     _call(
         lambda: list(
             admin.LoadModel(

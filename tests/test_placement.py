@@ -1,0 +1,108 @@
+"""Heterogeneous workers: the coordinator plans by time over the workers that registered.
+
+Three workers started through the CLI declare unequal speeds and memory (``--speed``,
+``--memory``); the default policy (``balanced``) profiles the model's units on one of them,
+gives the 3x faster worker about three times the work, keeps every stage within its worker's
+memory, and refuses with FAILED_PRECONDITION and the missing amount when weights plus the KV
+budget cannot fit.
+"""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+from transformers import LlamaConfig
+
+from pipeserve.v1 import pipeserve_pb2 as pb
+
+from .test_cluster import Cluster
+
+pytestmark = pytest.mark.slow
+
+FAST, SLOW = 300.0, 100.0
+
+
+@pytest.fixture(scope="module")
+def hetero(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hetero")
+    # 12 identical decoder layers and a small head: the split is set by the layers
+    LlamaConfig(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=12,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ).save_pretrained(tmp / "model")  # planning never reads weights: config only
+    c = Cluster(
+        tmp,
+        workers=[
+            ["--speed", str(FAST), "--memory", "1GiB"],
+            ["--speed", str(SLOW), "--memory", "1GiB"],
+            ["--speed", str(SLOW), "--memory", "3MiB"],
+        ],
+    )
+    c.ckpt = tmp / "model"
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def _plan(c: Cluster, stages: int = 2, **workload) -> tuple[pb.PlanModelResponse, dict]:
+    r = c.admin.PlanModel(
+        pb.PlanModelRequest(
+            checkpoint=str(c.ckpt),
+            policy=pb.SplitPolicy(balanced=stages),
+            workload=pb.Workload(**workload),
+        ),
+        timeout=300,
+    )
+    return r, json.loads(r.plan_json)
+
+
+def test_registration_reports_speed_and_memory(hetero):
+    workers = hetero.status().workers
+    assert sorted(w.speed_gflops for w in workers) == [SLOW, SLOW, FAST]
+    assert sorted(w.memory_bytes for w in workers) == [3 * 2**20, 2**30, 2**30]
+    assert all(w.device_name for w in workers)
+
+
+def test_faster_worker_gets_about_three_times_the_work(hetero):
+    r, plan = _plan(hetero)
+    speed = {w.id: w.speed_gflops for w in hetero.status().workers}
+    assert r.times_from.startswith("worker ")  # profiled on a worker, not estimated here
+    assert {speed[s.worker_id] for s in r.stages} == {FAST, SLOW}
+    layers = {
+        speed[s.worker_id]: sum(u.startswith("model.layers.") for u in s.units) for s in r.stages
+    }
+    assert layers[FAST] + layers[SLOW] == 12
+    assert layers[FAST] >= 2 * layers[SLOW], layers  # 3x the speed: ~9 of 12 layers
+    # no other split point or worker order makes the slowest stage faster (the plan's own
+    # profiled unit times; stage times are divided by their worker's relative speed)
+    sec = [u["seconds"] for u in plan["units"]]
+    speeds = plan["policy"]["speeds"]
+    slowest = max(s["seconds"] for s in plan["stages"])
+    for k in range(1, len(sec)):
+        for a, b in ((0, 1), (1, 0)):
+            other = max(sum(sec[:k]) / speeds[a], sum(sec[k:]) / speeds[b])
+            assert slowest <= other * (1 + 1e-9), (k, a, b)
+    assert r.samples_per_s > 0 and 0 < r.bubble < 1 and r.streaming_samples_per_s > 0
+    assert plan["policy"]["kind"] == "balanced"
+
+
+def test_plan_respects_memory_and_says_what_is_missing(hetero):
+    # all 3 workers: the 3 MiB one holds at most 3 MiB of this ~9 MiB model
+    r, _ = _plan(hetero, stages=3)
+    mem = {w.id: w.memory_bytes for w in hetero.status().workers}
+    assert len({s.worker_id for s in r.stages}) == 3
+    assert all(s.bytes <= mem[s.worker_id] for s in r.stages)
+    small = next(s for s in r.stages if mem[s.worker_id] == 3 * 2**20)
+    assert 0 < small.bytes <= 3 * 2**20
+    # weights + a KV budget of 2M tokens (6 KiB/token over 12 layers) cannot fit 2 workers
+    with pytest.raises(grpc.RpcError) as e:
+        _plan(hetero, kv_tokens=2_000_000)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "missing" in e.value.details() and "KV cache" in e.value.details()
