@@ -2,8 +2,10 @@
 
 [Note: one plan, one shard loader, stage forms by purpose]
 * Planning happens on the *meta* device: :func:`make_plan` builds the model skeleton (no weight
-  memory), finds its natural blocks (:mod:`.units`), splits them by bytes (:mod:`.split`) and
-  writes a JSON :class:`Plan` naming every tensor each stage owns.
+  memory), finds its natural blocks (:mod:`.units`), splits them (:mod:`.split`) by time
+  (``balanced``, the default: unit times profiled on the target device, KV bytes per token,
+  worker memory and speed -- :mod:`.cost`), by bytes, or at given points, and writes a JSON
+  :class:`Plan` naming every tensor each stage owns, with predicted stage times.
 * A forward stage is a slice of the model captured by ``torch.export`` and split by
   ``torch.distributed.pipelining`` (:mod:`.trace`): it works for *any* model that exports (HF
   or not, CNNs included) with dynamic batch/sequence sizes, and one code path serves all
