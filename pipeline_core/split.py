@@ -184,9 +184,9 @@ def balanced(
 ) -> list[int]:
     """Contiguous stages minimizing ``max_k cost_k / speeds[k]`` with ``bytes_k <= memory[k]``.
 
-    Stage ``k`` runs on worker ``k``.  Binary search on the slowest stage's time with a greedy
-    feasibility check (fill each worker as far as its time and memory allow, leaving at least
-    one unit for each worker after it).  Returns exactly ``n`` stages.
+    Stage ``k`` runs on worker ``k``.  Binary search on the slowest stage's time with an exact
+    feasibility check (a greedy fill is not exact once every worker must take a unit: a slow
+    worker may best take a cheap unit in the middle).  Returns exactly ``n`` stages.
 
     Raises:
         PlanError: bad arguments, a unit larger than every worker, or too little memory in
@@ -214,24 +214,44 @@ def balanced(
                 f"({_human(max(caps))})"
             )
 
+    cost_at = list(itertools.accumulate(costs, initial=0.0))
+    size_at = list(itertools.accumulate(sizes, initial=0))
+    m = len(costs)
+
+    def fits(k: int, a: int, b: int, limit: float) -> bool:  # units[a:b] on worker k
+        t = cost_at[b] - cost_at[a]
+        return t <= limit * speeds[k] * (1 + 1e-12) and size_at[b] - size_at[a] <= caps[k]
+
     def fill(limit: float) -> list[int] | None:
-        starts, k, cost, size = [0], 0, 0.0, 0
-        for i, (c, b) in enumerate(zip(costs, sizes, strict=True)):
-            over = cost + c > limit * speeds[k] or size + b > caps[k]
-            reserve = i > starts[-1] and len(costs) - i <= n - 1 - k  # a unit per stage left
-            if over or reserve:
-                if i == starts[-1]:
-                    return None  # the unit alone does not fit this worker
-                k += 1
-                if k == n:
-                    return None
-                starts.append(i)
-                cost, size = 0.0, 0
-                if c > limit * speeds[k] or b > caps[k]:
-                    return None
-            cost += c
-            size += b
-        return starts
+        """Exactly ``n`` non-empty stages within ``limit``, if any (exact, O(n * m)).
+
+        ``reach[k][i]``: units ``[:i]`` can be covered by workers ``0..k-1``.  Worker ``k``
+        starting at ``i`` can end anywhere in ``(i, hi(i)]`` and ``hi`` never decreases with
+        ``i``, so each layer is a sweep with two pointers and a difference array.
+        """
+        reach = [[i == 0 for i in range(m + 1)]]
+        for k in range(n):
+            prev, diff, hi = reach[-1], [0] * (m + 2), 0
+            for i in range(m):
+                hi = max(hi, i)
+                while hi < m and fits(k, i, hi + 1, limit):
+                    hi += 1
+                if prev[i] and hi > i:
+                    diff[i + 1] += 1
+                    diff[hi + 1] -= 1
+            run, row = 0, []
+            for i in range(m + 1):
+                run += diff[i]
+                row.append(run > 0)
+            reach.append(row)
+        if not reach[n][m]:
+            return None
+        starts, j = [], m
+        for k in range(n - 1, -1, -1):  # last stages as small as they can be
+            i = next(i for i in range(j - 1, -1, -1) if reach[k][i] and fits(k, i, j, limit))
+            starts.append(i)
+            j = i
+        return starts[::-1]
 
     lo, hi = 0.0, float(sum(costs)) / min(speeds) + 1.0
     best = fill(hi)
@@ -266,7 +286,7 @@ def balanced_order(
     *,
     memory: Sequence[int] | None = None,
     speeds: Sequence[float] | None = None,
-    max_orders: int = 5040,
+    max_orders: int = 720,
 ) -> tuple[list[int], list[int]]:
     """:func:`balanced` over the best order of unequal workers.
 

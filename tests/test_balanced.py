@@ -145,3 +145,39 @@ def test_absurd_stage_counts_fail_fast():
     for n in (0, -1, 2**31 - 1):
         with pytest.raises(PlanError, match="stages"):
             sp.balanced_order([1.0] * 4, [1] * 4, n, list("abcd"))
+
+
+def test_balanced_order_is_optimal_against_brute_force():
+    """Every split point and worker order tried: nothing beats the planner's slowest stage."""
+    import itertools
+    import random
+
+    rng = random.Random(1)
+    for _ in range(300):
+        n, m = rng.choice([2, 3]), rng.randint(3, 8)
+        n = min(n, m)
+        costs = [rng.random() for _ in range(m)]
+        sizes = [rng.randint(1, 5) for _ in range(m)]
+        speeds = [rng.choice([1.0, 1 / 3, 2.0]) for _ in range(n)]
+        memory = [rng.randint(6, 30) for _ in range(n)]
+        names = [str(i) for i in range(m)]
+        best = None
+        for perm in itertools.permutations(range(n)):
+            for cuts in itertools.combinations(range(1, m), n - 1):
+                starts, ends = [0, *cuts], [*cuts, m]
+                if all(
+                    sum(sizes[a:b]) <= memory[w] for a, b, w in zip(starts, ends, perm, strict=True)
+                ):
+                    t = sp.slowest(costs, starts, [speeds[w] for w in perm])
+                    best = t if best is None else min(best, t)
+        if best is None:
+            with pytest.raises(DoesNotFit):
+                sp.balanced_order(costs, sizes, n, names, memory=memory, speeds=speeds)
+            continue
+        order, starts = sp.balanced_order(costs, sizes, n, names, memory=memory, speeds=speeds)
+        ends = [*starts[1:], m]
+        assert len(starts) == n and sorted(order) == list(range(n))
+        assert all(
+            sum(sizes[a:b]) <= memory[w] for a, b, w in zip(starts, ends, order, strict=True)
+        )
+        assert sp.slowest(costs, starts, [speeds[w] for w in order]) <= best * (1 + 1e-6)

@@ -13,11 +13,13 @@ import json
 
 import grpc
 import pytest
-from transformers import LlamaConfig
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeserve.v1 import pipeserve_pb2 as pb
 
-from .test_cluster import Cluster
+from .models import hf_greedy, save_hf
+from .test_cluster import Cluster, _cli
 
 pytestmark = pytest.mark.slow
 
@@ -28,14 +30,18 @@ FAST, SLOW = 300.0, 100.0
 def hetero(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hetero")
     # 12 identical decoder layers and a small head: the split is set by the layers
-    LlamaConfig(
-        vocab_size=256,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=12,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ).save_pretrained(tmp / "model")  # planning never reads weights: config only
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=256,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=12,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).eval()
+    save_hf(model, tmp / "model")
     c = Cluster(
         tmp,
         workers=[
@@ -45,6 +51,7 @@ def hetero(tmp_path_factory):
         ],
     )
     c.ckpt = tmp / "model"
+    c.model = model
     try:
         yield c
     finally:
@@ -106,3 +113,33 @@ def test_plan_respects_memory_and_says_what_is_missing(hetero):
         _plan(hetero, kv_tokens=2_000_000)
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "missing" in e.value.details() and "KV cache" in e.value.details()
+
+
+def test_admin_cli_shows_the_plan_and_load_follows_it(hetero):
+    status = _cli("admin", "status", "--coordinator", hetero.address)
+    assert status.returncode == 0 and "GFLOP/s" in status.stdout and "300" in status.stdout
+    out = _cli("admin", "plan", str(hetero.ckpt), "--stages", "2", "--coordinator", hetero.address)
+    assert out.returncode == 0, out.stderr
+    assert (
+        "est. ms" in out.stdout and "predicted" in out.stdout and "times from worker" in out.stdout
+    )
+    r, _ = _plan(hetero)
+    load = _cli(
+        "admin",
+        "load",
+        str(hetero.ckpt),
+        "--name",
+        "m",
+        "--stages",
+        "2",
+        "--coordinator",
+        hetero.address,
+    )
+    assert load.returncode == 0, load.stderr
+    try:
+        st = {w.id: w for w in hetero.status().workers}
+        for s in r.stages:  # each stage runs on the worker the plan chose
+            assert st[s.worker_id].model == "m" and st[s.worker_id].stage == s.stage
+        assert hetero.generate("m", [5, 6, 7], 12) == hf_greedy(hetero.model, [5, 6, 7], 12)
+    finally:
+        hetero.admin.UnloadModel(pb.UnloadModelRequest(name="m"), timeout=60)
