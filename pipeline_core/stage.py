@@ -45,7 +45,13 @@ class Stage:
 
     @torch.no_grad()
     def forward(self, args: list[Any]) -> Any:
-        return self.module(*args)
+        try:
+            return self.module(*args)
+        except Exception:
+            if not _interpreted(self.module):
+                raise
+            log.warning("[stage %d] generated forward failed; interpreting the graph", self.index)
+            return self.module(*args)  # same graph, node by node; raises a real input error
 
 
 @dataclass
@@ -117,9 +123,27 @@ def _compiled_python(gm: nn.Module) -> None:
     ``forward`` runs the same ops in the same order (same results, bit for bit) without the
     per-node Python overhead.
     """
-    for m in gm.modules():
-        if getattr(m, "graph_module", None) is not None and hasattr(m, "_run_with_interpreter"):
-            m._run_with_interpreter = False
+    for m in _interpreter_modules(gm):
+        # a graph value named ``self`` (BERT's attention has a submodule called ``self``)
+        # would shadow the module in the generated code: keep those interpreted
+        m._run_with_interpreter = any(n.name == "self" for n in m.graph.nodes)
+
+
+def _interpreter_modules(gm: nn.Module) -> list[nn.Module]:
+    return [
+        m
+        for m in gm.modules()
+        if getattr(m, "graph_module", None) is not None and hasattr(m, "_run_with_interpreter")
+    ]
+
+
+def _interpreted(gm: nn.Module) -> bool:
+    """Switch every submodule back to the interpreter; False when all already were."""
+    changed = False
+    for m in _interpreter_modules(gm):
+        changed |= not m._run_with_interpreter
+        m._run_with_interpreter = True
+    return changed
 
 
 def _set_tensor(gm: nn.Module, name: str, value: torch.Tensor) -> None:
