@@ -141,14 +141,9 @@ def free_port() -> int:
 def machine() -> dict[str, Any]:
     import transformers
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from pipeline_core.cost import cpu_name
+
+    cpu = cpu_name()
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),

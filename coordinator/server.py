@@ -434,7 +434,8 @@ class Coordinator:
                 return
             workers = list(m.workers)
             for wid in lost:
-                spare = spares.pop(0)
+                spare = _spare_for(m.plan, workers.index(wid), spares)
+                spares.remove(spare)
                 workers[workers.index(wid)] = spare.id
                 spare.model = m.name
                 self.workers[wid].model = ""
@@ -658,6 +659,15 @@ class RegistryServicer(pbg.RegistryServicer):
             w.last_seen = time.monotonic()
             self.c.relink(w)
         return pb.HeartbeatResponse(known=True)
+
+
+def _spare_for(plan: Plan, stage: int, spares: list[WorkerRecord]) -> WorkerRecord:
+    """The first spare (by registration) whose memory holds the stage's weights and KV budget;
+    else the one with the most memory."""
+    st = plan.stages[stage]
+    need = st.nbytes + st.kv_bytes_per_token * int(plan.workload.get("kv_tokens", 0))
+    fits = [w for w in spares if w.memory <= 0 or w.memory >= need]
+    return fits[0] if fits else max(spares, key=lambda w: w.memory)
 
 
 def _stage_workers(plan: Plan, placed: Placement | None) -> list[WorkerRecord]:

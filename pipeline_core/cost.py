@@ -53,6 +53,7 @@ __all__ = [
     "PROFILE_CACHE_ENV",
     "UnitCost",
     "Workload",
+    "cpu_name",
     "device_flops",
     "device_name",
     "estimate_units",
@@ -172,15 +173,18 @@ def device_name(device: str | torch.device) -> str:
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
+    return f"{device.type}:{cpu_name()}"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{device.type}:{cpu}"
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def _key(device: str, dtype: torch.dtype, threads: int, what: str) -> str:

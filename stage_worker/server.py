@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -396,9 +397,23 @@ def _forward(worker: Worker, request: pb.ForwardRequest, context: grpc.ServicerC
 
 
 def _memory_bytes(device: str) -> int:
+    """What the device holds: the GPU's memory, or this host's RAM capped by the container's
+    cgroup limit (a pod sees the node's RAM in ``/proc`` but may use only its limit)."""
     if device.startswith("cuda") and torch.cuda.is_available():
         return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    ram = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return min(ram, _cgroup_limit() or ram)
+
+
+def _cgroup_limit() -> int:
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            return int(text)
+    return 0
 
 
 def serve(

@@ -150,3 +150,26 @@ def test_admin_cli_shows_the_plan_and_load_follows_it(hetero):
         assert hetero.generate("m", [5, 6, 7], 12) == hf_greedy(hetero.model, [5, 6, 7], 12)
     finally:
         hetero.admin.UnloadModel(pb.UnloadModelRequest(name="m"), timeout=60)
+
+
+def test_recovery_gives_a_lost_stage_to_a_spare_that_fits(tmp_path):
+    from coordinator.server import WorkerRecord, _spare_for
+    from pipeline_core import ModelSource, Policy, Workload, make_plan
+
+    LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+    ).save_pretrained(tmp_path)
+    w = Workload(profile=False, kv_tokens=1000)
+    plan = make_plan(
+        ModelSource(checkpoint=str(tmp_path)), Policy.equal_size(2), trace=False, workload=w
+    )
+    st = plan.stages[1]
+    need = st.nbytes + st.kv_bytes_per_token * 1000
+    small = WorkerRecord("a", "h:1", "cpu", need - 1, None, seq=1)
+    big = WorkerRecord("b", "h:2", "cpu", need, None, seq=2)
+    assert _spare_for(plan, 1, [small, big]) is big  # registered later, but it fits
+    assert _spare_for(plan, 1, [small]) is small  # none fits: the biggest, and the load says
