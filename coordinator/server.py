@@ -191,11 +191,11 @@ def relative_speeds(speeds: list[float]) -> list[float]:
 
 @dataclass
 class Placement:
-    """A balanced plan's inputs from the idle workers: who, how fast, how big, unit times."""
+    """A balanced plan's inputs from the idle workers: who, how fast, how big, unit times
+    (the KV budget to reserve goes into the caller's workload)."""
 
     workers: list[WorkerRecord]
     policy: Policy
-    workload: Workload
     unit_seconds: dict[str, float] | None
     times_from: str
 
@@ -250,6 +250,13 @@ class Coordinator:
                 f"model {name!r} is not ready ({state}{': ' + m.error if m.error else ''})",
             )
         return m
+
+    def idle(self) -> list[WorkerRecord]:
+        """Workers that can take a stage, by registration (the caller holds ``lock``)."""
+        return sorted(
+            (w for w in self.workers.values() if w.state == "idle" and not w.model),
+            key=lambda w: w.seq,
+        )
 
     def model(self, name: str, context: grpc.ServicerContext, ready: bool = True) -> ModelRecord:
         try:
@@ -421,10 +428,7 @@ class Coordinator:
                     log.warning("abandon on %s failed: %s", wid, e.code())
             m.abandoned = True
         with self.lock:
-            spares = sorted(
-                (w for w in self.workers.values() if w.state == "idle" and not w.model),
-                key=lambda w: w.seq,
-            )
+            spares = self.idle()
             if len(spares) < len(lost):
                 m.waiting = (
                     f"model {m.name!r} lost worker(s) {', '.join(lost)} and no spare worker is "
@@ -696,7 +700,7 @@ class AdminServicer(pbg.AdminServicer):
         """For ``balanced``: the idle workers to plan over (fastest first), their memory and
         relative speeds, the KV budget to reserve, and unit times profiled on one of them."""
         with self.c.lock:
-            idle = [w for w in self.c.workers.values() if w.state == "idle" and not w.model]
+            idle = self.c.idle()
         top = max((w.speed for w in idle), default=0.0)
 
         def rank(w: WorkerRecord) -> tuple[int, float, int]:  # fastest first, then by age
@@ -734,7 +738,6 @@ class AdminServicer(pbg.AdminServicer):
                 memory=[w.memory if w.memory > 0 else UNKNOWN_MEMORY for w in chosen],
                 speeds=relative_speeds([w.speed for w in chosen]),
             ),
-            workload=workload,
             unit_seconds=times,
             times_from=times_from,
         )
@@ -844,7 +847,7 @@ class AdminServicer(pbg.AdminServicer):
             mode=mode,
         )
         with c.lock:
-            idle = [w for w in c.workers.values() if w.state == "idle" and not w.model]
+            idle = c.idle()
             if len(idle) < plan.num_stages:
                 context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
@@ -853,7 +856,7 @@ class AdminServicer(pbg.AdminServicer):
                 )
             chosen = _stage_workers(plan, placed)
             if not chosen or any(w not in idle for w in chosen):
-                chosen = sorted(idle, key=lambda w: w.seq)[: plan.num_stages]
+                chosen = idle[: plan.num_stages]
             m = ModelRecord(
                 name, request.checkpoint, plan, [w.id for w in chosen], next(c._epochs), mode
             )
@@ -970,7 +973,7 @@ class AdminServicer(pbg.AdminServicer):
             assert w is not None
             w.draining = True
             m = self.c.models.get(w.model)
-            spare = any(x.state == "idle" and not x.model for x in self.c.workers.values())
+            spare = bool(self.c.idle())
         if m is not None and m.mode == "generate" and request.worker_id in m.workers:
             if not spare:
                 context.abort(

@@ -351,8 +351,7 @@ def _tensor_bytes(obj: Any, seen: set[int], depth: int = 0) -> int:
 def _caches(args: Any, kwargs: Any) -> list[Any]:
     from transformers.cache_utils import Cache
 
-    found = [v for v in [*args, *kwargs.values()] if isinstance(v, Cache)]
-    return found
+    return [v for v in [*args, *kwargs.values()] if isinstance(v, Cache)]
 
 
 def kv_bytes_per_token(
@@ -416,12 +415,13 @@ def estimate_units(
     timed: dict[str, tuple[float, str]] = {}
     if workload.profile:
         timed = _profile(build_skeleton(source, dtype), units, calls, counts, workload, dtype)
-    rate = device_flops(workload.device, dtype, workload.threads)
+    # the FLOP rate (a matmul benchmark unless cached) only for units without a time
+    rate = device_flops(workload.device, dtype, workload.threads) if len(timed) < len(units) else 0
     kv = kv_bytes_per_token(source, dtype, inputs, units)
     out = []
     for u in units:
         f = sum(flops.get(m, 0) for m in u.modules)
-        seconds, src = timed.get(u.name, (f / rate, "flops"))
+        seconds, src = timed[u.name] if u.name in timed else (f / rate, "flops")
         out.append(
             UnitCost(
                 name=u.name,

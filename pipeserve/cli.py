@@ -322,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line (the deployment tests parse the manifests' args with it)."""
+    from pipeserve.cluster_cli import add_commands, add_workload_flags
+
     parser = argparse.ArgumentParser(prog="pipeserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
 
@@ -345,12 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stage-speed", metavar="S1,S2", help="with --stages: relative speed of each worker"
     )
-    p.add_argument("--batch", type=int, default=8, help="rows per batch (for times; 8)")
-    p.add_argument("--seq", type=int, default=128, help="tokens per row (for times; 128)")
-    p.add_argument("--chunks", type=int, default=4, help="microbatches per batch (4)")
-    p.add_argument(
-        "--kv-tokens", type=int, default=0, help="KV-cache tokens each stage must hold (memory)"
-    )
+    add_workload_flags(p, "(counted against --stage-memory)")
     p.add_argument("--device", default="cpu", help="device to profile units on (cpu, cuda)")
     p.add_argument("--threads", type=int, default=1, help="threads per stage while profiling")
     p.add_argument(
@@ -400,8 +397,6 @@ def build_parser() -> argparse.ArgumentParser:
         stage_memory=None,
         stage_speed=None,
     )
-
-    from pipeserve.cluster_cli import add_commands
 
     add_commands(sub)
     return parser

@@ -111,6 +111,17 @@ def _workload_proto(args: argparse.Namespace) -> Any:
     return pb.Workload(batch=args.batch, seq=args.seq, chunks=args.chunks, kv_tokens=args.kv_tokens)
 
 
+def add_workload_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
+    """``--batch --seq --chunks --kv-tokens``: the workload plan times are estimated for
+    (``pipeline_core.cost.Workload``'s defaults)."""
+    p.add_argument("--batch", type=int, default=8, help="workload for times: rows per batch")
+    p.add_argument("--seq", type=int, default=128, help="workload for times: tokens per row")
+    p.add_argument("--chunks", type=int, default=4, help="workload for times: microbatches")
+    p.add_argument(
+        "--kv-tokens", type=int, default=0, help=f"KV tokens each stage must hold {kv_default}"
+    )
+
+
 def _bar(done: int, total: int, width: int = 24) -> str:
     frac = done / total if total else 0.0
     n = int(frac * width)
@@ -410,15 +421,7 @@ def add_commands(sub: Any) -> None:
         metavar="N",
         help="N stages balanced by time (the default; 0: one per idle worker)",
     )
-    p.add_argument("--batch", type=int, default=8, help="workload for times: rows per batch")
-    p.add_argument("--seq", type=int, default=128, help="workload for times: tokens per row")
-    p.add_argument("--chunks", type=int, default=4, help="workload for times: microbatches")
-    p.add_argument(
-        "--kv-tokens",
-        type=int,
-        default=0,
-        help="KV tokens each stage must hold (0: the workers' --max-kv-tokens, generation)",
-    )
+    add_workload_flags(p, "(0: the workers' --max-kv-tokens, for generation)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", help="cpu or cuda (default: each worker's own)")
     p.add_argument(

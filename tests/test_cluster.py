@@ -127,6 +127,15 @@ class Cluster:
         stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
         return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
 
+    def load(self, name: str, directory: str) -> list[pb.LoadProgress]:
+        """Load ``self.ckpt / directory`` as ``name`` over 3 stages (equal_size) and wait."""
+        req = pb.LoadModelRequest(
+            name=name,
+            checkpoint=str(self.ckpt / directory),
+            policy=pb.SplitPolicy(equal_size=3),
+        )
+        return list(self.admin.LoadModel(req, timeout=300))
+
     def generate(self, model: str, prompt: list[int], new: int, **kw) -> list[int]:
         req = pb.GenerateRequest(
             model=model, token_ids=pb.TokenIds(ids=prompt), max_new_tokens=new, **kw
@@ -364,28 +373,10 @@ def test_grpc_carries_no_activations(cluster):
     )
     torch.manual_seed(0)
     save_hf(LlamaForCausalLM(cfg).eval(), cluster.ckpt / "wide", shard="2MB")
-    list(
-        cluster.admin.LoadModel(
-            pb.LoadModelRequest(
-                name="wide",
-                checkpoint=str(cluster.ckpt / "wide"),
-                policy=pb.SplitPolicy(equal_size=3),
-            ),
-            timeout=300,
-        )
-    )
+    cluster.load("wide", "wide")
     wide_bytes = measure("wide")
     cluster.admin.UnloadModel(pb.UnloadModelRequest(name="wide"), timeout=120)
-    list(
-        cluster.admin.LoadModel(
-            pb.LoadModelRequest(
-                name="small",
-                checkpoint=str(cluster.ckpt / "small"),
-                policy=pb.SplitPolicy(equal_size=3),
-            ),
-            timeout=300,
-        )
-    )
+    cluster.load("small", "small")
     # 64 hidden states of 256 floats would be 64 KiB per stage boundary alone
     assert small < 16_384 and wide_bytes < 16_384, (small, wide_bytes)
     assert abs(wide_bytes - small) < 2_048, (small, wide_bytes)
@@ -399,16 +390,7 @@ def test_forward_any_model_over_the_cluster(cluster):
     try:
         cnn = hf_model("resnet")
         save_hf(cnn, cluster.ckpt / "resnet")
-        progress = list(
-            cluster.admin.LoadModel(
-                pb.LoadModelRequest(
-                    name="cnn",
-                    checkpoint=str(cluster.ckpt / "resnet"),
-                    policy=pb.SplitPolicy(equal_size=3),
-                ),
-                timeout=300,
-            )
-        )
+        progress = cluster.load("cnn", "resnet")
         assert progress[-1].state == pb.MODEL_STATE_READY
         (info,) = cluster.inference.ListModels(pb.ListModelsRequest()).models
         assert list(info.capabilities) == ["forward"] and info.inputs[0].name == "pixel_values"
@@ -452,16 +434,7 @@ def test_forward_any_model_over_the_cluster(cluster):
         assert out2.data == out.data
         cluster.admin.UnloadModel(pb.UnloadModelRequest(name="cnn"), timeout=120)
     finally:
-        list(
-            cluster.admin.LoadModel(
-                pb.LoadModelRequest(
-                    name="small",
-                    checkpoint=str(cluster.ckpt / "small"),
-                    policy=pb.SplitPolicy(equal_size=3),
-                ),
-                timeout=300,
-            )
-        )
+        cluster.load("small", "small")
 
 
 def test_text_in_text_out_and_unavailable_worker(tmp_path):
