@@ -37,7 +37,11 @@ def test_flops_are_counted_per_unit(big_head_llama):
 
 def test_balanced_moves_layers_off_the_heavy_last_stage(big_head_llama):
     by_bytes = make_plan(big_head_llama, Policy.equal_size(2), trace=False)
-    by_time = make_plan(big_head_llama, Policy.balanced(2), trace=False)
+    # profiled at 32 x 32 tokens: there the head measures 2-5 decoder layers even with four
+    # processes on the 2 cores; at the default 2 x 128 a layer of this tiny model is mostly
+    # Python and attention, and on a loaded CI machine the head once measured about one layer
+    w = Workload(batch=32, seq=32, chunks=1)
+    by_time = make_plan(big_head_llama, Policy.balanced(2), trace=False, workload=w)
     assert len(by_time.stages[1].units) < len(by_bytes.stages[1].units)
     assert max(s.flops for s in by_time.stages) < max(s.flops for s in by_bytes.stages)
 
