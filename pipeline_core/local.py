@@ -25,7 +25,17 @@ import torch.distributed as dist
 from .errors import PlanError
 from .load import ReadStats
 from .plan import Plan
-from .runtime import DRIVER, Driver, Mesh, RankMap, gloo_group, nccl_group, serve_stage
+from .runtime import (
+    DRIVER,
+    Driver,
+    Mesh,
+    RankMap,
+    gloo_group,
+    nccl_between,
+    nccl_group,
+    serve_stage,
+    use_device,
+)
 from .stage import Stage, build_stage, trace_plan
 from .transport import Channel
 
@@ -109,12 +119,15 @@ def make_mesh(store: dist.Store, ranks: RankMap, node: int, device: str, timeout
     )
     stages = None
     # A separate driver only talks over gloo; a driver hosting the last stage is that stage.
+    # NCCL only when every stage has a GPU of its own (all stages agree through the store).
     joins_nccl = node != DRIVER or ranks.driver_hosts_last
-    if torch.device(device).type == "cuda" and joins_nccl:
+    if joins_nccl:
         stage = ranks.num_stages - 1 if node == DRIVER else node
-        torch.cuda.set_device(torch.device(device))
-        pg = nccl_group(dist.PrefixStore("nccl", store), stage, ranks.num_stages, timeout_s)
-        stages = Channel(pg, device)
+        use_device(device)
+        nccl_store = dist.PrefixStore("nccl", store)
+        if nccl_between(nccl_store, stage, ranks.num_stages, device):
+            pg = nccl_group(nccl_store, stage, ranks.num_stages, timeout_s)
+            stages = Channel(pg, device)
     return Mesh(ranks, edge, stages)
 
 

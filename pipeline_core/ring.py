@@ -2,9 +2,10 @@
 
 Stage ``k`` sends to stage ``k+1``; the last stage sends the chosen token ids back to stage 0,
 which runs the scheduler -- no driver in between.  Each edge is its own two-rank process group
-(gloo on CPU, NCCL on CUDA), created in ascending edge order so start-up cannot deadlock.  A
-thread per process keeps a receive posted on the inbound edge and queues the messages, so a
-stage can send while its successor is also sending (a ring of blocking sends would deadlock).
+(NCCL between two GPUs; else gloo: CPU stages, or two stages sharing one GPU), created in
+ascending edge order so start-up cannot deadlock.  A thread per process keeps a receive posted
+on the inbound edge and queues the messages, so a stage can send while its successor is also
+sending (a ring of blocking sends would deadlock).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .runtime import gloo_group, nccl_group
+from .runtime import gloo_group, nccl_between, nccl_group, use_device
 from .transport import Channel
 
 __all__ = [
@@ -80,8 +81,8 @@ class Ring:
         for edge in sorted({out_edge, in_edge}):
             prefix = _scoped(store, f"ring/{edge}")
             rank = 0 if edge == out_edge else 1
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
+            use_device(device)
+            if nccl_between(prefix, rank, 2, device):
                 ch = Channel(nccl_group(prefix, rank, 2, timeout_s), device)
             else:
                 ch = Channel(gloo_group(prefix, rank, 2, timeout_s))

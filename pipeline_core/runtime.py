@@ -7,7 +7,10 @@ activation) never crosses a process boundary, and there is no idle extra process
 S-1`` is rank ``k + 1``.  With a separate driver, stage ``k`` is rank ``k + 1`` for every ``k``.
 
 On CPU the edge group also carries stage-to-stage activations.  On CUDA, activations between
-stages use a separate NCCL group (stage ``k`` = rank ``k``) and only inputs/outputs cross gloo.
+stages use a separate NCCL group (stage ``k`` = rank ``k``) and only inputs/outputs cross gloo --
+when every stage is on its own GPU.  NCCL refuses two ranks on one GPU, and cannot reach a CPU
+stage, so stages sharing a GPU, or a mix of CPU and CUDA stages, send through host memory over
+gloo instead (:func:`nccl_between` decides, the same way on every rank).
 
 Routing comes from the traced wiring (:class:`~pipeline_core.trace.Wire`): for every (producer,
 consumer) pair we know which values flow, so a value may skip stages and a later stage may read
@@ -309,6 +312,42 @@ class Driver:
 
 def gloo_group(store: dist.Store, rank: int, size: int, timeout_s: float) -> dist.ProcessGroup:
     return dist.ProcessGroupGloo(store, rank, size, datetime.timedelta(seconds=timeout_s))
+
+
+def use_device(device: torch.device | str) -> None:
+    """Make ``device`` this process's current CUDA device (``"cuda"`` alone: keep the current
+    one); no-op for CPU."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is not None:
+        torch.cuda.set_device(d)
+
+
+def device_identity(device: torch.device | str) -> str:
+    """``"cpu"``, or ``"cuda:<uuid>"`` naming the physical GPU (the same on every process that
+    sees it, whatever its ``CUDA_VISIBLE_DEVICES`` index)."""
+    d = torch.device(device)
+    if d.type != "cuda":
+        return d.type
+    index = d.index if d.index is not None else torch.cuda.current_device()
+    return f"cuda:{torch.cuda.get_device_properties(index).uuid}"
+
+
+def nccl_usable(identities: list[str]) -> bool:
+    """NCCL joins CUDA ranks on distinct GPUs only."""
+    return all(i.startswith("cuda:") for i in identities) and len(set(identities)) == len(
+        identities
+    )
+
+
+def nccl_between(store: dist.Store, rank: int, size: int, device: torch.device | str) -> bool:
+    """Whether ranks ``0..size-1`` of a group about to be made can use NCCL.  Each rank publishes
+    its :func:`device_identity` under ``store`` and reads the others', so all decide alike."""
+    store.set(f"device/{rank}", device_identity(device))
+    identities = [store.get(f"device/{r}").decode() for r in range(size)]
+    use = nccl_usable(identities)
+    if not use and torch.device(device).type == "cuda":
+        log.info("rank %d: devices %s -> gloo through host memory, not NCCL", rank, identities)
+    return use
 
 
 def nccl_group(store: dist.Store, rank: int, size: int, timeout_s: float) -> dist.ProcessGroup:

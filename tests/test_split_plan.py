@@ -174,6 +174,20 @@ def test_transport_header_roundtrip():
     assert type(decoded).__name__ == "_Fail" and len(tensors) == 1
 
 
+def test_nccl_only_between_distinct_gpus():
+    """NCCL refuses two ranks on one GPU and cannot reach a CPU rank: those edges use gloo."""
+    from pipeline_core.runtime import nccl_between, nccl_usable
+
+    assert nccl_usable(["cuda:a", "cuda:b", "cuda:c"])
+    assert not nccl_usable(["cuda:a", "cuda:a"])  # two stages sharing one GPU
+    assert not nccl_usable(["cpu", "cuda:a"])  # a CPU stage beside a GPU stage
+    assert not nccl_usable(["cpu", "cpu"])
+    store = torch.distributed.HashStore()
+    store.set("device/1", "cuda:x")  # the peer already published its GPU
+    assert nccl_between(store, 0, 2, "cpu") is False
+    assert store.get("device/0") == b"cpu"
+
+
 def test_save_helper_roundtrip(tmp_path):
     save_safetensors_sharded({"a": torch.ones(2), "b": torch.zeros(3)}, tmp_path, per_file=1)
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
