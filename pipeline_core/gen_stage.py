@@ -189,8 +189,12 @@ class GenStage:
         self.send_s = 0.0
         """Steps run and seconds spent in them (compute + sampling), for utilization."""
         gen_cfg = getattr(model, "generation_config", None)
-        self.accepts_position_ids = "position_ids" in inspect.signature(model.forward).parameters
-        self.logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward).parameters
+        self.accepts_position_ids = "position_ids" in params
+        self.logits_to_keep = "logits_to_keep" in params
+        # transformers 5.24 renamed ``past_key_values`` to ``cache`` (models and generate's
+        # helpers alike); a cache under the other name would be silently ignored
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.decoder_start = None
         if self.enc_dec:
             self.decoder_start = getattr(gen_cfg, "decoder_start_token_id", None)
@@ -359,7 +363,9 @@ class GenStage:
         if self.logits_to_keep:
             kw["logits_to_keep"] = 1
         if self.enc_dec:
-            kw["cache"] = EncoderDecoderCache(DynamicCache(config=cfg), DynamicCache(config=cfg))
+            kw[self.cache_kw] = EncoderDecoderCache(
+                DynamicCache(config=cfg), DynamicCache(config=cfg)
+            )
             kw["attention_mask"] = mask
             ids = torch.full((prompt.shape[0], 1), self.decoder_start, dtype=torch.long)
             g = GroupState(ids.to(self.device), kw)
@@ -387,7 +393,7 @@ class GenStage:
                 enc_out = torch.zeros(*shape[:2], cfg.hidden_size, device=self.device)
             kw["encoder_outputs"] = BaseModelOutput(last_hidden_state=enc_out)
         else:
-            kw["cache"] = DynamicCache(config=cfg)
+            kw[self.cache_kw] = DynamicCache(config=cfg)
             kw["attention_mask"] = mask
             g = GroupState(prompt, kw)
             if self.accepts_position_ids:
@@ -431,7 +437,7 @@ class GenStage:
     # ------------------------------------------------------------------ cache bookkeeping
 
     def _self_cache(self, g: GroupState) -> Any:
-        cache = g.kwargs["cache"]
+        cache = g.kwargs[self.cache_kw]
         return getattr(cache, "self_attention_cache", cache)
 
     def _cache_len(self, g: GroupState) -> int | None:
@@ -450,7 +456,7 @@ class GenStage:
         g = self.groups[gid]
         keep = keep.to(self.device)
         g.ids = g.ids[keep]
-        g.kwargs["cache"].batch_select_indices(keep)
+        g.kwargs[self.cache_kw].batch_select_indices(keep)
         for k in ("attention_mask", "position_ids"):
             v = g.kwargs.get(k)
             if isinstance(v, torch.Tensor) and v.shape[0] > 1:
@@ -506,7 +512,7 @@ class GenStage:
             tokens = sum(g.rows * (self._cache_len(g) or 0) for g in self.groups.values())
         nbytes = 0
         for g in self.groups.values():
-            for i, layer in enumerate(_cache_layers(g.kwargs["cache"])):
+            for i, layer in enumerate(_cache_layers(g.kwargs[self.cache_kw])):
                 if i % len(self._layers) in self._phantom_set:
                     continue
                 for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
