@@ -16,6 +16,7 @@ the wiring must be read from the root graph, never assumed.
 
 from __future__ import annotations
 
+import logging
 import operator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,6 +31,8 @@ from torch.utils._pytree import tree_map
 
 from .errors import TraceError
 from .source import HFForward, InputSpec
+
+log = logging.getLogger(__name__)
 
 __all__ = ["TracedPipeline", "Wire", "trace_pipeline"]
 
@@ -99,7 +102,9 @@ def _fake_parameters(model: nn.Module, device: torch.device) -> FakeTensorMode:
     return mode
 
 
-def _dynamic_shapes(inputs: list[InputSpec]) -> tuple[Any, ...]:
+def _dynamic_shapes(inputs: list[InputSpec], infer: bool = False) -> tuple[Any, ...]:
+    """Named dims (shared by name across inputs, bounded by ``spec.max``), or with ``infer``
+    ``Dim.AUTO`` everywhere: export then works out which dims stay dynamic."""
     dims: dict[str, Any] = {}
     per_input = []
     for spec in inputs:
@@ -111,7 +116,9 @@ def _dynamic_shapes(inputs: list[InputSpec]) -> tuple[Any, ...]:
                 )
         per_input.append(
             {
-                d: dims.setdefault(n, Dim(n, min=1, max=spec.max.get(d, 2**31 - 2)))
+                d: Dim.AUTO
+                if infer
+                else dims.setdefault(n, Dim(n, min=1, max=spec.max.get(d, 2**31 - 2)))
                 for d, n in spec.dynamic.items()
             }
         )
@@ -127,6 +134,28 @@ class _Positional(nn.Module):
 
     def forward(self, *args: torch.Tensor) -> Any:
         return self.m(*args)
+
+
+def _export(wrapper: nn.Module, example: tuple[Any, ...], inputs: list[InputSpec]) -> Any:
+    """``torch.export`` with the inputs' named dynamic dims.  Some torch releases cannot prove
+    a guard that holds for every size (torch 2.11 on Llama: ``min(8*s, 16*s) == 8*s``) and
+    refuse the named dims; then export again inferring the dims (``Dim.AUTO``), and keep that
+    graph only if every dim meant to be dynamic stayed symbolic."""
+    try:
+        return torch.export.export(wrapper, example, dynamic_shapes=_dynamic_shapes(inputs))
+    except Exception as e:
+        if "Constraints violated" not in str(e):
+            raise
+        first = e
+    log.warning("torch.export refused the named dynamic dims; inferring them: %s", first)
+    ep = torch.export.export(wrapper, example, dynamic_shapes=_dynamic_shapes(inputs, infer=True))
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    users = [nodes[name] for name in ep.graph_signature.user_inputs]
+    for spec, node in zip(inputs, users, strict=True):
+        shape = node.meta["val"].shape
+        if any(isinstance(shape[d], int) for d in spec.dynamic):
+            raise first  # a size was fixed: the graph would not serve other shapes
+    return ep
 
 
 def trace_pipeline(
@@ -161,7 +190,7 @@ def trace_pipeline(
     mode = _fake_parameters(wrapper, device)
     example = tuple(mode.from_tensor(s.example(device)) for s in inputs)
     try:
-        ep = torch.export.export(wrapper, example, dynamic_shapes=_dynamic_shapes(inputs))
+        ep = _export(wrapper, example, inputs)
         pipe = Pipe._from_traced(
             wrapper,
             ep,
