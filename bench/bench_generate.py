@@ -12,8 +12,8 @@ process runs ``torch.set_num_threads(1)`` (the one-stage and single-process base
 A random Llama (hidden 768, 6 layers, intermediate 2048, 12 heads, vocab 32000, untied head,
 fp32: 91M parameters, 365 MB) is saved as sharded safetensors and measured, all in one run:
 
-1. **KV cache vs full recompute** (batch 1, 16-token prompt, 256 new tokens, 2 stages):
-   ours (``LocalGenerator``) against PiPPy's ``inject_pipeline_forward`` way -- every new
+1. **KV cache vs full recompute** (batch 1, 16-, 128- and 512-token prompts, 256 new tokens,
+   2 stages): ours (``LocalGenerator``) against PiPPy's ``inject_pipeline_forward`` way -- every new
    token runs the whole sequence through the pipelined forward (``LocalPipeline``, the same
    2-stage split).  The recompute forward is timed at every 16th sequence length and the
    256 steps summed by linear interpolation between them (the full loop would take minutes).
@@ -60,7 +60,7 @@ CONFIG = dict(
 )
 GPU_CONFIG = dict(CONFIG, hidden_size=1536, intermediate_size=4096, num_hidden_layers=16)
 DEVICE = "cpu"  # --device
-PROMPTS_KV = [16, 128]
+PROMPTS_KV = [16, 128, 512]
 CONCURRENCY = [16, 32, 64]
 GOALS = {"kv_vs_recompute": 10.0, "latency_ratio": 1.3, "throughput_ratio": 1.7}
 
@@ -355,11 +355,14 @@ def main() -> None:
     ap.add_argument(
         "--device", default="cpu", help="cpu, or cuda: all stages and the HF baseline on the GPU"
     )
+    ap.add_argument(
+        "--name", help="results file stem (default: generate, or generate_gpu with cuda)"
+    )
     args = ap.parse_args()
     global DEVICE
     DEVICE = args.device
     out = Path(args.out)
-    stem = "generate_gpu" if DEVICE.startswith("cuda") else "generate"
+    stem = args.name or ("generate_gpu" if DEVICE.startswith("cuda") else "generate")
     if args.report_only:
         res = json.loads((out / f"{stem}.json").read_text())
         (out / f"{stem}.md").write_text(markdown(res))

@@ -16,12 +16,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 OUT = ROOT / "BENCHMARKS.md"
-ORDER = ["core", "balance", "generate", "generate_gpu", "grpc", "reliability"]
-SCRIPTS = {"generate_gpu": "bench_generate.py --device cuda"}
+ORDER = ["core", "balance", "generate", "generate_16core", "generate_gpu", "grpc", "reliability"]
+SCRIPTS = {
+    "generate_16core": "bench_generate.py --name generate_16core",
+    "generate_gpu": "bench_generate.py --device cuda",
+}
 BASELINES = {
     "core": "`torch.distributed.pipelining` ScheduleGPipe, same split; load peak vs shard bytes",
     "balance": "one process with the whole model; GPipe split at the middle",
     "generate": "HF `generate` in one process; PiPPy-style recompute; the model on 1 stage",
+    "generate_16core": "as `generate`, on the 16-core host of the GPU machine (CPU only, one "
+    "thread per process, each on its own core)",
     "generate_gpu": "HF `generate` in one process on the same GPU; PiPPy-style recompute on it; "
     "the model on 1 stage",
     "grpc": "`pipeline_core` called directly on the same local stages",
@@ -100,10 +105,10 @@ def build(plots: bool = True) -> str:
         "machine; targets are ratios, never wall-clock asserts. CPU results from the 2-core "
         "build VM. "
         + (
-            "`generate_gpu`: the generation benchmark on the one GPU a session was lent "
-            "(machine line below); with one GPU the stages share it and send through host "
-            "memory, so the NCCL path between GPUs (tests/test_gpu.py) still waits for a "
-            "machine with two."
+            "`generate_16core` and `generate_gpu`: the generation benchmark on the host a "
+            "session was lent (16 cores, one H200), on its CPU and on its GPU; with one GPU "
+            "the stages share it and send through host memory, so the NCCL path between GPUs "
+            "(tests/test_gpu.py) still waits for a machine with two."
             if (RESULTS / "generate_gpu.md").is_file()
             else "No GPU was available to these sessions: GPU figures are still to be measured."
         ),
