@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from .errors import CheckpointError, PlanError
+from .kv_cache import grow_in_place
 from .load import CheckpointIndex, ReadStats, read_tensors
 from .plan import Plan
 from .source import build_skeleton, hf_checkpoint_names, parse_dtype
@@ -364,7 +365,7 @@ class GenStage:
             kw["logits_to_keep"] = 1
         if self.enc_dec:
             kw[self.cache_kw] = EncoderDecoderCache(
-                DynamicCache(config=cfg), DynamicCache(config=cfg)
+                grow_in_place(DynamicCache(config=cfg)), DynamicCache(config=cfg)
             )
             kw["attention_mask"] = mask
             ids = torch.full((prompt.shape[0], 1), self.decoder_start, dtype=torch.long)
@@ -393,7 +394,7 @@ class GenStage:
                 enc_out = torch.zeros(*shape[:2], cfg.hidden_size, device=self.device)
             kw["encoder_outputs"] = BaseModelOutput(last_hidden_state=enc_out)
         else:
-            kw[self.cache_kw] = DynamicCache(config=cfg)
+            kw[self.cache_kw] = grow_in_place(DynamicCache(config=cfg))
             kw["attention_mask"] = mask
             g = GroupState(prompt, kw)
             if self.accepts_position_ids:

@@ -1,0 +1,54 @@
+"""GrowingLayer appends in place yet holds exactly what transformers' DynamicLayer holds."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache, LlamaConfig
+from transformers.cache_utils import DynamicLayer
+
+from pipeline_core.kv_cache import MIN_SPARE, grow_in_place
+
+
+def _kv(rows: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 2, n, 8, generator=g), torch.randn(rows, 2, n, 8, generator=g)
+
+
+def test_growing_layer_matches_dynamic_layer_through_edits():
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2)
+    ours, ref = grow_in_place(DynamicCache(config=cfg)), DynamicCache(config=cfg)
+    assert type(ours.layers[0]) is not DynamicLayer and type(ref.layers[0]) is DynamicLayer
+    step = 0
+
+    def append(n: int) -> None:
+        nonlocal step
+        step += 1
+        k, v = _kv(ours.layers[0].keys.shape[0] if step > 1 else 4, n, step)
+        for cache in (ours, ref):
+            got = cache.update(k, v, 0)
+            assert torch.equal(got[0], cache.layers[0].keys)
+        assert torch.equal(ours.layers[0].keys, ref.layers[0].keys)
+        assert torch.equal(ours.layers[0].values, ref.layers[0].values)
+
+    append(7)  # prefill
+    buf = ours.layers[0]._kbuf
+    for _ in range(20):  # decode steps write into the same buffer
+        append(1)
+    assert ours.layers[0]._kbuf is buf and buf.shape[-2] <= 7 + max(MIN_SPARE, 7 // 4) + 7
+    for cache in (ours, ref):  # rows leave: a new tensor, then appends go on from it
+        cache.batch_select_indices(torch.tensor([0, 2, 3]))
+    append(1)
+    assert ours.layers[0]._kbuf is not buf
+    for cache in (ours, ref):
+        cache.crop(-3)
+    for _ in range(3):
+        append(1)
+    for cache in (ours, ref):  # merging groups replaces the tensors outright
+        layer = cache.layers[0]
+        layer.keys = torch.cat([layer.keys, layer.keys[:1]])
+        layer.values = torch.cat([layer.values, layer.values[:1]])
+    for _ in range(MIN_SPARE + 5):  # past the spare room: the buffer grows again
+        append(1)
+    assert ours.get_seq_length() == ref.get_seq_length() == 7 + 20 + 1 - 3 + 3 + MIN_SPARE + 5
+    spare = ours.layers[0]._kbuf.shape[-2] - ours.get_seq_length()
+    assert 0 <= spare <= max(MIN_SPARE, ours.get_seq_length() // 4)
