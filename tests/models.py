@@ -303,3 +303,27 @@ def save_word_tokenizer(path: Path, vocab_size: int = VOCAB) -> Any:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
     fast.save_pretrained(path)
     return fast
+
+
+def hf_greedy_batch(
+    model: nn.Module, prompts: list[list[int]], new: int, device: str = "cpu"
+) -> list[list[int]]:
+    """``generate`` on the left-padded batch (on ``device``); the new tokens of each row."""
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p) :] = torch.tensor(p)
+        mask[r, width - len(p) :] = 1
+    with torch.no_grad():
+        out = model.to(device).generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            do_sample=False,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    start = 1 if model.config.is_encoder_decoder else width
+    return out[:, start:].tolist()

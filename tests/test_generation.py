@@ -19,7 +19,7 @@ from pipeline_core.gen_stage import GenStage, UnsupportedModelError
 from pipeline_core.local_generate import LocalGenerator
 from pipeline_core.sampling import RequestError, ResourceExhausted, SamplingParams
 
-from .models import VOCAB, hf_model, lm_model, save_hf
+from .models import VOCAB, hf_greedy_batch, hf_model, lm_model, save_hf
 
 pytestmark = pytest.mark.slow
 
@@ -31,28 +31,6 @@ PROMPTS = [
     [40, 41, 42, 43, 44, 45, 46],
 ]
 NEW = 32
-
-
-def _hf_greedy(model, prompts: list[list[int]], new: int) -> list[list[int]]:
-    """``generate`` on the left-padded batch; the new tokens of each row."""
-    width = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p) :] = torch.tensor(p)
-        mask[r, width - len(p) :] = 1
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            do_sample=False,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    start = 1 if model.config.is_encoder_decoder else width
-    return out[:, start:].tolist()
 
 
 def _plan(tmp_path, family: str, stages: int, model=None):
@@ -70,7 +48,7 @@ GREEDY = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generation_matches_hf_generate(family, stages, tmp_path):
     model, plan = _plan(tmp_path, family, stages)
-    ref = _hf_greedy(model, PROMPTS, NEW)
+    ref = hf_greedy_batch(model, PROMPTS, NEW)
     with LocalGenerator(plan) as gen:
         assert gen.generate(PROMPTS, GREEDY) == ref
         # every stage loaded only its own shard
@@ -89,7 +67,7 @@ def test_generation_matches_hf_generate(family, stages, tmp_path):
 def test_one_stage_and_repetition_penalty(tmp_path):
     model, plan = _plan(tmp_path, "gpt2", 1)
     with LocalGenerator(plan) as gen:
-        assert gen.generate(PROMPTS, GREEDY) == _hf_greedy(model, PROMPTS, NEW)
+        assert gen.generate(PROMPTS, GREEDY) == hf_greedy_batch(model, PROMPTS, NEW)
         pen = SamplingParams(max_new_tokens=16, repetition_penalty=1.5, ignore_eos=True)
         with torch.no_grad():
             ref = model.generate(
@@ -226,7 +204,7 @@ def test_streaming_one_stage_engine_in_process(tmp_path):
         t = threading.Thread(target=lambda: seen.extend(h))
         t.start()
         t.join(60)
-        assert seen == _hf_greedy(model, [PROMPTS[0]], NEW)[0]
+        assert seen == hf_greedy_batch(model, [PROMPTS[0]], NEW)[0]
     finally:
         engine.close()
 
@@ -248,7 +226,7 @@ def test_groups_merge_mid_generation(family, tmp_path):
     stages = [GenStage(plan, k) for k in range(3)]
     assert all(st.can_merge for st in stages)
     a_prompts, b_prompts = [PROMPTS[0], PROMPTS[2]], [PROMPTS[1]]
-    alone = {tuple(p): _hf_greedy(model, [p], 20)[0] for p in a_prompts + b_prompts}
+    alone = {tuple(p): hf_greedy_batch(model, [p], 20)[0] for p in a_prompts + b_prompts}
 
     def pad(ps):
         w = max(map(len, ps))

@@ -9,7 +9,7 @@ import torch
 from pipeline_core import LocalPipeline, ModelSource, Policy, SamplingParams, make_plan
 from pipeline_core.local_generate import LocalGenerator
 
-from .models import VOCAB, hf_model, lm_model, save_hf
+from .models import VOCAB, hf_greedy_batch, hf_model, lm_model, save_hf
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -54,27 +54,6 @@ PROMPTS = [[5, 6, 7, 8, 9], [3, 4, 5, 6, 7, 8, 9, 10, 11], [20, 21, 22]]
 NEW = 32
 
 
-def _hf_greedy_cuda(model, prompts: list[list[int]], new: int) -> list[list[int]]:
-    width = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p) :] = torch.tensor(p)
-        mask[r, width - len(p) :] = 1
-    with torch.no_grad():
-        out = model.to("cuda:0").generate(
-            input_ids=ids.cuda(),
-            attention_mask=mask.cuda(),
-            do_sample=False,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    start = 1 if model.config.is_encoder_decoder else width
-    return out[:, start:].tolist()
-
-
 @pytest.mark.parametrize("family", ["llama", "t5"])
 @pytest.mark.parametrize("kind", ["two-gpus", "shared-gpu", "cpu-and-gpu"])
 def test_cuda_generation_matches_hf_generate(tmp_path, kind, family):
@@ -90,4 +69,4 @@ def test_cuda_generation_matches_hf_generate(tmp_path, kind, family):
         first = gen.generate(PROMPTS, sample)
         assert gen.generate(PROMPTS, sample) == first  # seeded sampling reproducible on GPU
         assert all(s["sequences"] == 0 for s in gen.stats())
-    assert got == _hf_greedy_cuda(model, PROMPTS, NEW)
+    assert got == hf_greedy_batch(model, PROMPTS, NEW, "cuda:0")
