@@ -291,10 +291,12 @@ def _generate_and_print(submit, args, ids, params, tok) -> int:  # type: ignore[
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not args.json:
+        from pipeline_core.detokenize import Detokenizer
+
+        detok = Detokenizer(tok) if tok is not None else None
         for t in handle:
-            piece = tok.decode([t]) if tok is not None else f"{t} "
-            print(piece, end="", flush=True)
-        print()
+            print(detok.push([t]) if detok is not None else f"{t} ", end="", flush=True)
+        print(detok.flush() if detok is not None else "")
     res = handle.result()
     if args.json:
         out = {

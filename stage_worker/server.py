@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from pipeline_core import GenStage, ModelSource, ReadStats
 from pipeline_core.cost import device_flops, device_name, unit_seconds
+from pipeline_core.detokenize import Detokenizer
 from pipeline_core.engine import EngineLimits, GenerationEngine, serve_generation
 from pipeline_core.local import make_mesh
 from pipeline_core.plan import Plan
@@ -346,17 +347,14 @@ class Worker(pbg.StageWorkerServicer):
             rpc.abort_for(context, e)
         context.add_callback(handle.cancel)  # client gone / deadline: free the KV everywhere
         log.info("request %d admitted: %d prompt tokens", handle.id, len(prompt))
-        sent_text = ""
+        detok = Detokenizer(tok) if tok is not None else None
         sent = 0
         for _ in handle:
             tokens = handle.tokens[sent:]
             if not tokens:
                 continue
             sent += len(tokens)
-            text = ""
-            if tok is not None:
-                full = tok.decode(handle.tokens[:sent], skip_special_tokens=True)
-                text, sent_text = full[len(sent_text) :], full
+            text = detok.push(tokens) if detok is not None else ""
             yield pb.GenerateResponse(token_ids=tokens, text=text)
         res = handle.result()
         log.info(
@@ -366,8 +364,10 @@ class Worker(pbg.StageWorkerServicer):
             context.abort(grpc.StatusCode.INTERNAL, res.error)
         if res.finish_reason == "cancelled" and not context.is_active():
             return
+        rest = res.tokens[sent:]
         yield pb.GenerateResponse(
-            token_ids=res.tokens[sent:],
+            token_ids=rest,
+            text=detok.push(rest) + detok.flush() if detok is not None else "",
             finish_reason=FINISH.get(res.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
             usage=pb.Usage(
                 prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens
