@@ -3,11 +3,12 @@
 ``transformers``' ``DynamicLayer`` grows by ``torch.cat([old, new])`` every token: each decode
 step copies the whole cache of every layer (at 32 rows x 100 tokens of a 768-wide model, about
 20 MB per layer per step, a fifth of a CPU stage's step time).  :class:`GrowingLayer` keeps
-spare room after the used length -- a quarter more, at least ``MIN_SPARE`` tokens -- and
-writes new tokens into it; ``keys``/``values`` are views of the used part.  Anything that
-replaces ``keys``/``values`` (row selection, merging groups, cropping) just hands the layer a
-new tensor: the next append sees that the view no longer starts its buffer and starts a new
-buffer from it.
+spare room after the used length -- an eighth more, at least ``MIN_SPARE`` tokens, so a cache
+holds at most that much beyond the KV budget the planner counts -- and writes new tokens into
+it: one full copy per ``spare`` tokens instead of one per token.  ``keys``/``values`` are views
+of the used part.  Anything that replaces them (row selection, merging groups) just hands the
+layer a new tensor: the next append sees that the view no longer starts its buffer and starts
+a new buffer from it.  Cropping keeps the buffer (the view still starts it).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 __all__ = ["GrowingLayer", "grow_in_place"]
 
-MIN_SPARE = 64
+MIN_SPARE = 16
 """Tokens of room added at least when a buffer grows."""
 
 
@@ -58,7 +59,7 @@ def _make_class() -> type:
                 and need <= kbuf.shape[-2]
             )
             if not ours:
-                cap = need + max(MIN_SPARE, need // 4)
+                cap = need + max(MIN_SPARE, need // 8)
                 kbuf = key_states.new_empty((*key_states.shape[:-2], cap, key_states.shape[-1]))
                 vbuf = value_states.new_empty(
                     (*value_states.shape[:-2], cap, value_states.shape[-1])
