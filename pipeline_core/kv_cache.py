@@ -13,26 +13,24 @@ a new buffer from it.  Cropping keeps the buffer (the view still starts it).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
-__all__ = ["GrowingLayer", "grow_in_place"]
+__all__ = ["grow_in_place"]
 
 MIN_SPARE = 16
 """Tokens of room added at least when a buffer grows."""
 
 
-def _dynamic_layer() -> type:
+@functools.cache
+def _classes() -> tuple[type, type]:
+    """``(DynamicLayer, GrowingLayer)``, made on first use (pipeline_core does not import
+    transformers until a model needs it)."""
     from transformers.cache_utils import DynamicLayer
 
-    return DynamicLayer
-
-
-def _make_class() -> type:
-    base = _dynamic_layer()
-
-    class GrowingLayer(base):  # type: ignore[misc, valid-type]
+    class GrowingLayer(DynamicLayer):
         """A ``DynamicLayer`` whose appends write into spare room (see module docstring)."""
 
         _kbuf: torch.Tensor | None = None
@@ -78,27 +76,17 @@ def _make_class() -> type:
             self._kbuf = self._vbuf = None
             super().reset()
 
-    return GrowingLayer
-
-
-_CLASS: type | None = None
-
-
-def GrowingLayer() -> Any:  # built on first use: importing transformers is slow
-    global _CLASS
-    if _CLASS is None:
-        _CLASS = _make_class()
-    return _CLASS()
+    return DynamicLayer, GrowingLayer
 
 
 def grow_in_place(cache: Any) -> Any:
     """Swap ``cache``'s empty plain ``DynamicLayer``s (not sliding-window or other kinds) for
     :class:`GrowingLayer`; returns ``cache``."""
-    base = _dynamic_layer()
+    base, growing = _classes()
     layers = getattr(cache, "layers", None)
     if layers is None:
         return cache
     for i, layer in enumerate(layers):
         if type(layer) is base and not layer.is_initialized:
-            layers[i] = GrowingLayer()
+            layers[i] = growing()
     return cache

@@ -77,11 +77,11 @@ class Ring:
         if num_stages == 1:
             return
         device = torch.device(device)
+        use_device(device)
         out_edge, in_edge = index, (index - 1) % num_stages
         for edge in sorted({out_edge, in_edge}):
             prefix = _scoped(store, f"ring/{edge}")
             rank = 0 if edge == out_edge else 1
-            use_device(device)
             if nccl_between(prefix, rank, 2, device):
                 ch = Channel(nccl_group(prefix, rank, 2, timeout_s), device)
             else:

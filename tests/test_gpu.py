@@ -17,21 +17,25 @@ ATOL = 1e-4  # GPU kernels for different batch sizes are not bitwise identical
 GPUS = torch.cuda.device_count()
 
 
+CASES = {
+    "two-gpus": ["cuda:0", "cuda:1"],
+    "shared-gpu": ["cuda:0", "cuda:0"],
+    "cpu-and-gpu": ["cpu", "cuda:0"],
+}
+
+
 def _devices(kind: str) -> list[str]:
     """The stage devices of a case, or skip when this machine lacks them."""
-    need = {"two-gpus": 2, "shared-gpu": 1, "cpu-and-gpu": 1}[kind]
+    devices = CASES[kind]
+    need = len({d for d in devices if d.startswith("cuda")})
     if need > GPUS:
         why = "NCCL cannot put two ranks on one GPU" if need == 2 else "no CUDA device"
         pytest.skip(f"needs {need} CUDA device(s) ({why}); this machine has {GPUS}")
-    return {
-        "two-gpus": ["cuda:0", "cuda:1"],
-        "shared-gpu": ["cuda:0", "cuda:0"],
-        "cpu-and-gpu": ["cpu", "cuda:0"],
-    }[kind]
+    return devices
 
 
 @pytest.mark.parametrize("host_last_stage", [True, False])
-@pytest.mark.parametrize("kind", ["two-gpus", "shared-gpu", "cpu-and-gpu"])
+@pytest.mark.parametrize("kind", list(CASES))
 def test_cuda_pipeline_matches_single_gpu(tmp_path, kind, host_last_stage):
     devices = _devices(kind)
     model = hf_model("llama")
@@ -55,7 +59,7 @@ NEW = 32
 
 
 @pytest.mark.parametrize("family", ["llama", "t5"])
-@pytest.mark.parametrize("kind", ["two-gpus", "shared-gpu", "cpu-and-gpu"])
+@pytest.mark.parametrize("kind", list(CASES))
 def test_cuda_generation_matches_hf_generate(tmp_path, kind, family):
     """KV caches on the GPU, the token ring over NCCL or host memory: greedy tokens equal
     ``generate`` on one GPU (fp32; TF32 stays off, torch's default for matmuls)."""
