@@ -40,7 +40,7 @@ from .errors import CheckpointError, PlanError
 from .kv_cache import grow_in_place
 from .load import CheckpointIndex, ReadStats, read_tensors
 from .plan import Plan
-from .source import build_skeleton, hf_checkpoint_names, parse_dtype
+from .source import build_skeleton, hf_checkpoint_keys, parse_dtype
 from .timeline import Timeline
 
 __all__ = ["SUPPORTED_FAMILIES", "GenStage", "GroupState", "StageExit", "UnsupportedModelError"]
@@ -102,6 +102,14 @@ class _PassCtx:
     calls: int = 0
     entered: bool = False
     produced: dict[int, torch.Tensor] = field(default_factory=dict)
+    last: tuple[int, torch.Tensor] | None = None
+    """(call, first output tensor) of the last unit this stage ran in this pass."""
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Outputs of earlier stages' units by call (a negative carry position, see _capture)."""
+
+    def __post_init__(self) -> None:
+        if self.payload is not None:
+            self.outputs = {-1 - p: t for p, t in self.payload.carry if p < 0}
 
 
 @dataclass
@@ -151,7 +159,7 @@ class GenStage:
         self.num_stages = plan.num_stages
         self.is_first, self.is_last = index == 0, index == plan.num_stages - 1
         self.stats = stats if stats is not None else ReadStats()
-        model = build_skeleton(plan.source, parse_dtype(plan.dtype))
+        model = build_skeleton(plan.source, parse_dtype(plan.dtype), traceable=False)
         self.model = model
         self.config = model.config
         _check_supported(model)
@@ -207,7 +215,7 @@ class GenStage:
     def _load(self, names: list[str]) -> None:
         model, plan, device = self.model, self.plan, self.device
         ckpt = CheckpointIndex.open(plan.source.checkpoint)
-        ckpt.renames = hf_checkpoint_names(model, ckpt.weight_map)
+        hf_checkpoint_keys(model, ckpt)
         wanted: dict[str, tuple[str, list[int], torch.dtype]] = {}
         slots: dict[int, list[tuple[nn.Module, str]]] = {}  # tied: one read, every slot set
         first: dict[int, str] = {}
@@ -277,14 +285,30 @@ class GenStage:
                 ctx.entered = True
             return None
         if ctx.entered and self._has_meta.get(id(mod), False):
-            raise StageExit(i, _capture(mod, args, kwargs, ctx.produced))
+            carry = _capture(mod, args, kwargs, ctx.produced)
+            if ctx.last is not None and all(t is not ctx.last[1] for _, t in carry):
+                # the last unit's output is not an argument of this call (GPT-2's ``wte``
+                # before ``wpe``, BART's ``embed_tokens`` before ``embed_positions``): the
+                # model combines them later, so the next stage needs it in place of its zeros
+                carry = (*carry, (-1 - ctx.last[0], ctx.last[1]))
+            raise StageExit(i, carry)
         return None
 
-    def _post_hook(self, mod: nn.Module, args: tuple, out: Any) -> None:
+    def _post_hook(self, mod: nn.Module, args: tuple, out: Any) -> Any:
         ctx = self._ctx
-        if ctx is not None and ctx.entered:
-            for t in _tensors(out):
+        if ctx is None:
+            return None
+        call = ctx.calls - 1  # units do not nest: this is the call the pre-hook counted
+        sent = ctx.outputs.get(call)
+        if sent is not None and id(mod) not in self._owned:
+            out = sent if isinstance(out, torch.Tensor) else (sent, *tuple(out)[1:])
+        if ctx.entered:
+            ts = _tensors(out)
+            for t in ts:
                 ctx.produced[id(t)] = t
+            if id(mod) in self._owned and ts:
+                ctx.last = (call, ts[0])
+        return out if sent is not None else None
 
     def _shadow(self, mod: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """A module this stage does not own: zeros shaped like its output (worked out on meta)."""
@@ -618,5 +642,6 @@ def _inject(
     bound = sig.bind(mod, *args, **kwargs)
     names = list(sig.parameters)
     for pos, t in carry:
-        bound.arguments[names[pos]] = t
+        if pos >= 0:  # negative: an earlier unit's output (see _PassCtx.outputs)
+            bound.arguments[names[pos]] = t
     return tuple(bound.args[1:]), dict(bound.kwargs)

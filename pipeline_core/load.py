@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ import torch
 
 from .errors import CheckpointError
 
-__all__ = ["CheckpointIndex", "ReadStats", "read_tensors"]
+__all__ = ["CheckpointIndex", "Merge", "ReadStats", "read_tensors"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,15 @@ class ReadStats:
         return sum(self.bytes_by_file.values())
 
 
+@dataclass(frozen=True)
+class Merge:
+    """A model tensor the checkpoint stores in pieces (one per expert, say) that are combined
+    on load: ``pieces`` maps each source pattern to its checkpoint keys, in order."""
+
+    pieces: dict[str, list[str]]
+    combine: Callable[[dict[str, list[torch.Tensor]]], torch.Tensor]
+
+
 @dataclass
 class CheckpointIndex:
     """Tensor name -> file, for one checkpoint directory."""
@@ -59,6 +68,8 @@ class CheckpointIndex:
     format: str
     renames: dict[str, str] = field(default_factory=dict)
     """Model tensor name -> checkpoint key where the checkpoint uses other (legacy) names."""
+    merges: dict[str, Merge] = field(default_factory=dict)
+    """Model tensor name -> its pieces, where the checkpoint stores it in pieces."""
 
     @classmethod
     def open(cls, root: str | Path) -> CheckpointIndex:
@@ -89,6 +100,8 @@ class CheckpointIndex:
                 return candidate
             if self.renames.get(candidate) in self.weight_map:
                 return self.renames[candidate]
+            if candidate in self.merges:
+                return candidate  # read_tensors reads and combines its pieces
         raise CheckpointError(
             f"tensor {name!r} is not in the checkpoint index of {self.root}"
             + (f" (nor its tied aliases {list(aliases)})" if aliases else "")
@@ -121,7 +134,7 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
 
 def read_tensors(
     index: CheckpointIndex,
-    wanted: dict[str, tuple[str, list[int], torch.dtype]],
+    wanted: dict[str, tuple[str, list[int] | None, torch.dtype | None]],
     device: torch.device | str = "cpu",
     stats: ReadStats | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -129,13 +142,21 @@ def read_tensors(
 
     Args:
         wanted: target name -> (name stored in the checkpoint, expected shape, dtype).
-            Floating tensors are cast to ``dtype``; other dtypes must match exactly.
+            Floating tensors are cast to ``dtype``; other dtypes must match exactly.  A name
+            in ``index.merges`` is read as its pieces, combined.
         stats: filled with the bytes read per file.
 
     Raises:
         CheckpointError: missing file, missing tensor, shape or dtype mismatch, corrupt file.
     """
     stats = stats if stats is not None else ReadStats()
+    merged = {t: w for t, w in wanted.items() if w[0] in index.merges}
+    if merged:
+        wanted = {t: w for t, w in wanted.items() if t not in merged}
+        out = read_tensors(index, wanted, device, stats)
+        for target, (stored, shape, dtype) in merged.items():
+            out[target] = _read_merged(index, stored, shape, dtype, device, stats)
+        return out
     by_file: dict[str, list[str]] = defaultdict(list)
     same: dict[str, list[str]] = defaultdict(list)  # stored name -> targets (tied names)
     for target, (stored, _shape, _dtype) in wanted.items():
@@ -154,7 +175,7 @@ def read_tensors(
             )
         for target, tensor in _read_file(path, index.format, targets, wanted):
             stored, shape, dtype = wanted[target]
-            if list(tensor.shape) != list(shape):
+            if shape is not None and list(tensor.shape) != list(shape):
                 raise CheckpointError(
                     f"tensor {stored!r} in {fname} has shape {list(tensor.shape)}, but the model "
                     f"expects {list(shape)} for {target!r}; the checkpoint does not match the "
@@ -163,7 +184,9 @@ def read_tensors(
             stats.bytes_by_file[fname] += tensor.numel() * tensor.element_size()
             stats.tensors.append(stored)
             owned = index.format == "safetensors"  # .bin tensors are mmap views: copy out
-            if tensor.is_floating_point() and dtype.is_floating_point:
+            if dtype is None:  # a piece of a merged tensor: as stored
+                tensor = tensor.to(device=device, copy=not owned)
+            elif tensor.is_floating_point() and dtype.is_floating_point:
                 tensor = tensor.to(device=device, dtype=dtype, copy=not owned)
             elif tensor.dtype != dtype:
                 raise CheckpointError(
@@ -174,6 +197,34 @@ def read_tensors(
             for alias in same[stored]:  # tied names share one tensor, read once
                 out[alias] = tensor
     return out
+
+
+def _read_merged(
+    index: CheckpointIndex,
+    name: str,
+    shape: list[int],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    stats: ReadStats,
+) -> torch.Tensor:
+    merge = index.merges[name]
+    keys = [k for ks in merge.pieces.values() for k in ks]
+    missing = [k for k in keys if k not in index.weight_map]
+    if missing:
+        raise CheckpointError(f"pieces of {name!r} are not in the checkpoint index: {missing}")
+    raw = read_tensors(index, {k: (k, None, None) for k in keys}, "cpu", stats)
+    try:
+        tensor = merge.combine({p: [raw.pop(k) for k in ks] for p, ks in merge.pieces.items()})
+    except Exception as e:
+        raise CheckpointError(f"cannot merge the {len(keys)} pieces of {name!r}: {e}") from e
+    if list(tensor.shape) != list(shape):
+        raise CheckpointError(
+            f"the {len(keys)} pieces of {name!r} merge to shape {list(tensor.shape)}, but the "
+            f"model expects {list(shape)}; the checkpoint does not match the config"
+        )
+    if tensor.dtype != dtype and not (tensor.is_floating_point() and dtype.is_floating_point):
+        raise CheckpointError(f"the pieces of {name!r} are {tensor.dtype}, expected {dtype}")
+    return tensor.to(device=device, dtype=dtype)
 
 
 _ST_DTYPES = {

@@ -18,7 +18,8 @@ import contextlib
 import importlib
 import inspect
 import json
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import PlanError
+from .errors import CheckpointError, PlanError
+from .load import CheckpointIndex, Merge
 
 __all__ = [
     "InputSpec",
@@ -210,10 +212,14 @@ def _hf_model_class(config: Any) -> Any:
         return transformers.AutoModel
 
 
-def build_skeleton(source: ModelSource, dtype: torch.dtype | None = None) -> nn.Module:
+def build_skeleton(
+    source: ModelSource, dtype: torch.dtype | None = None, *, traceable: bool = True
+) -> nn.Module:
     """The full model with meta parameters and real buffers, in eval mode.
 
     Floating-point parameters are cast to ``dtype`` when given (still on meta: free).
+    ``traceable``: mixture-of-experts layers use an implementation that runs on fake tensors
+    and exports (see :func:`_traceable_experts`); False keeps the model's own, for eager stages.
     """
     with meta_parameters():
         if source.is_hf:
@@ -230,6 +236,10 @@ def build_skeleton(source: ModelSource, dtype: torch.dtype | None = None) -> nn.
                     f"factory {source.factory!r} returned {type(model)}, not nn.Module"
                 )
     model.eval()
+    if source.is_hf:
+        _computed_parameters(model, dtype)
+        if traceable:
+            _traceable_experts(model)
     if dtype is not None:
         cast: dict[int, nn.Parameter] = {}  # one cast per tensor: tied weights stay tied
         for mod in model.modules():
@@ -241,6 +251,40 @@ def build_skeleton(source: ModelSource, dtype: torch.dtype | None = None) -> nn.
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _traceable_experts(model: nn.Module) -> None:
+    """Mixture-of-experts layers (Mixtral, Qwen-MoE, ...) default to ``grouped_mm``, whose
+    fake-tensor kernel takes only bfloat16: planning and ``torch.export`` of another dtype
+    fail.  ``batched_mm`` computes the same with static shapes (it gathers each token's expert
+    weights, so it costs more memory per token than ``grouped_mm``)."""
+    impl = getattr(model.config, "_experts_implementation", None)
+    if impl == "grouped_mm" and hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("batched_mm")
+
+
+def _computed_parameters(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """Parameters the model never saves (``_keys_to_ignore_on_save``: Marian's sinusoidal
+    position tables) are computed by its ``_init_weights``: do that now and keep them as
+    non-persistent buffers, like other values a model computes when it is built.  One its
+    ``_init_weights`` does not fill stays a meta parameter (a clear missing-tensor error)."""
+    patterns = getattr(model, "_keys_to_ignore_on_save", None) or []
+    for name, p in list(model.named_parameters()):
+        if not p.is_meta or not p.is_floating_point():
+            continue
+        if not any(re.search(k, name) for k in patterns):
+            continue
+        mod_name, _, attr = name.rpartition(".")
+        mod = model.get_submodule(mod_name)
+        del mod._parameters[attr]
+        mod.register_buffer(attr, torch.full(p.shape, torch.nan, dtype=p.dtype), persistent=False)
+        with torch.no_grad():
+            model._init_weights(mod)
+        value = mod._buffers.pop(attr)
+        if value is None or bool(value.isnan().any()):
+            mod._parameters[attr] = p
+            continue
+        mod.register_buffer(attr, value if dtype is None else value.to(dtype), persistent=False)
 
 
 def default_inputs(source: ModelSource, model: nn.Module | None = None) -> list[InputSpec]:
@@ -294,14 +338,15 @@ def default_inputs(source: ModelSource, model: nn.Module | None = None) -> list[
     return specs
 
 
-def hf_checkpoint_names(model: nn.Module, keys: Iterable[str]) -> dict[str, str]:
-    """Model tensor name -> checkpoint key, where they differ.
+def hf_checkpoint_keys(model: nn.Module, ckpt: CheckpointIndex) -> None:
+    """Map ``model``'s tensor names onto the keys of ``ckpt`` where they differ.
 
     transformers 5 keeps legacy key names in checkpoints (``vit.encoder.layer.0...``) and renames
     them on load (``vit.layers.0...``); a checkpoint of the base model may also lack (or carry)
-    the ``base_model_prefix``.  We apply the library's own renaming rules to the checkpoint's
-    keys.  Keys that need a tensor *conversion* (merging experts, fusing q/k/v) are left out;
-    a stage that needs one fails with a clear missing-tensor error.
+    the ``base_model_prefix``; and some tensors are stored in pieces that it merges on load
+    (Mixtral's ``experts.N.w1``/``w3`` -> ``experts.gate_up_proj``).  We apply the library's own
+    rules to the checkpoint's keys: renames go to ``ckpt.renames``, merges (the pieces in
+    order, and the library's conversion operations) to ``ckpt.merges``.
     """
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -311,7 +356,7 @@ def hf_checkpoint_names(model: nn.Module, keys: Iterable[str]) -> dict[str, str]
             rename_source_key,
         )
     except ImportError:  # an older transformers: checkpoint keys are module names
-        return {}
+        return
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
@@ -321,12 +366,44 @@ def hf_checkpoint_names(model: nn.Module, keys: Iterable[str]) -> dict[str, str]
         True,
     )
     prefix = getattr(model, "base_model_prefix", None) or None
-    out: dict[str, str] = {}
-    for key in keys:
-        new, converted = rename_source_key(key, renamings, converters, prefix, names)
-        if converted is None and new != key and new in names:
-            out[new] = key
-    return out
+    pieces: dict[str, dict[str, list[str]]] = {}
+    for key in ckpt.weight_map:
+        new, pattern = rename_source_key(key, renamings, converters, prefix, names)
+        if new not in names:
+            continue
+        if pattern is None:
+            if new != key:
+                ckpt.renames[new] = key
+        else:
+            pieces.setdefault(new, {}).setdefault(pattern, []).append(key)
+    for target, by_pattern in pieces.items():
+        conv = next(c for c in converters if set(by_pattern) <= set(c.source_patterns))
+        ordered = {p: sorted(by_pattern[p], key=_natural) for p in conv.source_patterns}
+        ckpt.merges[target] = Merge(ordered, _combiner(conv, target, model.config))
+
+
+def _natural(key: str) -> list[Any]:
+    """``experts.10`` after ``experts.9``."""
+    return [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", key)]
+
+
+def _combiner(conv: Any, target: str, config: Any) -> Any:
+    def combine(tensors: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+        out: dict[str, Any] = {p: list(ts) for p, ts in tensors.items()}
+        for op in conv.operations:
+            out = op.convert(
+                out,
+                source_patterns=conv.source_patterns,
+                target_patterns=conv.target_patterns,
+                full_layer_name=target,
+                model=None,
+                config=config,
+            )
+        if len(out) != 1:
+            raise CheckpointError(f"merging the pieces of {target!r} gave {len(out)} tensors")
+        return next(iter(out.values()))
+
+    return combine
 
 
 class HFForward(nn.Module):

@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from .errors import CheckpointError, PlanError
 from .load import CheckpointIndex, ReadStats, read_tensors
 from .plan import Plan
-from .source import build_skeleton, hf_checkpoint_names, parse_dtype
+from .source import build_skeleton, hf_checkpoint_keys, parse_dtype
 from .trace import TracedPipeline, Wire, trace_pipeline
 
 __all__ = ["Stage", "build_stage", "trace_plan"]
@@ -169,7 +169,7 @@ def _materialize(
     skeleton_buffers = traced.buffers
     ckpt = CheckpointIndex.open(plan.source.checkpoint)
     if plan.source.is_hf:
-        ckpt.renames = hf_checkpoint_names(traced.skeleton, ckpt.weight_map)
+        hf_checkpoint_keys(traced.skeleton, ckpt)
     owned = set(plan.stages[index].tensors)
     wanted: dict[str, tuple[str, list[int], torch.dtype]] = {}
     for name, p in gm.named_parameters(remove_duplicate=False):

@@ -118,6 +118,33 @@ HF_CONFIGS = {
         decoder_ffn_dim=64,
         max_position_embeddings=128,
     ),
+    # sinusoidal position tables that checkpoints leave out (computed on load)
+    "marian": dict(
+        model_type="marian",
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    ),
+    # mixture of experts: the checkpoint stores each expert apart, the model merges them
+    "mixtral": dict(
+        model_type="mixtral",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    ),
     "bert": dict(
         model_type="bert",
         vocab_size=VOCAB,

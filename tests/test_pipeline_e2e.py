@@ -22,7 +22,7 @@ FAMILIES = ["gpt2", "opt", "bloom", "gpt_neo", "codegen", "llama", "t5", "resnet
 ATOL = 1e-5
 
 
-EXTRA_FAMILIES = ["mistral", "qwen2", "falcon", "gptj", "bart", "bert", "vit"]
+EXTRA_FAMILIES = ["mistral", "qwen2", "falcon", "gptj", "bart", "marian", "mixtral", "bert", "vit"]
 IMAGE = {"resnet", "vit"}
 NO_CACHE_ARG = IMAGE | {"bert"}
 
@@ -34,7 +34,7 @@ def _inputs(family: str, batch: int, seq: int, gen: torch.Generator) -> dict[str
     mask = torch.ones_like(ids)
     mask[0, : seq // 3] = 0  # a left-padded row
     out = {"input_ids": ids, "attention_mask": mask}
-    if family in ("t5", "bart"):
+    if family in ("t5", "bart", "marian"):
         out["decoder_input_ids"] = torch.randint(0, VOCAB, (batch, seq - 2), generator=gen)
     return out
 

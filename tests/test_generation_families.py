@@ -1,0 +1,80 @@
+"""Generation beyond the seven families of ``test_generation``, and awkward split points.
+
+* A split right after the token embedding (GPT-2's ``wte`` | ``wpe``, OPT's ``embed_tokens`` |
+  ``embed_positions``): the token embeddings are no argument of the call where the first stage
+  stops -- the model adds them later -- so the stage must send them along.  ``equal_size``
+  picks such splits for large vocabularies and for BART-like models.
+* Encoder-decoders with learned (BART) or computed (Marian: sinusoidal tables that checkpoints
+  leave out) absolute positions.  Each prompt runs alone here, as ``generate`` is run alone:
+  left-padding a batch shifts absolute positions in both, but differently grouped.
+* A mixture-of-experts model (Mixtral), whose checkpoint stores every expert apart.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline_core import ModelSource, Policy, make_plan
+from pipeline_core.local_generate import LocalGenerator
+from pipeline_core.sampling import SamplingParams
+
+from .models import hf_greedy_batch, hf_model, lm_model, save_hf
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [[5, 6, 7, 8, 9], [3, 4, 5, 6, 7, 8, 9, 10, 11], [20, 21, 22]]
+NEW = 16
+GREEDY = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
+
+
+def _generate(model, tmp_path, policy: Policy, prompts, alone: bool = False):
+    ckpt = save_hf(model, tmp_path / "ckpt")
+    plan = make_plan(ModelSource(checkpoint=str(ckpt)), policy, trace=False)
+    with LocalGenerator(plan) as gen:
+        if alone:
+            return plan, [gen.generate([p], GREEDY)[0] for p in prompts]
+        return plan, gen.generate(prompts, GREEDY)
+
+
+@pytest.mark.parametrize(
+    "family,split",
+    [("gpt2", "transformer.wpe"), ("opt", "model.decoder.embed_positions")],
+)
+def test_split_right_after_the_token_embedding(family, split, tmp_path):
+    model = lm_model(family)
+    plan, got = _generate(model, tmp_path, Policy.manual([split]), PROMPTS)
+    assert plan.split_points == [split]
+    assert got == hf_greedy_batch(model, PROMPTS, NEW)
+
+
+def _hf_alone(model, prompts):
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = model.generate(
+                input_ids=torch.tensor([p]),
+                do_sample=False,
+                max_new_tokens=NEW,
+                min_new_tokens=NEW,
+                eos_token_id=None,
+                forced_eos_token_id=None,  # a logits processor pipeserve does not apply
+                pad_token_id=0,
+            )
+            out.append(ids[0, 1:].tolist())
+    return out
+
+
+@pytest.mark.parametrize("family", ["bart", "marian"])
+def test_encoder_decoder_with_absolute_positions(family, tmp_path):
+    # marian: hf_model keeps the computed sinusoidal tables (lm_model would redraw them)
+    model = lm_model(family) if family == "bart" else hf_model(family)
+    _, got = _generate(model, tmp_path, Policy.equal_size(2), PROMPTS, alone=True)
+    assert got == _hf_alone(model, PROMPTS)
+
+
+def test_mixture_of_experts(tmp_path):
+    model = lm_model("mixtral", std=0.5)
+    plan, got = _generate(model, tmp_path, Policy.equal_size(3), PROMPTS)
+    assert plan.num_stages == 3
+    assert got == hf_greedy_batch(model, PROMPTS, NEW)
