@@ -47,7 +47,22 @@ __all__ = ["SUPPORTED_FAMILIES", "GenStage", "GroupState", "StageExit", "Unsuppo
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_FAMILIES = ("gpt2", "opt", "bloom", "gpt_neo", "codegen", "llama", "t5")
+SUPPORTED_FAMILIES = (
+    "gpt2",
+    "opt",
+    "bloom",
+    "gpt_neo",
+    "codegen",
+    "llama",
+    "t5",
+    "mistral",
+    "qwen2",
+    "falcon",
+    "gptj",
+    "bart",
+    "marian",
+    "mixtral",
+)
 """Families tested token-for-token against ``transformers`` ``generate``; other causal-LM and
 encoder-decoder families with a per-layer ``DynamicCache`` use the same runner."""
 

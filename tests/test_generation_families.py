@@ -8,6 +8,7 @@
   leave out) absolute positions.  Each prompt runs alone here, as ``generate`` is run alone:
   left-padding a batch shifts absolute positions in both, but differently grouped.
 * A mixture-of-experts model (Mixtral), whose checkpoint stores every expert apart.
+* Decoder-only families nobody wrote code for (Mistral, Qwen2, Falcon, GPT-J).
 """
 
 from __future__ import annotations
@@ -71,6 +72,13 @@ def test_encoder_decoder_with_absolute_positions(family, tmp_path):
     model = lm_model(family) if family == "bart" else hf_model(family)
     _, got = _generate(model, tmp_path, Policy.equal_size(2), PROMPTS, alone=True)
     assert got == _hf_alone(model, PROMPTS)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "falcon", "gptj"])
+def test_more_decoder_families(family, tmp_path):
+    model = lm_model(family)
+    _, got = _generate(model, tmp_path, Policy.equal_size(2), PROMPTS)
+    assert got == hf_greedy_batch(model, PROMPTS, NEW)
 
 
 def test_mixture_of_experts(tmp_path):
