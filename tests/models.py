@@ -118,21 +118,6 @@ HF_CONFIGS = {
         decoder_ffn_dim=64,
         max_position_embeddings=128,
     ),
-    # sinusoidal position tables that checkpoints leave out (computed on load)
-    "marian": dict(
-        model_type="marian",
-        vocab_size=VOCAB,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=128,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-    ),
     # mixture of experts: the checkpoint stores each expert apart, the model merges them
     "mixtral": dict(
         model_type="mixtral",
@@ -176,6 +161,12 @@ HF_CONFIGS = {
         image_size=32,
     ),
 }
+
+
+# BART's shape with sinusoidal position tables that checkpoints leave out (computed on load)
+HF_CONFIGS["marian"] = dict(
+    HF_CONFIGS["bart"], model_type="marian", decoder_start_token_id=0, pad_token_id=0
+)
 
 
 def hf_model(family: str, seed: int = 0) -> nn.Module:
