@@ -255,12 +255,22 @@ def build_skeleton(
 
 def _traceable_experts(model: nn.Module) -> None:
     """Mixture-of-experts layers (Mixtral, Qwen-MoE, ...) default to ``grouped_mm``, whose
-    fake-tensor kernel takes only bfloat16: planning and ``torch.export`` of another dtype
-    fail.  ``batched_mm`` computes the same with static shapes (it gathers each token's expert
-    weights, so it costs more memory per token than ``grouped_mm``)."""
+    fake-tensor kernel takes only bfloat16, so the planner's fake-tensor runs of another dtype
+    fail.  They run ``batched_mm`` (the same math with static shapes); :func:`export_experts`
+    switches back before ``torch.export``, under which ``grouped_mm`` takes transformers' own
+    traceable fallback (``batched_mm`` would gather every token's expert weights)."""
     impl = getattr(model.config, "_experts_implementation", None)
     if impl == "grouped_mm" and hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation("batched_mm")
+        model._pipeserve_experts = impl
+
+
+def export_experts(model: nn.Module) -> None:
+    """Undo :func:`_traceable_experts` (on ``model`` or a module holding it) before export."""
+    for m in model.modules():
+        impl = getattr(m, "_pipeserve_experts", None)
+        if impl is not None:
+            m.set_experts_implementation(impl)
 
 
 def _computed_parameters(model: nn.Module, dtype: torch.dtype | None) -> None:

@@ -30,7 +30,7 @@ from torch.export import Dim
 from torch.utils._pytree import tree_map
 
 from .errors import TraceError
-from .source import HFForward, InputSpec
+from .source import HFForward, InputSpec, export_experts
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,7 @@ def trace_pipeline(
     """
     device = torch.device(device)
     names = [s.name for s in inputs]
+    export_experts(model)
     wrapper: nn.Module = HFForward(model, names) if is_hf else _Positional(model)
     if split_points:
         try:
