@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from .errors import PlanError
 from .load import ReadStats
+from .microbatch import check_chunks
 from .plan import Plan
 from .runtime import (
     DRIVER,
@@ -275,6 +276,7 @@ class LocalPipeline:
             raise RuntimeError("pipeline is closed")
         for b in batches:
             self._check(b)
+        check_chunks(chunks, self.plan.rows_mixed)
         with _threads(self.threads if self.driver.hosted else torch.get_num_threads()):
             yield from self.driver.run_iter(batches, chunks)
 

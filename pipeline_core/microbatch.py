@@ -8,9 +8,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["merge_microbatches", "split_microbatches"]
+__all__ = ["check_chunks", "merge_microbatches", "split_microbatches"]
 
 log = logging.getLogger(__name__)
+
+
+def check_chunks(chunks: int, rows_mixed: str) -> None:
+    """Refuse ``chunks > 1`` for a model whose outputs mix rows of the batch (``rows_mixed``:
+    the plan's reason, e.g. CLIP's image x text logits), which microbatches would get wrong."""
+    if chunks > 1 and rows_mixed:
+        raise ValueError(f"chunks={chunks} cannot split this model's batch: {rows_mixed}; use 1")
 
 
 def split_microbatches(inputs: dict[str, Any], chunks: int) -> list[dict[str, Any]]:

@@ -16,8 +16,8 @@ from . import split as policies
 from .cost import UnitCost, Workload, estimate_units
 from .errors import DoesNotFit, PlanError
 from .source import InputSpec, ModelSource, build_skeleton, default_inputs, parse_dtype
-from .trace import WHOLE, TracedPipeline, Wire, call_order, trace_pipeline
-from .units import Unit, find_units, stage_nbytes, tensor_table
+from .trace import WHOLE, TracedPipeline, Wire, call_order, model_name_of, trace_pipeline
+from .units import TensorInfo, Unit, find_units, stage_nbytes, tensor_table
 
 __all__ = ["PLAN_VERSION", "Plan", "Policy", "StagePlan", "make_plan", "predict"]
 
@@ -116,6 +116,8 @@ class Plan:
     """The :class:`~pipeline_core.cost.Workload` times were estimated for (empty: none)."""
     estimate: dict[str, Any] = field(default_factory=dict)
     """Predicted pipeline throughput and bubble for the workload (see :func:`predict`)."""
+    rows_mixed: str = ""
+    """Non-empty (the reason) when the batch must not be cut into microbatches."""
 
     @property
     def num_stages(self) -> int:
@@ -333,7 +335,30 @@ def make_plan(
         )
     if traced is not None:
         attach_wiring(plan, traced)
+        _owners_from_graphs(plan, traced, model_tensors, infos)
     return plan
+
+
+def _owners_from_graphs(
+    plan: Plan,
+    traced: TracedPipeline,
+    model_tensors: dict[str, torch.Tensor],
+    infos: dict[str, TensorInfo],
+) -> None:
+    """Tensors registered outside every unit (CLIP's ``logit_scale`` on the root module) join
+    the unit after them in registration order, which need not be the stage that reads them:
+    give each stage every checkpoint tensor its traced graph uses."""
+    for st, gm in zip(plan.stages, traced.modules, strict=True):
+        owned = set(st.tensors)
+        named = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers()]
+        for name, _ in named:
+            n = model_name_of(name).removeprefix(traced.prefix)
+            if n not in infos or not infos[n].persistent or n in owned:
+                continue
+            if not owned.intersection(plan.tied.get(n, [])):
+                st.tensors.append(n)
+                owned.add(n)
+        st.nbytes = stage_nbytes(model_tensors, st.tensors)
 
 
 def _speed(policy: Policy, order: list[int], stage: int) -> float:
@@ -376,3 +401,4 @@ def attach_wiring(plan: Plan, traced: TracedPipeline) -> None:
             entry.pop("from")
             plan.stages[w.stage].sends.append(entry)
     plan.outputs = [_describe(w, traced) for w in traced.outputs]
+    plan.rows_mixed = traced.rows

@@ -322,6 +322,14 @@ def default_inputs(source: ModelSource, model: nn.Module | None = None) -> list[
         return [
             InputSpec(name="pixel_values", shape=[2, ch, size, size], dynamic={0: "batch"}),
         ]
+    if main != "input_ids" or _other_modalities(config):
+        # audio (input_features, input_values), multimodal (CLIP: input_ids + pixel_values)...
+        raise PlanError(
+            f"no default example inputs for {getattr(config, 'model_type', path)!r} (main input "
+            f"{main!r}): "
+            "pass make_plan(..., inputs=[InputSpec(...), ...]) or write "
+            f"{path}/inputs.json with every input the forward needs"
+        )
     vocab = int(getattr(config, "vocab_size", 2))
     text = {0: "batch", 1: "seq"}
     # Learned position tables bound the sequence; export needs the bound stated.
@@ -346,6 +354,12 @@ def default_inputs(source: ModelSource, model: nn.Module | None = None) -> list[
             )
         )
     return specs
+
+
+def _other_modalities(config: Any) -> bool:
+    """A config with a vision or audio sub-config (CLIP, SigLIP, CLAP, ...): the model takes
+    more than text."""
+    return any(getattr(config, k, None) is not None for k in ("vision_config", "audio_config"))
 
 
 def hf_checkpoint_keys(model: nn.Module, ckpt: CheckpointIndex) -> None:

@@ -21,7 +21,7 @@ from .errors import CheckpointError, PlanError
 from .load import CheckpointIndex, ReadStats, read_tensors
 from .plan import Plan
 from .source import build_skeleton, hf_checkpoint_keys, parse_dtype
-from .trace import TracedPipeline, Wire, trace_pipeline
+from .trace import TracedPipeline, Wire, model_name_of, trace_pipeline
 
 __all__ = ["Stage", "build_stage", "trace_plan"]
 
@@ -173,7 +173,7 @@ def _materialize(
     owned = set(plan.stages[index].tensors)
     wanted: dict[str, tuple[str, list[int], torch.dtype]] = {}
     for name, p in gm.named_parameters(remove_duplicate=False):
-        model_name = name.removeprefix(prefix)
+        model_name = model_name_of(name).removeprefix(prefix)
         aliases = plan.tied.get(model_name, [])
         if model_name not in owned and not owned.intersection(aliases):
             raise PlanError(
@@ -182,7 +182,7 @@ def _materialize(
             )
         wanted[name] = (ckpt.resolve(model_name, aliases), list(p.shape), p.dtype)
     for name, b in gm.named_buffers(remove_duplicate=False):
-        model_name = name.removeprefix(prefix)
+        model_name = model_name_of(name).removeprefix(prefix)
         aliases = plan.tied.get(model_name, [])
         in_ckpt = any(
             n in ckpt.weight_map or ckpt.renames.get(n) in ckpt.weight_map

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -79,6 +80,9 @@ class TracedPipeline:
     """Prefix of parameter names in ``modules`` relative to the user's model ("m." for HF)."""
     meta: list[list[tuple[str, list[Any]]]]
     """Per stage, (dtype, symbolic shape) of each output, for plans and checks."""
+    rows: str = ""
+    """Why the batch cannot be cut into microbatches (rows mix, like CLIP's image x text
+    logits); empty when every output row depends only on the same input row's dim-0 size."""
 
     @property
     def num_stages(self) -> int:
@@ -134,6 +138,12 @@ class _Positional(nn.Module):
 
     def forward(self, *args: torch.Tensor) -> Any:
         return self.m(*args)
+
+
+def model_name_of(name: str) -> str:
+    """The model's name for a stage graph's tensor: ``torch.export`` unflattens a module called
+    more than once (ALBERT's shared layer) into one copy per call, ``layer@1``, ``layer@2``."""
+    return re.sub(r"@\d+(?=\.|$)", "", name)
 
 
 def _export(wrapper: nn.Module, example: tuple[Any, ...], inputs: list[InputSpec]) -> Any:
@@ -358,8 +368,37 @@ def _wiring(pipe: Pipe, input_names: list[str]) -> TracedPipeline:
             outputs = [wire(o, "output") for o in outs]
     meta = [_output_meta(m) for m in modules]
     return TracedPipeline(
-        modules=modules, args=args, outputs=outputs, prefix=WRAP_PREFIX, meta=meta
+        modules=modules,
+        args=args,
+        outputs=outputs,
+        prefix=WRAP_PREFIX,
+        meta=meta,
+        rows=_rows_mixed(placeholders, outputs, meta),
     )
+
+
+def _rows_mixed(
+    placeholders: list[fx.Node], outputs: list[Wire], meta: list[list[tuple[str, list[Any]]]]
+) -> str:
+    """Microbatches cut every input along dim 0 and concatenate outputs along dim 0; that is
+    only right when all inputs share one dim-0 size and every output has it at dim 0 only."""
+    firsts = set()
+    for node in placeholders:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dim():
+            firsts.add(str(val.shape[0]))
+    if len(firsts) != 1:
+        return f"the inputs' dim 0 sizes are not one batch size ({sorted(firsts)})"
+    (batch,) = firsts
+    if batch.isdigit():  # a fixed batch: the graph itself refuses other sizes
+        return ""
+    for w in outputs:
+        if w.src != "stage":
+            continue
+        _, shape = meta[w.stage][0 if w.index == WHOLE else w.index]
+        if shape and (shape[0] != batch or batch in shape[1:]):
+            return f"an output of shape {shape} mixes rows of the batch ({batch})"
+    return ""
 
 
 def _output_meta(gm: fx.GraphModule) -> list[tuple[str, list[Any]]]:

@@ -30,6 +30,7 @@ from pipeline_core.cost import device_flops, device_name, unit_seconds
 from pipeline_core.detokenize import Detokenizer
 from pipeline_core.engine import EngineLimits, GenerationEngine, serve_generation
 from pipeline_core.local import make_mesh
+from pipeline_core.microbatch import check_chunks
 from pipeline_core.plan import Plan
 from pipeline_core.ring import Ring
 from pipeline_core.runtime import DRIVER, Driver, RankMap, serve_stage
@@ -136,8 +137,11 @@ class _Job:
         for spec in self.plan.inputs:
             if spec.name in inputs:
                 spec.check(inputs[spec.name])
+        mixed = self.plan.rows_mixed
+        chunks = chunks or (1 if mixed else self.req.world_size)
+        check_chunks(chunks, mixed)
         with self.forward_lock:  # one fill-drain pass at a time
-            return self.driver.run(inputs, chunks or self.req.world_size)
+            return self.driver.run(inputs, chunks)
 
     def _run_generate(self) -> None:
         req = self.req

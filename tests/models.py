@@ -163,6 +163,28 @@ HF_CONFIGS = {
 }
 
 
+# a layer shared by every depth: export unflattens one copy per call (``layer@1``, ...)
+HF_CONFIGS["albert"] = dict(
+    HF_CONFIGS["bert"],
+    model_type="albert",
+    embedding_size=16,
+    num_hidden_groups=1,
+    architectures=["AlbertForMaskedLM"],
+)
+# ``share_att_key``: one projection called twice per layer
+HF_CONFIGS["deberta-v2"] = dict(
+    HF_CONFIGS["bert"],
+    model_type="deberta-v2",
+    relative_attention=True,
+    position_buckets=16,
+    max_relative_positions=-1,
+    pos_att_type=["p2c", "c2p"],
+    norm_rel_ebd="layer_norm",
+    share_att_key=True,
+    position_biased_input=False,
+    pad_token_id=0,
+    architectures=["DebertaV2ForSequenceClassification"],
+)
 # BART's shape with sinusoidal position tables that checkpoints leave out (computed on load)
 HF_CONFIGS["marian"] = dict(
     HF_CONFIGS["bart"], model_type="marian", decoder_start_token_id=0, pad_token_id=0
