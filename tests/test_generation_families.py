@@ -9,11 +9,13 @@
   left-padding a batch shifts absolute positions in both, but differently grouped.
 * A mixture-of-experts model (Mixtral), whose checkpoint stores every expert apart.
 * Decoder-only families nobody wrote code for (Mistral, Qwen2, Falcon, GPT-J).
+* bfloat16 stages.
 """
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pipeline_core import ModelSource, Policy, make_plan
 from pipeline_core.local_generate import LocalGenerator
@@ -69,3 +71,18 @@ def test_mixture_of_experts(tmp_path):
     plan, got = _generate(model, tmp_path, Policy.equal_size(3), PROMPTS)
     assert plan.num_stages == 3
     assert got == hf_greedy_batch(model, PROMPTS, NEW)
+
+
+def test_bfloat16_matches_generate_of_the_bfloat16_checkpoint(tmp_path):
+    """The reference is the checkpoint loaded as ``from_pretrained(dtype=bfloat16)`` (buffers such
+    as rotary frequencies stay float32), not ``model.to(bfloat16)``, which also rounds those."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt = save_hf(lm_model("llama"), tmp_path / "ckpt")
+    plan = make_plan(
+        ModelSource(checkpoint=str(ckpt)), Policy.equal_size(2), trace=False, dtype="bfloat16"
+    )
+    with LocalGenerator(plan) as gen:
+        got = gen.generate(PROMPTS, GREEDY)
+    ref = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+    assert got == hf_greedy_batch(ref, PROMPTS, NEW)
