@@ -38,6 +38,7 @@ from .runtime import (
     use_device,
 )
 from .stage import Stage, build_stage, trace_plan
+from .trace import restructure
 from .transport import Channel
 
 __all__ = ["LocalPipeline", "make_mesh", "memory_probe"]
@@ -278,7 +279,8 @@ class LocalPipeline:
             self._check(b)
         check_chunks(chunks, self.plan.rows_mixed)
         with _threads(self.threads if self.driver.hosted else torch.get_num_threads()):
-            yield from self.driver.run_iter(batches, chunks)
+            for out in self.driver.run_iter(batches, chunks):
+                yield restructure(out, self.plan.output_tree)
 
     def stage_times(self) -> list[dict[str, float]]:
         """Compute/wait seconds per stage (after close)."""

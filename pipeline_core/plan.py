@@ -118,6 +118,8 @@ class Plan:
     """Predicted pipeline throughput and bubble for the workload (see :func:`predict`)."""
     rows_mixed: str = ""
     """Non-empty (the reason) when the batch must not be cut into microbatches."""
+    output_tree: str = ""
+    """The model's output structure (a dumped pytree spec; empty: a value or a tuple)."""
 
     @property
     def num_stages(self) -> int:
@@ -402,3 +404,4 @@ def attach_wiring(plan: Plan, traced: TracedPipeline) -> None:
             plan.stages[w.stage].sends.append(entry)
     plan.outputs = [_describe(w, traced) for w in traced.outputs]
     plan.rows_mixed = traced.rows
+    plan.output_tree = traced.output_tree

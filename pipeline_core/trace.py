@@ -80,6 +80,8 @@ class TracedPipeline:
     """Prefix of parameter names in ``modules`` relative to the user's model ("m." for HF)."""
     meta: list[list[tuple[str, list[Any]]]]
     """Per stage, (dtype, symbolic shape) of each output, for plans and checks."""
+    output_tree: str = ""
+    """The model's output structure (a dict, nested lists...) as a dumped pytree spec."""
     rows: str = ""
     """Why the batch cannot be cut into microbatches (rows mix, like CLIP's image x text
     logits); empty when every output row depends only on the same input row's dim-0 size."""
@@ -216,7 +218,32 @@ def trace_pipeline(
             "full graph (no data-dependent control flow); check the example inputs' shapes "
             "and dtypes, or split a submodule that exports."
         ) from e
-    return _wiring(pipe, names)
+    traced = _wiring(pipe, names)
+    traced.output_tree = _output_tree(ep, len(traced.outputs))
+    return traced
+
+
+def _output_tree(ep: Any, n_outputs: int) -> str:
+    """The exported output's pytree spec, dumped, when it has one leaf per pipeline output
+    (so :func:`restructure` can rebuild it); else empty (outputs come back as a tuple)."""
+    from torch.utils._pytree import treespec_dumps
+
+    try:
+        spec = ep.call_spec.out_spec
+        return treespec_dumps(spec) if spec.num_leaves == n_outputs else ""
+    except Exception:  # a node type pytree cannot serialize
+        return ""
+
+
+def restructure(out: Any, tree: str) -> Any:
+    """A pipeline's output (one value, or a tuple of them) in the model's own structure."""
+    if not tree:
+        return out
+    from torch.utils._pytree import tree_unflatten, treespec_loads
+
+    spec = treespec_loads(tree)
+    leaves = list(out) if isinstance(out, tuple) and spec.num_leaves != 1 else [out]
+    return tree_unflatten(leaves, spec) if len(leaves) == spec.num_leaves else out
 
 
 @dataclass(frozen=True)

@@ -318,6 +318,19 @@ def make_two_in_two_out() -> nn.Module:
     return TwoInTwoOut()
 
 
+class DictOut(TwoInTwoOut):
+    """The same, answering a dict with a nested list."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:  # type: ignore[override]
+        logits, total = super().forward(x, y)
+        return {"logits": logits, "extra": [total, total * 2]}
+
+
+def make_dict_out() -> nn.Module:
+    torch.manual_seed(0)
+    return DictOut()
+
+
 def lm_model(family: str, seed: int = 0, std: float = 1.0) -> nn.Module:
     """``hf_model`` with matrices redrawn at a larger scale, so greedy decoding of the tiny
     random model does not collapse into repeating one token (a weak test)."""

@@ -140,3 +140,27 @@ def test_user_module_two_inputs_tuple_outputs(tmp_path):
     assert isinstance(out, tuple) and len(out) == 2
     for o, r in zip(out, ref, strict=True):
         assert (o - r).abs().max().item() <= 1e-6
+
+
+@pytest.mark.slow
+def test_user_module_dict_output_keeps_its_structure(tmp_path):
+    from .models import make_dict_out
+
+    model = make_dict_out()
+    save_safetensors_sharded(dict(model.state_dict()), tmp_path)
+    src = ModelSource(checkpoint=str(tmp_path), factory="tests.models:make_dict_out")
+    inputs = [
+        InputSpec(name="x", shape=[4, 4], dynamic={0: "batch"}),
+        InputSpec(name="y", shape=[4, 8], dynamic={0: "batch"}),
+    ]
+    plan = make_plan(src, Policy.equal_size(2), inputs=inputs)
+    x, y = torch.randn(5, 4), torch.randn(5, 8)
+    with torch.no_grad():
+        ref = model(x, y)
+    with LocalPipeline(plan) as pipe:
+        out = pipe(x, y, chunks=2)
+    assert isinstance(out, dict) and list(out) == ["logits", "extra"]
+    assert isinstance(out["extra"], list) and len(out["extra"]) == 2
+    torch.testing.assert_close(out["logits"], ref["logits"], rtol=0, atol=1e-6)
+    for o, r in zip(out["extra"], ref["extra"], strict=True):
+        torch.testing.assert_close(o, r, rtol=0, atol=1e-5)
