@@ -53,15 +53,11 @@ def test_modules_called_more_than_once(family, stages, tmp_path):
 def test_audio_model_needs_inputs_then_matches(tmp_path):
     from transformers import WhisperConfig
 
+    from .models import HF_CONFIGS
+
+    bart = {k: v for k, v in HF_CONFIGS["bart"].items() if k != "model_type"}
     config = WhisperConfig(
-        vocab_size=VOCAB,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
+        **dict(bart, max_position_embeddings=None),
         num_mel_bins=8,
         max_source_positions=16,
         max_target_positions=32,

@@ -118,25 +118,31 @@ def test_user_module_pipeline(tmp_path, factory, policy):
         assert all((o - r).abs().max().item() <= 1e-5 for o, r in zip(outs, refs, strict=True))
 
 
-@pytest.mark.slow
-def test_user_module_two_inputs_tuple_outputs(tmp_path):
-    """A model input read by every stage, and a tuple of outputs from the last stage."""
-    from .models import make_two_in_two_out
+def _two_inputs(tmp_path, factory: str, stages: int, **pipe_kw):
+    """Plan ``tests.models:<factory>`` (inputs x and y) on ``stages``; run one batch of 5 rows
+    in 2 microbatches: (plan, single-process output, pipelined output)."""
+    from . import models
 
-    model = make_two_in_two_out()
+    model = getattr(models, factory)()
     save_safetensors_sharded(dict(model.state_dict()), tmp_path)
-    src = ModelSource(checkpoint=str(tmp_path), factory="tests.models:make_two_in_two_out")
+    src = ModelSource(checkpoint=str(tmp_path), factory=f"tests.models:{factory}")
     inputs = [
         InputSpec(name="x", shape=[4, 4], dynamic={0: "batch"}),
         InputSpec(name="y", shape=[4, 8], dynamic={0: "batch"}),
     ]
-    plan = make_plan(src, Policy.equal_size(3), inputs=inputs)
-    assert [r for r in plan.stages[2].receives if r.get("name") == "y"]
+    plan = make_plan(src, Policy.equal_size(stages), inputs=inputs)
     x, y = torch.randn(5, 4), torch.randn(5, 8)
     with torch.no_grad():
         ref = model(x, y)
-    with LocalPipeline(plan, host_last_stage=False) as pipe:
-        out = pipe(x, y, chunks=2)
+    with LocalPipeline(plan, **pipe_kw) as pipe:
+        return plan, ref, pipe(x, y, chunks=2)
+
+
+@pytest.mark.slow
+def test_user_module_two_inputs_tuple_outputs(tmp_path):
+    """A model input read by every stage, and a tuple of outputs from the last stage."""
+    plan, ref, out = _two_inputs(tmp_path, "make_two_in_two_out", 3, host_last_stage=False)
+    assert [r for r in plan.stages[2].receives if r.get("name") == "y"]
     assert isinstance(out, tuple) and len(out) == 2
     for o, r in zip(out, ref, strict=True):
         assert (o - r).abs().max().item() <= 1e-6
@@ -144,21 +150,7 @@ def test_user_module_two_inputs_tuple_outputs(tmp_path):
 
 @pytest.mark.slow
 def test_user_module_dict_output_keeps_its_structure(tmp_path):
-    from .models import make_dict_out
-
-    model = make_dict_out()
-    save_safetensors_sharded(dict(model.state_dict()), tmp_path)
-    src = ModelSource(checkpoint=str(tmp_path), factory="tests.models:make_dict_out")
-    inputs = [
-        InputSpec(name="x", shape=[4, 4], dynamic={0: "batch"}),
-        InputSpec(name="y", shape=[4, 8], dynamic={0: "batch"}),
-    ]
-    plan = make_plan(src, Policy.equal_size(2), inputs=inputs)
-    x, y = torch.randn(5, 4), torch.randn(5, 8)
-    with torch.no_grad():
-        ref = model(x, y)
-    with LocalPipeline(plan) as pipe:
-        out = pipe(x, y, chunks=2)
+    _, ref, out = _two_inputs(tmp_path, "make_dict_out", 2)
     assert isinstance(out, dict) and list(out) == ["logits", "extra"]
     assert isinstance(out["extra"], list) and len(out["extra"]) == 2
     torch.testing.assert_close(out["logits"], ref["logits"], rtol=0, atol=1e-6)
