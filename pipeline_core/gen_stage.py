@@ -89,7 +89,9 @@ class Payload:
     """What travels between stages for one pass.
 
     ``call`` is the index of the hooked unit call where the sender stopped (the receiver
-    injects there); ``carry`` is (parameter position, tensor) for that call.  ``call == DONE``
+    injects there); ``carry`` is (parameter position, tensor) for that call -- a negative
+    position ``-1 - k`` instead carries the output of call ``k``, which the model combines
+    later (GPT-2's token embeddings, computed before ``wpe``).  ``call == DONE``
     means the pass is complete and ``carry[0][1]`` is its output (the encoder output).
     """
 

@@ -184,19 +184,26 @@ def read_tensors(
             stats.bytes_by_file[fname] += tensor.numel() * tensor.element_size()
             stats.tensors.append(stored)
             owned = index.format == "safetensors"  # .bin tensors are mmap views: copy out
-            if dtype is None:  # a piece of a merged tensor: as stored
-                tensor = tensor.to(device=device, copy=not owned)
-            elif tensor.is_floating_point() and dtype.is_floating_point:
-                tensor = tensor.to(device=device, dtype=dtype, copy=not owned)
-            elif tensor.dtype != dtype:
-                raise CheckpointError(
-                    f"tensor {stored!r} in {fname} is {tensor.dtype}, expected {dtype}"
-                )
-            else:
-                tensor = tensor.to(device=device, copy=not owned)
+            tensor = _cast(tensor, dtype, device, not owned, f"tensor {stored!r} in {fname}")
             for alias in same[stored]:  # tied names share one tensor, read once
                 out[alias] = tensor
     return out
+
+
+def _cast(
+    tensor: torch.Tensor,
+    dtype: torch.dtype | None,
+    device: torch.device | str,
+    copy: bool,
+    what: str,
+) -> torch.Tensor:
+    """``tensor`` on ``device``: a floating tensor cast to a floating ``dtype``, any other
+    dtype exactly as expected (None: as stored, for the pieces of a merged tensor)."""
+    if dtype is None or (tensor.is_floating_point() and dtype.is_floating_point):
+        return tensor.to(device=device, dtype=dtype, copy=copy)
+    if tensor.dtype != dtype:
+        raise CheckpointError(f"{what} is {tensor.dtype}, expected {dtype}")
+    return tensor.to(device=device, copy=copy)
 
 
 def _read_merged(
@@ -222,9 +229,7 @@ def _read_merged(
             f"the {len(keys)} pieces of {name!r} merge to shape {list(tensor.shape)}, but the "
             f"model expects {list(shape)}; the checkpoint does not match the config"
         )
-    if tensor.dtype != dtype and not (tensor.is_floating_point() and dtype.is_floating_point):
-        raise CheckpointError(f"the pieces of {name!r} are {tensor.dtype}, expected {dtype}")
-    return tensor.to(device=device, dtype=dtype)
+    return _cast(tensor, dtype, device, False, f"the tensor merged into {name!r}")
 
 
 _ST_DTYPES = {
