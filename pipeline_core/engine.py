@@ -161,7 +161,9 @@ def run_step(stage: GenStage, msg: list[Any]) -> list[Any]:
             _, _, ids, mask, floats, ints, payloads = msg
             payloads, logits = stage.prefill(gid, ids, mask, list(payloads))
             if stage.is_last:
-                stage.groups[gid].sampling = Sampler(floats, ints)
+                g = stage.groups[gid]  # own history: the unpadded prompt, or the decoder start
+                own = [g.ids.shape[1]] * g.rows if stage.enc_dec else mask.sum(-1).tolist()
+                g.sampling = Sampler(floats, ints, own, stage.rules)
             out = [OP_PREFILL, gid, ids, mask, floats, ints, tuple(payloads)]
         else:
             _, _, keep, tokens, payloads = msg

@@ -39,6 +39,7 @@ from torch.utils._pytree import tree_map
 from .errors import CheckpointError, PlanError
 from .kv_cache import grow_in_place
 from .load import CheckpointIndex, ReadStats, read_tensors
+from .logits_rules import LogitsRules
 from .plan import Plan
 from .source import build_skeleton, hf_checkpoint_keys, parse_dtype
 from .timeline import Timeline
@@ -181,6 +182,7 @@ class GenStage:
         self.config = model.config
         _check_supported(model)
         self.enc_dec = bool(getattr(self.config, "is_encoder_decoder", False))
+        self.rules = LogitsRules(model) if self.is_last else None
         names = plan.stages[index].units
         unit_mods: dict[int, nn.Module] = {}
         for u in plan.units:

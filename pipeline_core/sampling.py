@@ -1,10 +1,11 @@
 """Decoding parameters, their validation, and token choice on the last stage.
 
 Greedy decoding is ``argmax`` of the float32 logits, exactly as ``transformers`` ``generate``
-does; sampling applies, in ``generate``'s order, repetition penalty, temperature, top-k and
-top-p, then draws token ``k`` of a request with a generator seeded from (request seed, ``k``), so a
-request's tokens do not depend on what else is in its batch, and a replay from token ``k``
-(after a lost worker) continues exactly.
+does.  Otherwise the model's own rules and the repetition penalty apply first
+(:mod:`.logits_rules`), then, in ``generate``'s order, temperature, top-k and top-p; token ``k``
+of a request is drawn with a generator seeded from (request seed, ``k``), so a request's tokens
+do not depend on what else is in its batch, and a replay from token ``k`` (after a lost worker)
+continues exactly.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from .errors import PlanError
+from .logits_rules import LogitsRules
 
 __all__ = ["RequestError", "ResourceExhausted", "Sampler", "SamplingParams"]
 
@@ -86,7 +88,7 @@ def encode_rows(params: list[SamplingParams], seeds: list[int]) -> tuple[torch.T
         [[p.temperature, p.top_p, p.repetition_penalty] for p in params], dtype=torch.float64
     )
     i = torch.tensor(
-        [[p.top_k, s, p.step_offset] for p, s in zip(params, seeds, strict=True)],
+        [[p.top_k, s, p.step_offset, p.max_new_tokens] for p, s in zip(params, seeds, strict=True)],
         dtype=torch.int64,
     )
     return f, i
@@ -99,18 +101,38 @@ def _step_seed(seed: int, step: int) -> int:
 
 
 class Sampler:
-    """Token choice for one group's rows on the last stage."""
+    """Token choice for one group's rows on the last stage.
 
-    def __init__(self, floats: torch.Tensor, ints: torch.Tensor) -> None:
+    ``own``: each row's history length (prompt, or decoder start, without padding) at the first
+    choice; ``rules`` builds each row's processors (None: no model rules, no penalties)."""
+
+    def __init__(
+        self,
+        floats: torch.Tensor,
+        ints: torch.Tensor,
+        own: list[int] | None = None,
+        rules: LogitsRules | None = None,
+    ) -> None:
         self.temperature = floats[:, 0].tolist()
         self.top_p = floats[:, 1].tolist()
-        self.penalty = floats[:, 2].tolist()
+        penalty = floats[:, 2].tolist()
         self.top_k = ints[:, 0].tolist()
         self.seeds = ints[:, 1].tolist()
         self.steps = ints[:, 2].tolist()
+        self.own = list(own) if own is not None else [0] * len(self.top_k)
+        self.procs: list[Any] = [None] * len(self.top_k)
+        if rules is not None:
+            self.procs = [
+                rules.for_request(n, n - off, new, pen)
+                for n, off, new, pen in zip(
+                    self.own, self.steps, ints[:, 3].tolist(), penalty, strict=True
+                )
+            ]
+        elif any(p != 1 for p in penalty):
+            raise PlanError("a repetition penalty needs the model's rules on the last stage")
         self._gen = torch.Generator()
 
-    _ROWS = ("temperature", "top_p", "penalty", "top_k", "seeds", "steps")
+    _ROWS = ("temperature", "top_p", "top_k", "seeds", "steps", "own", "procs")
 
     def select(self, keep: list[int]) -> None:
         for name in self._ROWS:
@@ -124,26 +146,24 @@ class Sampler:
 
     def choose(self, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Next token per row from float32 ``logits`` ``[rows, vocab]``; ``ids`` is the
-        history (for the repetition penalty)."""
+        left-padded history (each row's own last ``own`` tokens feed its processors)."""
         if len(self.top_k) != logits.shape[0]:
             raise PlanError(f"sampler has {len(self.top_k)} rows, logits {logits.shape[0]}")
         self.steps = [k + 1 for k in self.steps]  # the draw of token k uses step k
-        if all(t == 0 for t in self.temperature) and all(p == 1 for p in self.penalty):
+        own, self.own = self.own, [n + 1 for n in self.own]
+        if all(t == 0 for t in self.temperature) and all(p is None for p in self.procs):
             return torch.argmax(logits, dim=-1).cpu()
         out = []
         for r in range(logits.shape[0]):
-            out.append(self._one(r, ids[r : r + 1], logits[r : r + 1].clone()))
+            hist = ids[r : r + 1, ids.shape[1] - own[r] :].cpu()
+            out.append(self._one(r, hist, logits[r : r + 1].float().cpu()))
         return torch.tensor(out, dtype=torch.long)
 
     def _one(self, r: int, ids: torch.Tensor, scores: torch.Tensor) -> int:
-        from transformers.generation.logits_process import (
-            RepetitionPenaltyLogitsProcessor,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
+        from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-        if self.penalty[r] != 1:
-            scores = RepetitionPenaltyLogitsProcessor(self.penalty[r])(ids, scores)
+        if self.procs[r] is not None:
+            scores = self.procs[r](ids, scores)
         if self.temperature[r] == 0:
             return int(torch.argmax(scores, dim=-1))
         scores = scores / self.temperature[r]
@@ -151,7 +171,7 @@ class Sampler:
             scores = TopKLogitsWarper(self.top_k[r])(ids, scores)
         if self.top_p[r] < 1:
             scores = TopPLogitsWarper(self.top_p[r])(ids, scores)
-        probs = torch.softmax(scores.float().cpu(), dim=-1)
+        probs = torch.softmax(scores, dim=-1)
         self._gen.manual_seed(_step_seed(int(self.seeds[r]), self.steps[r] - 1))
         return int(torch.multinomial(probs, 1, generator=self._gen))
 

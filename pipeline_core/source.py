@@ -237,6 +237,7 @@ def build_skeleton(
                 )
     model.eval()
     if source.is_hf:
+        _checkpoint_generation_config(model, source.checkpoint)
         _computed_parameters(model, dtype)
         if traceable:
             _traceable_experts(model)
@@ -251,6 +252,16 @@ def build_skeleton(
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _checkpoint_generation_config(model: nn.Module, checkpoint: str | Path) -> None:
+    """The checkpoint's ``generation_config.json`` (EOS ids, decoding rules), as
+    ``from_pretrained`` reads it; ``from_config`` only derives one from ``config.json``."""
+    path = Path(checkpoint) / "generation_config.json"
+    if hasattr(model, "generation_config") and path.is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(checkpoint)
 
 
 def _traceable_experts(model: nn.Module) -> None:

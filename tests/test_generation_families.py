@@ -10,6 +10,8 @@
 * A mixture-of-experts model (Mixtral), whose checkpoint stores every expert apart.
 * Decoder-only families nobody wrote code for (Mistral, Qwen2, Falcon, GPT-J).
 * bfloat16 stages.
+* The model's own decoding rules (``generation_config``: forced EOS, n-gram bans, ...) and the
+  repetition penalty, applied to each request's own tokens as ``generate`` applies them.
 """
 
 from __future__ import annotations
@@ -55,8 +57,38 @@ def test_encoder_decoder_with_absolute_positions(family, tmp_path):
     # marian: hf_model keeps the computed sinusoidal tables (lm_model would redraw them)
     model = lm_model(family) if family == "bart" else hf_model(family)
     _, got = _generate(model, tmp_path, Policy.equal_size(2), PROMPTS, alone=True)
-    model.generation_config.forced_eos_token_id = None  # a logits processor pipeserve skips
     assert got == [hf_greedy(model, p, NEW) for p in PROMPTS]
+
+
+def test_the_models_own_decoding_rules(tmp_path):
+    """Rules a checkpoint's ``generation_config`` sets apply as in ``generate`` (which runs them
+    unasked), and so does a request's repetition penalty: per request on its own tokens, so
+    prompts of different lengths in one batch each get ``generate``'s tokens for that prompt."""
+    model = lm_model("gpt2")
+    gc = model.generation_config
+    gc.eos_token_id = gc.forced_eos_token_id = 3  # in the tiny vocabulary
+    gc.no_repeat_ngram_size = 2
+    gc.bad_words_ids = [[7], [8, 9]]
+    gc.suppress_tokens = [10, 11]
+    gc.begin_suppress_tokens = [12]
+    gc.min_new_tokens = 4
+    ckpt = save_hf(model, tmp_path / "ckpt")
+    plan = make_plan(ModelSource(checkpoint=str(ckpt)), Policy.equal_size(2), trace=False)
+    params = SamplingParams(max_new_tokens=NEW, repetition_penalty=1.3)
+    with LocalGenerator(plan) as gen:
+        got = gen.generate(PROMPTS, params)
+    want = []
+    for p in PROMPTS:
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=torch.tensor([p]),
+                do_sample=False,
+                max_new_tokens=NEW,
+                repetition_penalty=1.3,
+            )
+        want.append(out[0, len(p) :].tolist())
+    assert got == want
+    assert any(len(w) == NEW and w[-1] == gc.eos_token_id for w in want)  # forced EOS shows
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "falcon", "gptj"])
