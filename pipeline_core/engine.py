@@ -63,6 +63,7 @@ __all__ = [
     "GenerationFailed",
     "GenerationResult",
     "RequestHandle",
+    "group_size",
     "run_step",
     "serve_generation",
 ]
@@ -226,6 +227,16 @@ def serve_generation(stage: GenStage, ring: Ring) -> None:
 
 
 # ---------------------------------------------------------------------------- scheduler
+
+
+def group_size(pending: int, running: int, groups: int, stages: int, max_rows: int) -> int:
+    """Rows for a new group: the waiting requests spread over the stages without a group,
+    but never more than an even share of all rows (``running`` + ``pending``) per stage, so a
+    burst that arrives while the first group starts does not all land in the second.  Rows left
+    over start a group of their own that then merges into the smallest running group."""
+    free = max(1, stages - groups)
+    share = math.ceil((running + pending) / stages)
+    return max(1, min(math.ceil(pending / free), share, max_rows))
 
 
 @dataclass
@@ -605,10 +616,14 @@ class GenerationEngine:
     def _admit(self) -> None:
         lim = self.limits
         while self._pending and len(self._groups) < self.max_groups:
-            free_slots = max(1, self.num_stages - len(self._groups))
             with self._lock:
-                want = math.ceil(len(self._pending) / free_slots)
-                want = min(want, lim.max_rows_per_group)
+                want = group_size(
+                    len(self._pending),
+                    self._used_rows,
+                    len(self._groups),
+                    self.num_stages,
+                    lim.max_rows_per_group,
+                )
                 rows: list[RequestHandle] = []
                 length = 0
                 for h in self._pending:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipeline_core import ModelSource, Policy, make_plan
-from pipeline_core.engine import EngineLimits, GenerationEngine
+from pipeline_core.engine import EngineLimits, GenerationEngine, group_size
 from pipeline_core.gen_stage import GenStage, UnsupportedModelError
 from pipeline_core.local_generate import LocalGenerator
 from pipeline_core.sampling import RequestError, ResourceExhausted, SamplingParams
@@ -114,6 +114,18 @@ def test_staggered_requests_match_running_alone(llama3):
         else:
             assert r.tokens == alone[i] and r.finish_reason == "length", i
     assert gen.engine.counters.groups_max >= max(3, groups_before)  # groups overlapped
+
+
+def test_a_burst_is_spread_over_the_stages():
+    """Group sizes at admission (the sizing rule; the test above checks the tokens)."""
+    assert group_size(64, 0, 0, 2, 64) == 32  # nothing running: one group per stage
+    assert group_size(64, 0, 0, 1, 64) == 64
+    assert group_size(100, 0, 0, 2, 32) == 32  # the row cap
+    # one request already running (group A) when 63 arrive: the next group takes an even share,
+    # not all 63; the 31 left start a group that merges into A (1 + 31 rows)
+    assert group_size(63, 1, 1, 2, 64) == 32
+    assert group_size(31, 33, 2, 2, 64) == 31
+    assert group_size(1, 0, 0, 3, 32) == 1
 
 
 def _wait_stats(gen, ok, timeout: float = 30.0) -> list[dict[str, int]]:
