@@ -62,6 +62,8 @@ SUPPORTED_FAMILIES = (
     "gptj",
     "bart",
     "marian",
+    "mbart",
+    "pegasus",
     "mixtral",
 )
 """Families tested token-for-token against ``transformers`` ``generate``; other causal-LM and
@@ -224,10 +226,22 @@ class GenStage:
         # helpers alike); a cache under the other name would be silently ignored
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.decoder_start = None
-        if self.enc_dec:
-            self.decoder_start = getattr(gen_cfg, "decoder_start_token_id", None)
+        if self.enc_dec:  # as generate: the generation config's, else the config's, else BOS
+            for src, key in (
+                (gen_cfg, "decoder_start_token_id"),
+                (self.config, "decoder_start_token_id"),
+                (gen_cfg, "bos_token_id"),
+                (self.config, "bos_token_id"),
+            ):
+                if self.decoder_start is None:
+                    self.decoder_start = getattr(src, key, None)
+            if isinstance(self.decoder_start, list):
+                self.decoder_start = self.decoder_start[0]
             if self.decoder_start is None:
-                self.decoder_start = self.config.decoder_start_token_id
+                raise UnsupportedModelError(
+                    "the encoder-decoder model has neither decoder_start_token_id nor "
+                    "bos_token_id in its config or generation_config.json; set one"
+                )
 
     # ------------------------------------------------------------------ building
 

@@ -189,6 +189,9 @@ HF_CONFIGS["deberta-v2"] = dict(
 HF_CONFIGS["marian"] = dict(
     HF_CONFIGS["bart"], model_type="marian", decoder_start_token_id=0, pad_token_id=0
 )
+# no decoder_start_token_id: the decoder starts from BOS, as generate does
+HF_CONFIGS["mbart"] = dict(HF_CONFIGS["bart"], model_type="mbart")
+HF_CONFIGS["pegasus"] = dict(HF_CONFIGS["bart"], model_type="pegasus")
 
 
 def hf_model(family: str, seed: int = 0) -> nn.Module:

@@ -4,9 +4,10 @@
   ``embed_positions``): the token embeddings are no argument of the call where the first stage
   stops -- the model adds them later -- so the stage must send them along.  ``equal_size``
   picks such splits for large vocabularies and for BART-like models.
-* Encoder-decoders with learned (BART) or computed (Marian: sinusoidal tables that checkpoints
-  leave out) absolute positions.  Each prompt runs alone here, as ``generate`` is run alone:
-  left-padding a batch shifts absolute positions in both, but differently grouped.
+* Encoder-decoders with learned (BART, mBART) or computed (Marian, Pegasus: sinusoidal tables
+  that checkpoints leave out) absolute positions.  Each prompt runs alone here, as
+  ``generate`` is run alone: left-padding a batch shifts absolute positions in both, but
+  differently grouped.
 * A mixture-of-experts model (Mixtral), whose checkpoint stores every expert apart.
 * Decoder-only families nobody wrote code for (Mistral, Qwen2, Falcon, GPT-J).
 * bfloat16 stages.
@@ -52,10 +53,12 @@ def test_split_right_after_the_token_embedding(family, split, tmp_path):
     assert got == hf_greedy_batch(model, PROMPTS, NEW)
 
 
-@pytest.mark.parametrize("family", ["bart", "marian"])
+@pytest.mark.parametrize("family", ["bart", "marian", "mbart", "pegasus"])
 def test_encoder_decoder_with_absolute_positions(family, tmp_path):
-    # marian: hf_model keeps the computed sinusoidal tables (lm_model would redraw them)
-    model = lm_model(family) if family == "bart" else hf_model(family)
+    """Also the configs' forced EOS (every family here) and, for mBART, a decoder that starts
+    from BOS (its config has no decoder start token)."""
+    # marian, pegasus: hf_model keeps the computed sinusoidal tables (lm_model would redraw them)
+    model = hf_model(family) if family in ("marian", "pegasus") else lm_model(family)
     _, got = _generate(model, tmp_path, Policy.equal_size(2), PROMPTS, alone=True)
     assert got == [hf_greedy(model, p, NEW) for p in PROMPTS]
 
