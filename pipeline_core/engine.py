@@ -656,8 +656,13 @@ class GenerationEngine:
         ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
         for r, h in enumerate(rows):
-            ids[r, length - len(h.prompt) :] = torch.tensor(h.prompt)
-            mask[r, length - len(h.prompt) :] = 1
+            # a decoder-only prompt is left-padded (every row's next token follows its last);
+            # an encoder's input is right-padded, as its tokenizer pads it, so that absolute
+            # positions (BART, Marian, ...) start at 0 in every row, as when run alone
+            n = len(h.prompt)
+            cols = slice(0, n) if self.stage.enc_dec else slice(length - n, length)
+            ids[r, cols] = torch.tensor(h.prompt)
+            mask[r, cols] = 1
         floats, ints = encode_rows([h.params for h in rows], [h.seed for h in rows])
         npass = 2 if self.stage.enc_dec else 1
         msg = [OP_PREFILL, gid, ids, mask, floats, ints, (None,) * npass]

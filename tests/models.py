@@ -364,13 +364,15 @@ def save_word_tokenizer(path: Path, vocab_size: int = VOCAB) -> Any:
 def hf_greedy_batch(
     model: nn.Module, prompts: list[list[int]], new: int, device: str = "cpu"
 ) -> list[list[int]]:
-    """``generate`` on the left-padded batch (on ``device``); the new tokens of each row."""
+    """``generate`` on the padded batch (on ``device``); the new tokens of each row.  Prompts
+    are left-padded, an encoder-decoder's right-padded (as their tokenizers do)."""
     width = max(map(len, prompts))
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for r, p in enumerate(prompts):
-        ids[r, width - len(p) :] = torch.tensor(p)
-        mask[r, width - len(p) :] = 1
+        cols = slice(0, len(p)) if model.config.is_encoder_decoder else slice(width - len(p), None)
+        ids[r, cols] = torch.tensor(p)
+        mask[r, cols] = 1
     with torch.no_grad():
         out = model.to(device).generate(
             input_ids=ids.to(device),

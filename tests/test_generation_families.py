@@ -5,9 +5,8 @@
   stops -- the model adds them later -- so the stage must send them along.  ``equal_size``
   picks such splits for large vocabularies and for BART-like models.
 * Encoder-decoders with learned (BART, mBART) or computed (Marian, Pegasus: sinusoidal tables
-  that checkpoints leave out) absolute positions.  Each prompt runs alone here, as
-  ``generate`` is run alone: left-padding a batch shifts absolute positions in both, but
-  differently grouped.
+  that checkpoints leave out) absolute positions: prompts of different lengths in one batch
+  each get the tokens ``generate`` gives them alone (encoder inputs are right-padded).
 * A mixture-of-experts model (Mixtral), whose checkpoint stores every expert apart.
 * Decoder-only families nobody wrote code for (Mistral, Qwen2, Falcon, GPT-J).
 * bfloat16 stages.
@@ -33,12 +32,10 @@ NEW = 16
 GREEDY = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
 
 
-def _generate(model, tmp_path, policy: Policy, prompts, alone: bool = False):
+def _generate(model, tmp_path, policy: Policy, prompts):
     ckpt = save_hf(model, tmp_path / "ckpt")
     plan = make_plan(ModelSource(checkpoint=str(ckpt)), policy, trace=False)
     with LocalGenerator(plan) as gen:
-        if alone:
-            return plan, [gen.generate([p], GREEDY)[0] for p in prompts]
         return plan, gen.generate(prompts, GREEDY)
 
 
@@ -59,8 +56,8 @@ def test_encoder_decoder_with_absolute_positions(family, tmp_path):
     from BOS (its config has no decoder start token)."""
     # marian, pegasus: hf_model keeps the computed sinusoidal tables (lm_model would redraw them)
     model = hf_model(family) if family in ("marian", "pegasus") else lm_model(family)
-    _, got = _generate(model, tmp_path, Policy.equal_size(2), PROMPTS, alone=True)
-    assert got == [hf_greedy(model, p, NEW) for p in PROMPTS]
+    _, got = _generate(model, tmp_path, Policy.equal_size(2), PROMPTS)
+    assert got == [hf_greedy(model, p, NEW) for p in PROMPTS]  # batched, yet as if alone
 
 
 def test_the_models_own_decoding_rules(tmp_path):
