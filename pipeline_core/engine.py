@@ -20,6 +20,7 @@ can never fit or finds the queue full is refused with a clear reason (:class:`Re
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -94,6 +95,8 @@ class RequestHandle:
         self, rid: int, prompt: list[int], params: SamplingParams, seed: int, wake: Any
     ) -> None:
         self.id, self.prompt, self.params, self.seed = rid, prompt, params, seed
+        self.decoder_prefix: list[int] = []
+        """An encoder-decoder request's tokens from before a replay (decoder-only: in prompt)."""
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
         self.error: str | None = None
@@ -145,7 +148,11 @@ class RequestHandle:
                 raise TimeoutError(f"request {self.id} not finished after {timeout}s")
         assert self.finish_reason is not None
         return GenerationResult(
-            list(self.tokens), self.finish_reason, len(self.prompt), len(self.tokens), self.error
+            list(self.tokens),
+            self.finish_reason,
+            len(self.prompt) + len(self.decoder_prefix),  # a replay's earlier tokens: input
+            len(self.tokens),
+            self.error,
         )
 
 
@@ -159,13 +166,13 @@ def run_step(stage: GenStage, msg: list[Any]) -> list[Any]:
     w0 = time.time()
     try:
         if op == OP_PREFILL:
-            _, _, ids, mask, floats, ints, payloads = msg
-            payloads, logits = stage.prefill(gid, ids, mask, list(payloads))
+            _, _, ids, mask, floats, ints, prefix, payloads = msg
+            payloads, logits = stage.prefill(gid, ids, mask, list(payloads), prefix)
             if stage.is_last:
                 g = stage.groups[gid]  # own history: the unpadded prompt, or the decoder start
                 own = [g.ids.shape[1]] * g.rows if stage.enc_dec else mask.sum(-1).tolist()
                 g.sampling = Sampler(floats, ints, own, stage.rules)
-            out = [OP_PREFILL, gid, ids, mask, floats, ints, tuple(payloads)]
+            out = [OP_PREFILL, gid, ids, mask, floats, ints, prefix, tuple(payloads)]
         else:
             _, _, keep, tokens, payloads = msg
             payloads, logits = stage.decode(gid, keep, tokens, list(payloads))
@@ -319,12 +326,30 @@ class GenerationEngine:
     # ------------------------------------------------------------------ client API
 
     def submit(
-        self, prompt_ids: Sequence[int], params: SamplingParams | None = None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        resume: Sequence[int] = (),
     ) -> RequestHandle:
-        """Queue one request; raises :class:`RequestError` / :class:`ResourceExhausted`."""
+        """Queue one request; raises :class:`RequestError` / :class:`ResourceExhausted`.
+
+        ``resume``: tokens this request already generated (a replay after a lost worker); it
+        continues after them, its seeded draws included, as if never interrupted."""
         params = params or SamplingParams()
         prompt = self._check_prompt(prompt_ids)
-        params.validate(len(prompt), self.context)
+        prefix = self._check_prompt(resume, "resume_token_ids") if resume else []
+        if prefix:
+            if len(prefix) >= params.max_new_tokens:
+                raise RequestError(
+                    f"resume_token_ids ({len(prefix)}) already reach max_new_tokens "
+                    f"({params.max_new_tokens}); nothing is left to generate"
+                )
+            params = dataclasses.replace(
+                params,
+                max_new_tokens=params.max_new_tokens - len(prefix),
+                step_offset=params.step_offset + len(prefix),
+            )
+        params.validate(len(prompt) + len(prefix), self.context)
         for t in params.stop_token_ids:
             if not 0 <= t < self.vocab_size:
                 raise RequestError(f"stop token id {t} is outside the vocabulary")
@@ -343,7 +368,13 @@ class GenerationEngine:
                 raise ResourceExhausted(
                     f"the queue is full ({len(self._pending)} requests waiting); retry later"
                 )
-            h = RequestHandle(next(self._rids), prompt, params, params.resolved_seed(), self._wake)
+            # an encoder reads only the prompt; a decoder-only model reads the replayed tokens
+            # as more prompt
+            enc_dec = self.stage.enc_dec
+            rid, seed = next(self._rids), params.resolved_seed()
+            h = RequestHandle(rid, prompt if enc_dec else prompt + prefix, params, seed, self._wake)
+            if enc_dec:
+                h.decoder_prefix = prefix
             self._pending.append(h)
         self._wake()
         return h
@@ -395,17 +426,17 @@ class GenerationEngine:
     def _wake(self) -> None:
         self.inbox.put(("wake",))
 
-    def _check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
+    def _check_prompt(self, prompt_ids: Sequence[int], what: str = "prompt") -> list[int]:
         try:
             prompt = [int(t) for t in prompt_ids]
         except (TypeError, ValueError) as e:
-            raise RequestError(f"prompt must be a list of token ids: {e}") from e
+            raise RequestError(f"{what} must be a list of token ids: {e}") from e
         if not prompt:
-            raise RequestError("the prompt is empty; give at least one token")
+            raise RequestError(f"the {what} is empty; give at least one token")
         bad = [t for t in prompt if not 0 <= t < self.vocab_size]
         if bad:
             raise RequestError(
-                f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
+                f"{what}: token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
             )
         return prompt
 
@@ -509,7 +540,7 @@ class GenerationEngine:
                 continue
             h._push(tok)
             p = h.params
-            own = len(h.prompt) + len(h.tokens)
+            own = len(h.prompt) + len(h.decoder_prefix) + len(h.tokens)
             if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
                 h._finish("stop")
             elif len(h.tokens) >= p.max_new_tokens or own >= self.context_limit:
@@ -629,6 +660,8 @@ class GenerationEngine:
                 for h in self._pending:
                     if len(rows) >= want:
                         break
+                    if rows and (h.decoder_prefix or rows[0].decoder_prefix):
+                        break  # a replayed encoder-decoder request decodes in a group of its own
                     new_len = max(length, len(h.prompt))
                     cost = sum(new_len + r.params.max_new_tokens for r in [*rows, h])
                     if (
@@ -665,7 +698,8 @@ class GenerationEngine:
             mask[r, cols] = 1
         floats, ints = encode_rows([h.params for h in rows], [h.seed for h in rows])
         npass = 2 if self.stage.enc_dec else 1
-        msg = [OP_PREFILL, gid, ids, mask, floats, ints, (None,) * npass]
+        prefix = torch.tensor([rows[0].decoder_prefix]) if rows[0].decoder_prefix else None
+        msg = [OP_PREFILL, gid, ids, mask, floats, ints, prefix, (None,) * npass]
         self._send(run_step(self.stage, msg))
 
     def _fail_all(self, message: str) -> None:

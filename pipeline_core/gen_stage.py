@@ -409,9 +409,16 @@ class GenStage:
 
     @torch.no_grad()
     def prefill(
-        self, gid: int, prompt: torch.Tensor, mask: torch.Tensor, payloads: list[Any]
+        self,
+        gid: int,
+        prompt: torch.Tensor,
+        mask: torch.Tensor,
+        payloads: list[Any],
+        decoder_prefix: torch.Tensor | None = None,
     ) -> tuple[list[Any], torch.Tensor | None]:
-        """Start group ``gid`` from left-padded ``prompt`` ids and their attention mask."""
+        """Start group ``gid`` from padded ``prompt`` ids and their attention mask; an
+        encoder-decoder's decoder starts from its start token followed by ``decoder_prefix``
+        (``[rows, k]``: tokens generated before a replay), all of it prefilled at once."""
         from transformers import DynamicCache, EncoderDecoderCache
         from transformers.modeling_outputs import BaseModelOutput
 
@@ -426,6 +433,8 @@ class GenStage:
             )
             kw["attention_mask"] = mask
             ids = torch.full((prompt.shape[0], 1), self.decoder_start, dtype=torch.long)
+            if decoder_prefix is not None:
+                ids = torch.cat([ids, decoder_prefix.to(torch.long)], dim=1)
             g = GroupState(ids.to(self.device), kw)
             enc = Payload.from_wire(payloads[0], self.device)
             if enc is not None and enc.call == Payload.DONE:

@@ -113,9 +113,12 @@ class LocalGenerator:
         return self.engine
 
     def submit(
-        self, prompt_ids: Sequence[int], params: SamplingParams | None = None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        resume: Sequence[int] = (),
     ) -> RequestHandle:
-        return self._engine().submit(prompt_ids, params)
+        return self._engine().submit(prompt_ids, params, resume)
 
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None

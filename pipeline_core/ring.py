@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 _CLOSED = object()
 
 # Message kinds (the first value of every ring message)
-OP_PREFILL = 1  # [op, group, prompt ids, attention mask, sampling floats, ints, payloads]
+OP_PREFILL = 1  # [op, group, prompt ids, mask, sampling floats, ints, decoder prefix, payloads]
 OP_DECODE = 2  # [op, group, rows to keep or None, new tokens, payloads]
 OP_RELEASE = 3  # [op, group]: drop the group's cache
 OP_STATS = 4  # [op, per-stage stats so far]

@@ -339,14 +339,8 @@ class Worker(pbg.StageWorkerServicer):
                 prompt = tok(request.text)["input_ids"]
             else:
                 prompt = list(request.token_ids.ids)
-            resume = list(request.resume_token_ids)
-            if resume:  # replay after a lost worker: continue after what was streamed
-                if len(resume) >= params.max_new_tokens:
-                    raise ValueError("resume_token_ids already reach max_new_tokens")
-                params.max_new_tokens -= len(resume)
-                params.step_offset = len(resume)  # seeded sampling continues its stream
-                prompt = prompt + resume
-            handle = job.engine.submit(prompt, params)
+            # a replay after a lost worker continues after what was streamed
+            handle = job.engine.submit(prompt, params, resume=list(request.resume_token_ids))
         except Exception as e:
             rpc.abort_for(context, e)
         context.add_callback(handle.cancel)  # client gone / deadline: free the KV everywhere

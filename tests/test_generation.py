@@ -285,18 +285,22 @@ def test_queue_full_is_refused(tmp_path):
         engine.close()
 
 
-def test_seeded_sampling_resumes_exactly(tmp_path):
-    """Token k's draw depends only on (seed, k): a replay from token k (after a lost worker)
-    continues the same stream."""
-    _, plan = _plan(tmp_path, "gpt2", 1)
-    engine = GenerationEngine(GenStage(plan, 0), None)
-    try:
-        kw = dict(temperature=1.0, top_k=40, seed=1234, ignore_eos=True)
-        full = engine.generate([PROMPTS[1]], SamplingParams(max_new_tokens=24, **kw))[0]
-        k = 9
-        rest = engine.generate(
-            [PROMPTS[1] + full[:k]], SamplingParams(max_new_tokens=24 - k, step_offset=k, **kw)
-        )[0]
-        assert full[k:] == rest
-    finally:
-        engine.close()
+@pytest.mark.parametrize("family", ["gpt2", "t5", "bart"])
+def test_a_replay_continues_exactly(family, tmp_path):
+    """A replay after a lost worker (``resume``: the tokens already streamed) continues the
+    same tokens: seeded draws depend only on (seed, k), a decoder-only model reads the replayed
+    tokens as prompt, an encoder-decoder's decoder starts from them (its encoder input stays
+    the prompt), and the model's rules (BART's forced EOS) count them."""
+    model = lm_model(family)
+    ckpt = save_hf(model, tmp_path / "ckpt")
+    plan = make_plan(ModelSource(checkpoint=str(ckpt)), Policy.equal_size(2), trace=False)
+    with LocalGenerator(plan) as gen:
+        for kw in (dict(), dict(temperature=1.0, top_k=40, seed=1234)):
+            params = SamplingParams(max_new_tokens=24, ignore_eos=True, **kw)
+            full = gen.generate([PROMPTS[1]], params)[0]
+            k = 9
+            r = gen.submit(PROMPTS[1], params, resume=full[:k]).result(timeout=60)
+            assert full[k:] == r.tokens, kw
+            assert r.prompt_tokens == len(PROMPTS[1]) + k  # the replayed tokens count as input
+        with pytest.raises(RequestError, match="already reach max_new_tokens"):
+            gen.submit(PROMPTS[1], SamplingParams(max_new_tokens=3), resume=[1, 2, 3])
