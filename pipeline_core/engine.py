@@ -171,7 +171,15 @@ def run_step(stage: GenStage, msg: list[Any]) -> list[Any]:
             if stage.is_last:
                 g = stage.groups[gid]  # own history: the unpadded prompt, or the decoder start
                 own = [g.ids.shape[1]] * g.rows if stage.enc_dec else mask.sum(-1).tolist()
-                g.sampling = Sampler(floats, ints, own, stage.rules)
+                # each row's prompt (what generate calls the encoder input ids, decoder-only
+                # models too): encoder inputs are right-padded, decoder-only prompts left-padded
+                lens = mask.sum(-1).tolist()
+                width = ids.shape[1]
+                enc = [
+                    ids[r, :n].tolist() if stage.enc_dec else ids[r, width - n :].tolist()
+                    for r, n in enumerate(lens)
+                ]
+                g.sampling = Sampler(floats, ints, own, stage.rules, enc)
             out = [OP_PREFILL, gid, ids, mask, floats, ints, prefix, tuple(payloads)]
         else:
             _, _, keep, tokens, payloads = msg
@@ -234,6 +242,11 @@ def serve_generation(stage: GenStage, ring: Ring) -> None:
 
 
 # ---------------------------------------------------------------------------- scheduler
+
+
+def _decoder_tokens(h: RequestHandle) -> int:
+    """KV tokens a request adds beyond its prompt (a replayed decoder prefix too)."""
+    return len(h.decoder_prefix) + h.params.max_new_tokens
 
 
 def group_size(pending: int, running: int, groups: int, stages: int, max_rows: int) -> int:
@@ -660,10 +673,10 @@ class GenerationEngine:
                 for h in self._pending:
                     if len(rows) >= want:
                         break
-                    if rows and (h.decoder_prefix or rows[0].decoder_prefix):
-                        break  # a replayed encoder-decoder request decodes in a group of its own
+                    if rows and len(h.decoder_prefix) != len(rows[0].decoder_prefix):
+                        break  # encoder-decoder replays share a group with equal prefixes only
                     new_len = max(length, len(h.prompt))
-                    cost = sum(new_len + r.params.max_new_tokens for r in [*rows, h])
+                    cost = sum(new_len + _decoder_tokens(r) for r in [*rows, h])
                     if (
                         self._used_tokens + cost > lim.max_tokens
                         or self._used_rows + len(rows) + 1 > lim.max_sequences
@@ -679,7 +692,7 @@ class GenerationEngine:
 
     def _start_group(self, rows: list[RequestHandle], length: int) -> None:
         gid = next(self._gids)
-        reserved = [length + h.params.max_new_tokens for h in rows]
+        reserved = [length + _decoder_tokens(h) for h in rows]
         g = _Group(gid, rows, length, reserved)
         self._groups[gid] = g
         self._used_tokens += sum(reserved)
@@ -698,7 +711,7 @@ class GenerationEngine:
             mask[r, cols] = 1
         floats, ints = encode_rows([h.params for h in rows], [h.seed for h in rows])
         npass = 2 if self.stage.enc_dec else 1
-        prefix = torch.tensor([rows[0].decoder_prefix]) if rows[0].decoder_prefix else None
+        prefix = torch.tensor([h.decoder_prefix for h in rows]) if rows[0].decoder_prefix else None
         msg = [OP_PREFILL, gid, ids, mask, floats, ints, prefix, (None,) * npass]
         self._send(run_step(self.stage, msg))
 

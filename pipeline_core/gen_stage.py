@@ -184,7 +184,6 @@ class GenStage:
         self.config = model.config
         _check_supported(model)
         self.enc_dec = bool(getattr(self.config, "is_encoder_decoder", False))
-        self.rules = LogitsRules(model) if self.is_last else None
         names = plan.stages[index].units
         unit_mods: dict[int, nn.Module] = {}
         for u in plan.units:
@@ -242,6 +241,7 @@ class GenStage:
                     "the encoder-decoder model has neither decoder_start_token_id nor "
                     "bos_token_id in its config or generation_config.json; set one"
                 )
+        self.rules = LogitsRules(model) if self.is_last else None
 
     # ------------------------------------------------------------------ building
 
@@ -433,8 +433,8 @@ class GenStage:
             )
             kw["attention_mask"] = mask
             ids = torch.full((prompt.shape[0], 1), self.decoder_start, dtype=torch.long)
-            if decoder_prefix is not None:
-                ids = torch.cat([ids, decoder_prefix.to(torch.long)], dim=1)
+            if decoder_prefix is not None:  # arrives on the stage's device (NCCL: a GPU)
+                ids = torch.cat([ids, decoder_prefix.to(ids.device, torch.long)], dim=1)
             g = GroupState(ids.to(self.device), kw)
             enc = Payload.from_wire(payloads[0], self.device)
             if enc is not None and enc.call == Payload.DONE:

@@ -29,33 +29,48 @@ class LogitsRules:
     """Builds one request's processors from the model's ``generation_config``."""
 
     def __init__(self, model: nn.Module) -> None:
+        from transformers import GenerationConfig
+
         self.model = model
-        base = copy.deepcopy(getattr(model, "generation_config", None))
+        base = copy.deepcopy(getattr(model, "generation_config", None)) or GenerationConfig()
         self.base = base
-        if base is not None:
-            base.do_sample = False  # the request's warpers are applied by the sampler
-            base.num_beams = 1
-            base.guidance_scale = None  # would run the model again, unconditionally
-            base.repetition_penalty = 1.0
-        self.model_rules = base is not None and bool(self._build(2, 1, 1, 1.0))
+        base.do_sample = False  # the request's warpers are applied by the sampler
+        base.num_beams = 1
+        base.guidance_scale = None  # would run the model again, unconditionally
+        base.repetition_penalty = 1.0
+        self.model_rules = bool(self._build(2, 1, 1, 1.0, [0]))
         """Whether the model itself asks for any rule (else requests without a penalty skip
         processors altogether: plain argmax / sampling)."""
 
     def for_request(
-        self, own_len: int, prompt_len: int, max_new_tokens: int, penalty: float
+        self,
+        own_len: int,
+        prompt_len: int,
+        max_new_tokens: int,
+        penalty: float,
+        encoder_ids: list[int] | None = None,
     ) -> Any | None:
         """Processors for a request whose history is ``own_len`` tokens at its first choice
-        (``prompt_len`` of them its prompt); None when there is nothing to apply."""
-        if self.base is None or (not self.model_rules and penalty == 1.0):
+        (``prompt_len`` of them its prompt; an encoder-decoder's encoder read
+        ``encoder_ids``); None when there is nothing to apply."""
+        if not self.model_rules and penalty == 1.0:
             return None
-        return self._build(own_len, prompt_len, max_new_tokens, penalty) or None
+        return self._build(own_len, prompt_len, max_new_tokens, penalty, encoder_ids) or None
 
-    def _build(self, own_len: int, prompt_len: int, max_new_tokens: int, penalty: float) -> Any:
+    def _build(
+        self,
+        own_len: int,
+        prompt_len: int,
+        max_new_tokens: int,
+        penalty: float,
+        encoder_ids: list[int] | None,
+    ) -> Any:
         gc = copy.deepcopy(self.base)
         gc.repetition_penalty = penalty
         gc.max_length = own_len + max_new_tokens  # as generate: history + new tokens
         gc.max_new_tokens = None
         self.model._prepare_special_tokens(gc, True, device=torch.device("cpu"), batch_size=1)
+        enc = torch.tensor([encoder_ids]) if encoder_ids else None  # encoder n-gram rules
         return self.model._get_logits_processor(
-            gc, input_ids_seq_length=prompt_len, device=torch.device("cpu")
+            gc, input_ids_seq_length=prompt_len, encoder_input_ids=enc, device=torch.device("cpu")
         )

@@ -112,6 +112,7 @@ class Sampler:
         ints: torch.Tensor,
         own: list[int] | None = None,
         rules: LogitsRules | None = None,
+        encoder_ids: list[list[int]] | None = None,
     ) -> None:
         self.temperature = floats[:, 0].tolist()
         self.top_p = floats[:, 1].tolist()
@@ -122,10 +123,11 @@ class Sampler:
         self.own = list(own) if own is not None else [0] * len(self.top_k)
         self.procs: list[Any] = [None] * len(self.top_k)
         if rules is not None:
+            enc = encoder_ids or [None] * len(self.own)
             self.procs = [
-                rules.for_request(n, n - off, new, pen)
-                for n, off, new, pen in zip(
-                    self.own, self.steps, ints[:, 3].tolist(), penalty, strict=True
+                rules.for_request(n, n - off, new, pen, e)
+                for n, off, new, pen, e in zip(
+                    self.own, self.steps, ints[:, 3].tolist(), penalty, enc, strict=True
                 )
             ]
         elif any(p != 1 for p in penalty):
@@ -154,9 +156,10 @@ class Sampler:
         if all(t == 0 for t in self.temperature) and all(p is None for p in self.procs):
             return torch.argmax(logits, dim=-1).cpu()
         out = []
+        ids, logits = ids.cpu(), logits.float().cpu()  # one copy each for all rows
         for r in range(logits.shape[0]):
-            hist = ids[r : r + 1, ids.shape[1] - own[r] :].cpu()
-            out.append(self._one(r, hist, logits[r : r + 1].float().cpu()))
+            hist = ids[r : r + 1, ids.shape[1] - own[r] :]
+            out.append(self._one(r, hist, logits[r : r + 1]))
         return torch.tensor(out, dtype=torch.long)
 
     def _one(self, r: int, ids: torch.Tensor, scores: torch.Tensor) -> int:

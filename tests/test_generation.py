@@ -302,5 +302,15 @@ def test_a_replay_continues_exactly(family, tmp_path):
             r = gen.submit(PROMPTS[1], params, resume=full[:k]).result(timeout=60)
             assert full[k:] == r.tokens, kw
             assert r.prompt_tokens == len(PROMPTS[1]) + k  # the replayed tokens count as input
+        # replays of different prompts (and of different lengths so far) at once
+        params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+        full = gen.generate(PROMPTS[:3], params)
+        cut = [5, 5, 8]
+        handles = [
+            gen.submit(p, params, resume=f[:c]) for p, f, c in zip(PROMPTS, full, cut, strict=False)
+        ]
+        assert [h.result(timeout=60).tokens for h in handles] == [
+            f[c:] for f, c in zip(full, cut, strict=True)
+        ]
         with pytest.raises(RequestError, match="already reach max_new_tokens"):
             gen.submit(PROMPTS[1], SamplingParams(max_new_tokens=3), resume=[1, 2, 3])

@@ -60,11 +60,13 @@ def test_encoder_decoder_with_absolute_positions(family, tmp_path):
     assert got == [hf_greedy(model, p, NEW) for p in PROMPTS]  # batched, yet as if alone
 
 
-def test_the_models_own_decoding_rules(tmp_path):
+@pytest.mark.parametrize("family", ["gpt2", "bart"])
+def test_the_models_own_decoding_rules(family, tmp_path):
     """Rules a checkpoint's ``generation_config`` sets apply as in ``generate`` (which runs them
     unasked), and so does a request's repetition penalty: per request on its own tokens, so
-    prompts of different lengths in one batch each get ``generate``'s tokens for that prompt."""
-    model = lm_model("gpt2")
+    prompts of different lengths in one batch each get ``generate``'s tokens for that prompt.
+    BART adds the rules on the encoder's input (n-gram ban, repetition penalty)."""
+    model = lm_model(family)
     gc = model.generation_config
     gc.eos_token_id = gc.forced_eos_token_id = 3  # in the tiny vocabulary
     gc.no_repeat_ngram_size = 2
@@ -72,6 +74,10 @@ def test_the_models_own_decoding_rules(tmp_path):
     gc.suppress_tokens = [10, 11]
     gc.begin_suppress_tokens = [12]
     gc.min_new_tokens = 4
+    enc_dec = model.config.is_encoder_decoder
+    if enc_dec:
+        gc.encoder_no_repeat_ngram_size = 2
+        gc.encoder_repetition_penalty = 20.0  # pulls the prompt's tokens in
     ckpt = save_hf(model, tmp_path / "ckpt")
     plan = make_plan(ModelSource(checkpoint=str(ckpt)), Policy.equal_size(2), trace=False)
     params = SamplingParams(max_new_tokens=NEW, repetition_penalty=1.3)
@@ -86,9 +92,12 @@ def test_the_models_own_decoding_rules(tmp_path):
                 max_new_tokens=NEW,
                 repetition_penalty=1.3,
             )
-        want.append(out[0, len(p) :].tolist())
+        want.append(out[0, 1 if enc_dec else len(p) :].tolist())
     assert got == want
-    assert any(len(w) == NEW and w[-1] == gc.eos_token_id for w in want)  # forced EOS shows
+    if enc_dec:  # the encoder's rules show: the prompts' tokens come back
+        assert any(t in p for w, p in zip(want, PROMPTS, strict=True) for t in w)
+    else:
+        assert any(len(w) == NEW and w[-1] == gc.eos_token_id for w in want)  # forced EOS
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "falcon", "gptj"])
