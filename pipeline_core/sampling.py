@@ -88,7 +88,10 @@ def encode_rows(params: list[SamplingParams], seeds: list[int]) -> tuple[torch.T
         [[p.temperature, p.top_p, p.repetition_penalty] for p in params], dtype=torch.float64
     )
     i = torch.tensor(
-        [[p.top_k, s, p.step_offset, p.max_new_tokens] for p, s in zip(params, seeds, strict=True)],
+        [
+            [p.top_k, s - 2**64 if s >= 2**63 else s, p.step_offset, p.max_new_tokens]
+            for p, s in zip(params, seeds, strict=True)
+        ],  # a uint64 seed travels as the int64 of the same bits
         dtype=torch.int64,
     )
     return f, i
@@ -118,7 +121,7 @@ class Sampler:
         self.top_p = floats[:, 1].tolist()
         penalty = floats[:, 2].tolist()
         self.top_k = ints[:, 0].tolist()
-        self.seeds = ints[:, 1].tolist()
+        self.seeds = [s % 2**64 for s in ints[:, 1].tolist()]
         self.steps = ints[:, 2].tolist()
         self.own = list(own) if own is not None else [0] * len(self.top_k)
         self.procs: list[Any] = [None] * len(self.top_k)

@@ -61,6 +61,8 @@ def test_generation_matches_hf_generate(family, stages, tmp_path):
         assert gen.generate(PROMPTS, sample) == first  # reproducible with a seed
         other = SamplingParams(**{**vars(sample), "seed": 12})
         assert gen.generate(PROMPTS, other) != first
+        big = SamplingParams(**{**vars(sample), "seed": 2**64 - 1})  # any uint64 seed
+        assert gen.generate(PROMPTS, big) == gen.generate(PROMPTS, big) != first
         assert all(s["sequences"] == 0 and s["bytes"] == 0 for s in gen.stats())
 
 
