@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from pipeserve.v1 import pipeserve_pb2 as pb
 
+from .models import VOCAB
 from .test_cluster import _greedy, running_cluster
 
 pytestmark = pytest.mark.slow
@@ -222,3 +223,63 @@ def test_oversized_and_undecodable_messages(cluster, good_traffic):
     assert e.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT)
     assert cluster.generate("small", [7, 8, 9], 4) == _greedy(cluster.small, [7, 8, 9], 4)
     print("fuzz status codes:", dict(SEEN))
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    """One-stage engines (a decoder-only and an encoder-decoder with rules: BART's forced EOS)."""
+    from pipeline_core import ModelSource, Policy, make_plan
+    from pipeline_core.engine import GenerationEngine
+    from pipeline_core.gen_stage import GenStage
+
+    from .models import lm_model, save_hf
+
+    out = {}
+    for family in ("gpt2", "bart"):
+        ckpt = save_hf(lm_model(family), tmp_path_factory.mktemp("fuzz") / family)
+        plan = make_plan(ModelSource(checkpoint=str(ckpt)), Policy.equal_size(1), trace=False)
+        out[family] = GenerationEngine(GenStage(plan, 0), None)
+    yield out
+    for e in out.values():
+        e.close()
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    family=st.sampled_from(["gpt2", "bart"]),
+    prompts=st.lists(
+        st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=40), min_size=1, max_size=4
+    ),
+    new=st.integers(1, 24),
+    temperature=st.one_of(st.just(0.0), st.floats(1e-4, 5)),
+    top_k=st.integers(0, 200),
+    top_p=st.floats(1e-6, 1.0),
+    penalty=st.floats(0.01, 5),
+    seed=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
+    stops=st.lists(st.integers(0, VOCAB - 1), max_size=3),
+    resume=st.lists(st.integers(0, VOCAB - 1), max_size=3),
+)
+def test_fuzz_valid_requests_never_fail(
+    engines, family, prompts, new, temperature, top_k, top_p, penalty, seed, stops, resume
+):
+    """Any request that passes validation finishes with its tokens (no internal error), alone
+    or sharing a batch, replayed or not."""
+    from pipeline_core.sampling import SamplingParams
+
+    params = SamplingParams(
+        max_new_tokens=new + len(resume),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=penalty,
+        seed=seed,
+        stop_token_ids=tuple(stops),
+    )
+    handles = [
+        engines[family].submit(p, params, resume=resume if i == 0 else ())
+        for i, p in enumerate(prompts)
+    ]
+    for h in handles:
+        r = h.result(timeout=60)
+        assert r.error is None and r.finish_reason in ("stop", "length"), r
+        assert 1 <= len(r.tokens) <= new + (len(resume) if h is not handles[0] else 0)
