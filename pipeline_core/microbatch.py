@@ -24,16 +24,20 @@ def split_microbatches(inputs: dict[str, Any], chunks: int) -> list[dict[str, An
     """Split every tensor input along dim 0 into ``chunks`` pieces (sizes may differ by one).
 
     Non-tensor inputs are passed to every microbatch unchanged.  When the batch is smaller
-    than ``chunks``, fewer microbatches are made (one row each).
+    than ``chunks``, fewer microbatches are made (one row each).  ``chunks == 1`` passes the
+    inputs whole, whatever their sizes.
 
     Raises:
-        ValueError: ``chunks`` < 1, no tensor input, or tensors disagree on the batch size.
+        ValueError: ``chunks`` < 1, no tensor input, an empty batch, or (``chunks > 1``)
+            tensors that disagree on the batch size.
     """
     if chunks < 1:
         raise ValueError(f"chunks must be >= 1, got {chunks}")
     batch = {k: v.shape[0] for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim()}
     if not batch:
         raise ValueError("at least one input must be a tensor with a batch dimension")
+    if chunks == 1 and all(batch.values()):
+        return [dict(inputs)]  # nothing to cut: sizes may differ (CLIP: texts x images)
     sizes = set(batch.values())
     if len(sizes) != 1:
         raise ValueError(f"inputs disagree on the batch size (dim 0): {batch}")

@@ -15,7 +15,14 @@ import torch
 from . import split as policies
 from .cost import UnitCost, Workload, estimate_units
 from .errors import DoesNotFit, PlanError
-from .source import InputSpec, ModelSource, build_skeleton, default_inputs, parse_dtype
+from .source import (
+    InputSpec,
+    ModelSource,
+    bound_sequences,
+    build_skeleton,
+    default_inputs,
+    parse_dtype,
+)
 from .trace import WHOLE, TracedPipeline, Wire, call_order, model_name_of, trace_pipeline
 from .units import TensorInfo, Unit, find_units, stage_nbytes, tensor_table
 
@@ -268,7 +275,9 @@ def make_plan(
     if not units:
         raise PlanError(f"model {type(model).__name__} has no submodules to split")
     infos, groups = tensor_table(model)
-    inputs = inputs if inputs is not None else default_inputs(source, model)
+    if inputs is None:
+        inputs = default_inputs(source, model)
+    inputs = bound_sequences(source, inputs)
     model_tensors = dict(model.named_parameters(remove_duplicate=False))
     model_tensors.update(model.named_buffers(remove_duplicate=False))
     by_name = {u.name: u for u in units}

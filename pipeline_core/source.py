@@ -20,7 +20,7 @@ import inspect
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -344,8 +344,8 @@ def default_inputs(source: ModelSource, model: nn.Module | None = None) -> list[
     vocab = int(getattr(config, "vocab_size", 2))
     text = {0: "batch", 1: "seq"}
     # Learned position tables bound the sequence; export needs the bound stated.
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    seq_max = {1: int(limit) - 1} if isinstance(limit, int) and limit > 8 else {}
+    limit = _sequence_limit(config)
+    seq_max = {1: limit} if limit is not None else {}
     specs = [
         InputSpec(
             name="input_ids", shape=[2, 8], dtype="int64", dynamic=text, high=vocab, max=seq_max
@@ -365,6 +365,30 @@ def default_inputs(source: ModelSource, model: nn.Module | None = None) -> list[
             )
         )
     return specs
+
+
+def _sequence_limit(config: Any) -> int | None:
+    """The longest sequence a learned position table allows (None: no table, or tiny)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    return int(limit) - 1 if isinstance(limit, int) and limit > 8 else None
+
+
+def bound_sequences(source: ModelSource, inputs: list[InputSpec]) -> list[InputSpec]:
+    """Given inputs whose dynamic ``seq`` dimension states no bound get the model's position
+    limit, as the default inputs have: planning runs long sequences on fake tensors, which a
+    model with a short learned position table (CLIP's 77) refuses, and requests longer than the
+    table are then refused up front with a clear error."""
+    if not source.is_hf:
+        return inputs
+    limit = _sequence_limit(hf_config(source.checkpoint))
+    if limit is None:
+        return inputs
+    out = []
+    for s in inputs:
+        seq = {d: limit for d, name in s.dynamic.items() if name == "seq" and d not in s.max}
+        out.append(replace(s, max={**s.max, **seq}) if seq else s)
+    return out
 
 
 def _other_modalities(config: Any) -> bool:

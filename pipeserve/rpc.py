@@ -20,12 +20,14 @@ from grpc_reflection.v1alpha import reflection
 from grpc_reflection.v1alpha import reflection_pb2 as _rpb2
 
 from pipeline_core import (
+    CheckpointError,
     DoesNotFit,
     GenerationFailed,
     PlanError,
     RequestError,
     ResourceExhausted,
     SamplingParams,
+    TraceError,
     Workload,
 )
 
@@ -244,6 +246,8 @@ def abort_for(context: grpc.ServicerContext, e: BaseException) -> None:
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
     if isinstance(e, PlanError | FileNotFoundError):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    if isinstance(e, TraceError | CheckpointError):  # the model or its files, not the server
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
     if isinstance(e, GenerationFailed):
         context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
     log.exception("internal error")

@@ -433,8 +433,73 @@ def test_forward_any_model_over_the_cluster(cluster):
         (out2,) = cluster.inference.Forward(req, timeout=120).outputs  # still serving
         assert out2.data == out.data
         cluster.admin.UnloadModel(pb.UnloadModelRequest(name="cnn"), timeout=120)
+        _clip_rows_mixed(cluster)
     finally:
         cluster.load("small", "small")
+
+
+def _clip_rows_mixed(cluster) -> None:
+    """CLIP (inputs from inputs.json): its image x text logits mix rows of the batch, so the
+    worker runs it as one microbatch by default and refuses chunks=2 with INVALID_ARGUMENT."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from pipeline_core import InputSpec
+
+    from .models import VOCAB
+
+    layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config = CLIPConfig(
+        text_config=dict(layers, vocab_size=VOCAB, max_position_embeddings=32),
+        vision_config=dict(layers, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    clip = CLIPModel(config).eval()
+    path = save_hf(clip, cluster.ckpt / "clip")
+    text = {0: "batch", 1: "seq"}
+    specs = [
+        InputSpec(name="input_ids", shape=[2, 8], dtype="int64", dynamic=text, high=VOCAB),
+        InputSpec(name="pixel_values", shape=[2, 3, 32, 32], dynamic={0: "images"}),
+    ]
+    bad = [specs[0], InputSpec(name="pixel_values", shape=[2, 4, 32, 32])]  # 4 channels
+    (path / "inputs.json").write_text(json.dumps([s.to_json() for s in bad]))
+    code, details = _code(lambda: cluster.load("clip", "clip"))  # the model's fault, not ours
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "example inputs" in details, details
+    # no "max" stated for the sequence: the text model's position table bounds it
+    (path / "inputs.json").write_text(json.dumps([s.to_json() for s in specs]))
+    assert cluster.load("clip", "clip")[-1].state == pb.MODEL_STATE_READY
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (3, 8), generator=g)
+    px = torch.randn(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        ref = clip(input_ids=ids, pixel_values=px).logits_per_image  # [2 images, 3 texts]
+
+    def request(chunks: int) -> pb.ForwardRequest:
+        return pb.ForwardRequest(
+            model="clip",
+            chunks=chunks,
+            inputs=[
+                pb.Tensor(
+                    name="input_ids", dtype="int64", shape=[3, 8], data=ids.numpy().tobytes()
+                ),
+                pb.Tensor(
+                    name="pixel_values",
+                    dtype="float32",
+                    shape=[2, 3, 32, 32],
+                    data=px.numpy().tobytes(),
+                ),
+            ],
+        )
+
+    outs = cluster.inference.Forward(request(0), timeout=120).outputs
+    got = [
+        torch.frombuffer(bytearray(o.data), dtype=torch.float32).reshape(list(o.shape))
+        for o in outs
+    ]
+    assert any(t.shape == ref.shape and (t - ref).abs().max() <= 1e-5 for t in got)
+    code, details = _code(lambda: cluster.inference.Forward(request(2), timeout=60))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "chunks=2" in details, details
+    cluster.admin.UnloadModel(pb.UnloadModelRequest(name="clip"), timeout=120)
 
 
 def test_text_in_text_out_and_unavailable_worker(tmp_path):
