@@ -169,17 +169,18 @@ def run_step(stage: GenStage, msg: list[Any]) -> list[Any]:
             _, _, ids, mask, floats, ints, prefix, payloads = msg
             payloads, logits = stage.prefill(gid, ids, mask, list(payloads), prefix)
             if stage.is_last:
-                g = stage.groups[gid]  # own history: the unpadded prompt, or the decoder start
-                own = [g.ids.shape[1]] * g.rows if stage.enc_dec else mask.sum(-1).tolist()
-                # each row's prompt (what generate calls the encoder input ids, decoder-only
-                # models too): encoder inputs are right-padded, decoder-only prompts left-padded
+                g = stage.groups[gid]
+                assert stage.rules is not None  # the last stage has them
                 lens = mask.sum(-1).tolist()
                 width = ids.shape[1]
-                enc = [
-                    ids[r, :n].tolist() if stage.enc_dec else ids[r, width - n :].tolist()
+                # each row's prompt: what generate calls the encoder input ids (decoder-only
+                # models too), and its own history (else the decoder start)
+                prompts = [
+                    ids[r, _prompt_cols(stage.enc_dec, n, width)].tolist()
                     for r, n in enumerate(lens)
                 ]
-                g.sampling = Sampler(floats, ints, own, stage.rules, enc)
+                own = [g.ids.shape[1]] * g.rows if stage.enc_dec else lens
+                g.sampling = Sampler(floats, ints, own, stage.rules, prompts)
             out = [OP_PREFILL, gid, ids, mask, floats, ints, prefix, tuple(payloads)]
         else:
             _, _, keep, tokens, payloads = msg
@@ -242,6 +243,14 @@ def serve_generation(stage: GenStage, ring: Ring) -> None:
 
 
 # ---------------------------------------------------------------------------- scheduler
+
+
+def _prompt_cols(enc_dec: bool, n: int, width: int) -> slice:
+    """Where a prompt of ``n`` tokens sits in a micro-batch ``width`` wide.  A decoder-only
+    prompt is left-padded (every row's next token follows its last); an encoder's input is
+    right-padded, as its tokenizer pads it, so that absolute positions (BART, Marian, ...) start
+    at 0 in every row, as when run alone."""
+    return slice(0, n) if enc_dec else slice(width - n, width)
 
 
 def _decoder_tokens(h: RequestHandle) -> int:
@@ -702,11 +711,7 @@ class GenerationEngine:
         ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
         for r, h in enumerate(rows):
-            # a decoder-only prompt is left-padded (every row's next token follows its last);
-            # an encoder's input is right-padded, as its tokenizer pads it, so that absolute
-            # positions (BART, Marian, ...) start at 0 in every row, as when run alone
-            n = len(h.prompt)
-            cols = slice(0, n) if self.stage.enc_dec else slice(length - n, length)
+            cols = _prompt_cols(self.stage.enc_dec, len(h.prompt), length)
             ids[r, cols] = torch.tensor(h.prompt)
             mask[r, cols] = 1
         floats, ints = encode_rows([h.params for h in rows], [h.seed for h in rows])

@@ -48,7 +48,7 @@ class LogitsRules:
         prompt_len: int,
         max_new_tokens: int,
         penalty: float,
-        encoder_ids: list[int] | None = None,
+        encoder_ids: list[int],
     ) -> Any | None:
         """Processors for a request whose history is ``own_len`` tokens at its first choice
         (``prompt_len`` of them its prompt; an encoder-decoder's encoder read
@@ -63,14 +63,16 @@ class LogitsRules:
         prompt_len: int,
         max_new_tokens: int,
         penalty: float,
-        encoder_ids: list[int] | None,
+        encoder_ids: list[int],
     ) -> Any:
         gc = copy.deepcopy(self.base)
         gc.repetition_penalty = penalty
         gc.max_length = own_len + max_new_tokens  # as generate: history + new tokens
         gc.max_new_tokens = None
         self.model._prepare_special_tokens(gc, True, device=torch.device("cpu"), batch_size=1)
-        enc = torch.tensor([encoder_ids]) if encoder_ids else None  # encoder n-gram rules
         return self.model._get_logits_processor(
-            gc, input_ids_seq_length=prompt_len, encoder_input_ids=enc, device=torch.device("cpu")
+            gc,
+            input_ids_seq_length=prompt_len,
+            encoder_input_ids=torch.tensor([encoder_ids]),  # for the encoder-side rules
+            device=torch.device("cpu"),
         )

@@ -277,7 +277,8 @@ def make_plan(
     infos, groups = tensor_table(model)
     if inputs is None:
         inputs = default_inputs(source, model)
-    inputs = bound_sequences(source, inputs)
+    if source.is_hf:
+        inputs = bound_sequences(model.config, inputs)
     model_tensors = dict(model.named_parameters(remove_duplicate=False))
     model_tensors.update(model.named_buffers(remove_duplicate=False))
     by_name = {u.name: u for u in units}

@@ -107,15 +107,16 @@ class Sampler:
     """Token choice for one group's rows on the last stage.
 
     ``own``: each row's history length (prompt, or decoder start, without padding) at the first
-    choice; ``rules`` builds each row's processors (None: no model rules, no penalties)."""
+    choice; ``rules`` builds each row's processors (None: no model rules, no penalty) from it
+    and the row's prompt (``encoder_ids``)."""
 
     def __init__(
         self,
         floats: torch.Tensor,
         ints: torch.Tensor,
-        own: list[int] | None = None,
-        rules: LogitsRules | None = None,
-        encoder_ids: list[list[int]] | None = None,
+        own: list[int],
+        rules: LogitsRules,
+        encoder_ids: list[list[int]],
     ) -> None:
         self.temperature = floats[:, 0].tolist()
         self.top_p = floats[:, 1].tolist()
@@ -123,18 +124,13 @@ class Sampler:
         self.top_k = ints[:, 0].tolist()
         self.seeds = [s % 2**64 for s in ints[:, 1].tolist()]
         self.steps = ints[:, 2].tolist()
-        self.own = list(own) if own is not None else [0] * len(self.top_k)
-        self.procs: list[Any] = [None] * len(self.top_k)
-        if rules is not None:
-            enc = encoder_ids or [None] * len(self.own)
-            self.procs = [
-                rules.for_request(n, n - off, new, pen, e)
-                for n, off, new, pen, e in zip(
-                    self.own, self.steps, ints[:, 3].tolist(), penalty, enc, strict=True
-                )
-            ]
-        elif any(p != 1 for p in penalty):
-            raise PlanError("a repetition penalty needs the model's rules on the last stage")
+        self.own = list(own)
+        self.procs: list[Any] = [
+            rules.for_request(n, n - off, new, pen, e)
+            for n, off, new, pen, e in zip(
+                self.own, self.steps, ints[:, 3].tolist(), penalty, encoder_ids, strict=True
+            )
+        ]
         self._gen = torch.Generator()
 
     _ROWS = ("temperature", "top_p", "top_k", "seeds", "steps", "own", "procs")

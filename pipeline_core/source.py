@@ -374,14 +374,12 @@ def _sequence_limit(config: Any) -> int | None:
     return int(limit) - 1 if isinstance(limit, int) and limit > 8 else None
 
 
-def bound_sequences(source: ModelSource, inputs: list[InputSpec]) -> list[InputSpec]:
-    """Given inputs whose dynamic ``seq`` dimension states no bound get the model's position
-    limit, as the default inputs have: planning runs long sequences on fake tensors, which a
-    model with a short learned position table (CLIP's 77) refuses, and requests longer than the
-    table are then refused up front with a clear error."""
-    if not source.is_hf:
-        return inputs
-    limit = _sequence_limit(hf_config(source.checkpoint))
+def bound_sequences(config: Any, inputs: list[InputSpec]) -> list[InputSpec]:
+    """Given inputs whose dynamic ``seq`` dimension states no bound get the position limit of
+    the Hugging Face ``config``, as the default inputs have: planning runs long sequences on
+    fake tensors, which a model with a short learned position table (CLIP's 77) refuses, and
+    requests longer than the table are then refused up front with a clear error."""
+    limit = _sequence_limit(config)
     if limit is None:
         return inputs
     out = []

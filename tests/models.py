@@ -194,6 +194,27 @@ HF_CONFIGS["mbart"] = dict(HF_CONFIGS["bart"], model_type="mbart")
 HF_CONFIGS["pegasus"] = dict(HF_CONFIGS["bart"], model_type="pegasus")
 
 
+def clip_model() -> nn.Module:
+    """A tiny random CLIP (text + image; its image x text logits mix rows of the batch)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config = CLIPConfig(
+        text_config=dict(
+            layers,
+            vocab_size=VOCAB,
+            max_position_embeddings=32,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        vision_config=dict(layers, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    return CLIPModel(config).eval()
+
+
 def hf_model(family: str, seed: int = 0) -> nn.Module:
     import transformers
     from transformers import AutoConfig

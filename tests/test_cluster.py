@@ -441,20 +441,11 @@ def test_forward_any_model_over_the_cluster(cluster):
 def _clip_rows_mixed(cluster) -> None:
     """CLIP (inputs from inputs.json): its image x text logits mix rows of the batch, so the
     worker runs it as one microbatch by default and refuses chunks=2 with INVALID_ARGUMENT."""
-    from transformers import CLIPConfig, CLIPModel
-
     from pipeline_core import InputSpec
 
-    from .models import VOCAB
+    from .models import VOCAB, clip_model
 
-    layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    config = CLIPConfig(
-        text_config=dict(layers, vocab_size=VOCAB, max_position_embeddings=32),
-        vision_config=dict(layers, image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    clip = CLIPModel(config).eval()
+    clip = clip_model()
     path = save_hf(clip, cluster.ckpt / "clip")
     text = {0: "batch", 1: "seq"}
     specs = [

@@ -16,7 +16,7 @@ import torch
 from pipeline_core import InputSpec, LocalPipeline, ModelSource, Policy, make_plan
 from pipeline_core.errors import PlanError
 
-from .models import VOCAB, save_hf
+from .models import VOCAB, clip_model, save_hf
 
 pytestmark = pytest.mark.slow
 
@@ -93,31 +93,7 @@ def test_audio_model_needs_inputs_then_matches(tmp_path):
 
 
 def test_rows_mixing_model_refuses_microbatches(tmp_path):
-    from transformers import CLIPConfig
-
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=32,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-        ),
-        projection_dim=16,
-    )
-    model = _model("CLIPModel", config)
+    model = clip_model()
     src = _ckpt(model, tmp_path)
     with pytest.raises(PlanError, match=r"inputs\.json"):
         make_plan(src, Policy.equal_size(2))
