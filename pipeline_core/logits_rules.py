@@ -38,7 +38,7 @@ class LogitsRules:
         base.num_beams = 1
         base.guidance_scale = None  # would run the model again, unconditionally
         base.repetition_penalty = 1.0
-        self.model_rules = bool(self._build(2, 1, 1, 1.0, [0]))
+        self.model_rules = bool(self._processors(3, 1.0, 1, [0]))
         """Whether the model itself asks for any rule (else requests without a penalty skip
         processors altogether: plain argmax / sampling)."""
 
@@ -55,19 +55,15 @@ class LogitsRules:
         ``encoder_ids``); None when there is nothing to apply."""
         if not self.model_rules and penalty == 1.0:
             return None
-        return self._build(own_len, prompt_len, max_new_tokens, penalty, encoder_ids) or None
+        # max_length as generate sets it: history + new tokens
+        return self._processors(own_len + max_new_tokens, penalty, prompt_len, encoder_ids) or None
 
-    def _build(
-        self,
-        own_len: int,
-        prompt_len: int,
-        max_new_tokens: int,
-        penalty: float,
-        encoder_ids: list[int],
+    def _processors(
+        self, max_length: int, penalty: float, prompt_len: int, encoder_ids: list[int]
     ) -> Any:
         gc = copy.deepcopy(self.base)
         gc.repetition_penalty = penalty
-        gc.max_length = own_len + max_new_tokens  # as generate: history + new tokens
+        gc.max_length = max_length
         gc.max_new_tokens = None
         self.model._prepare_special_tokens(gc, True, device=torch.device("cpu"), batch_size=1)
         return self.model._get_logits_processor(
