@@ -142,7 +142,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _tiny_model(path: Path) -> Path:
-    """A small random-init Llama saved as sharded safetensors (built once, then reused)."""
+    """A small random-init Llama saved as sharded safetensors, with a byte-level tokenizer
+    and a chat template (built offline, once, then reused)."""
+    from pipeserve.demo_tokenizer import save_demo_tokenizer
+
+    if not (path / "tokenizer.json").is_file():  # also added to a cache built before it
+        save_demo_tokenizer(path, vocab_size=1000)
     if (path / "model.safetensors.index.json").is_file():
         return path
     import torch
@@ -171,7 +176,9 @@ def cmd_local(args: argparse.Namespace) -> int:
         print(f"demo model: {model_dir} (a small Llama with RANDOM weights: tokens are noise)")
     if args.check_forward and not check_forward(model_dir, args.stages):
         return 1
-    return run_local(model_dir, stages=args.stages, port=args.port, once=args.once)
+    return run_local(
+        model_dir, stages=args.stages, port=args.port, once=args.once, http_port=args.http_port
+    )
 
 
 def check_forward(model_dir: Path, stages: int, batch: int = 6, seq: int = 32) -> bool:
@@ -371,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=50051, help="coordinator port (0: any free)")
     p.add_argument("--once", action="store_true", help="exit after the self-check")
     p.add_argument(
+        "--http-port", type=int, default=0, help="also start the OpenAI HTTP gateway here"
+    )
+    p.add_argument(
         "--check-forward", action="store_true", help="also check the pipelined forward first"
     )
     p.set_defaults(func=cmd_local)
@@ -401,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add_commands(sub)
+    from pipeserve.gateway.cli import add_gateway_command
+
+    add_gateway_command(sub)
     return parser
 
 

@@ -45,12 +45,13 @@ def hf_greedy(model: Any, prompt: list[int], new: int) -> list[int]:
     return out[0, start:].tolist()
 
 
-def run_local(model_dir: Path, *, stages: int = 3, port: int = 50051, once: bool = False) -> int:
+def run_local(
+    model_dir: Path, *, stages: int = 3, port: int = 50051, once: bool = False, http_port: int = 0
+) -> int:
     import grpc
 
     from pipeserve import rpc
     from pipeserve.v1 import pipeserve_pb2 as pb
-    from pipeserve.v1 import pipeserve_pb2_grpc as pbg
 
     port = _free(port)
     address = f"127.0.0.1:{port}"
@@ -77,7 +78,9 @@ def run_local(model_dir: Path, *, stages: int = 3, port: int = 50051, once: bool
         grpc.channel_ready_future(ch).result(timeout=120)
         for k in range(stages):
             start(f"worker{k}", "worker", "--coordinator", address, *common)
-        admin, inference = pbg.AdminStub(ch), pbg.InferenceStub(ch)
+        from pipeserve.cluster_cli import _stubs
+
+        admin, inference = _stubs(address)  # with PIPESERVE_ADMIN/CLIENT_TOKEN when set
         deadline = time.monotonic() + 120
         while len(admin.ClusterStatus(pb.ClusterStatusRequest()).workers) < stages:
             if time.monotonic() > deadline:
@@ -126,6 +129,18 @@ def run_local(model_dir: Path, *, stages: int = 3, port: int = 50051, once: bool
             f"  {grpcurl if grpcurl.exists() else 'grpcurl'} -plaintext -d '{body}' {address} "
             "pipeserve.v1.Inference/Generate"
         )
+        if http_port:
+            start(
+                "gateway",
+                "gateway",
+                "--coordinator",
+                address,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(http_port),
+            )
+            print_gateway(wait_gateway(http_port, log_dir), name)
         if once:
             return 0 if ok else 1
         print("\nserving; Ctrl-C to stop")
@@ -142,3 +157,36 @@ def run_local(model_dir: Path, *, stages: int = 3, port: int = 50051, once: bool
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def wait_gateway(port: int, log_dir: Path, timeout: float = 120) -> str:
+    """The gateway's base URL once its ``/ready`` answers 200 (raises TimeoutError)."""
+    import urllib.request
+
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/ready", timeout=5) as r:
+                if r.status == 200:
+                    return url
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the gateway did not start on port {port}; see {log_dir}")
+        time.sleep(0.2)
+
+
+def print_gateway(url: str, model: str) -> None:
+    body = (
+        f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], '
+        '"max_tokens": 16}'
+    )
+    print(
+        f"\nOpenAI-compatible API: {url}/v1\n"
+        f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'\n"
+        f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', "
+        "api_key='none'); "
+        f"print(c.completions.create(model='{model}', prompt='Hello', max_tokens=16)"
+        '.choices[0].text)"'
+    )
