@@ -15,6 +15,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 OVERLAYS = ["cpu", "gpu"]
+GATEWAY_PORT = 8000
 sys.path.insert(0, str(DEPLOY))
 
 from render import render  # noqa: E402
@@ -160,7 +161,7 @@ def test_manifests_match_the_code(overlay):
         for rule in d["spec"]["ingress"]
         for p in rule.get("ports", [])
     }
-    assert policy_ports == {ca.port, wa.port}
+    assert policy_ports == {ca.port, wa.port, GATEWAY_PORT}  # the gateway: tests/test_gateway.py
     for d in (coord_dep, workers, job):
         spec = d["spec"]["template"]["spec"]
         assert spec["securityContext"]["runAsNonRoot"] is True

@@ -567,3 +567,47 @@ def test_gateway_metrics(local):
     )
     assert re.search(r"pipeserve_gateway_completion_tokens_total\{[^}]*\} [1-9]", text)
     assert "pipeserve_gateway_time_to_first_byte_seconds_bucket" in text
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_k8s_gateway_manifests_match_the_code(overlay):
+    """The gateway Deployment's flags parse, its ports, probes and NetworkPolicy agree with
+    the code, it reaches the coordinator's Service, and it mounts the models read-only (for
+    tokenizers) and the TLS Secret where the env vars point."""
+    sys.path.insert(0, str(ROOT / "deploy"))
+    from render import render
+
+    from pipeserve.cli import build_parser
+    from pipeserve.gateway import Backend, create_app
+
+    docs = render(ROOT / "deploy" / "k8s" / "overlays" / overlay)
+
+    def one(kind: str, name: str) -> dict:
+        (d,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+        return d
+
+    dep = one("Deployment", "pipeserve-gateway")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    args = build_parser().parse_args(c["args"])
+    assert args.cmd == "gateway"
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": args.port}
+    coord = one("Service", "pipeserve-coordinator")
+    assert args.coordinator == f"{coord['metadata']['name']}:{coord['spec']['ports'][0]['port']}"
+    svc = one("Service", "pipeserve-gateway")
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    assert [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [(args.port, "http")]
+    paths = {r.path for r in create_app(Backend("127.0.0.1:1")).routes}
+    assert {c["readinessProbe"]["httpGet"]["path"], c["livenessProbe"]["httpGet"]["path"]} <= paths
+    annotations = dep["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/path"] in paths
+    assert int(annotations["prometheus.io/port"]) == args.port
+    policy = one("NetworkPolicy", "pipeserve-gateway")
+    assert policy["spec"]["podSelector"] == dep["spec"]["selector"]
+    assert [p["port"] for r in policy["spec"]["ingress"] for p in r["ports"]] == [args.port]
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["models"]["readOnly"] is True and mounts["models"]["mountPath"] == "/models"
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    for var in ("PIPESERVE_TLS_CA", "PIPESERVE_TLS_CERT", "PIPESERVE_TLS_KEY"):
+        assert env[var].startswith(mounts["tls"]["mountPath"] + "/"), var
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
