@@ -611,3 +611,67 @@ def test_k8s_gateway_manifests_match_the_code(overlay):
         assert env[var].startswith(mounts["tls"]["mountPath"] + "/"), var
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
+
+
+@pytest.mark.slow
+def test_tls_to_the_coordinator(tmp_path):
+    """A coordinator under mutual TLS: the gateway with the CA and a client certificate
+    lists its models; without a client certificate, or in plaintext, it cannot (503)."""
+    from pipeserve.certs import make_certs
+
+    certs = make_certs(tmp_path / "certs")
+    port = _port()
+    tls = ["--tls-ca", str(certs / "ca.pem")]
+    client = [*tls, "--tls-cert", str(certs / "client.pem"), "--tls-key", str(certs / "client.key")]
+    server = [*tls, "--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key")]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipeserve",
+                "coordinator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                *server,
+            ],
+            cwd=ROOT,
+        )
+    ]
+    try:
+        urls = []
+        for flags in (client, tls, []):  # mTLS, TLS without a client certificate, plaintext
+            http = _port()
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "pipeserve",
+                        "gateway",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(http),
+                        "--coordinator",
+                        f"127.0.0.1:{port}",
+                        *flags,
+                    ],
+                    cwd=ROOT,
+                )
+            )
+            urls.append(f"http://127.0.0.1:{http}")
+        _wait_ready(int(urls[0].rsplit(":", 1)[1]))
+        r = httpx.get(f"{urls[0]}/v1/models", timeout=30)
+        assert r.status_code == 200 and r.json() == {"object": "list", "data": []}
+        for url in urls[1:]:
+            _wait_ready(int(url.rsplit(":", 1)[1]), want=503)
+            r = httpx.get(f"{url}/v1/models", timeout=30)
+            assert r.status_code == 503 and "UNAVAILABLE" in r.json()["error"]["message"]
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)

@@ -97,7 +97,7 @@ class Backend:
     async def list_models(self, md: Metadata) -> list[pb.ModelInfo]:
         """Every model the coordinator knows (raises :class:`ApiError`)."""
         try:
-            r = await self.stub.ListModels(pb.ListModelsRequest(), metadata=md, timeout=30)
+            r = await self.stub.ListModels(pb.ListModelsRequest(), metadata=md, timeout=5)
         except grpc.aio.AioRpcError as e:
             raise from_grpc(e) from None
         self._models = {m.name: m for m in r.models}
