@@ -1,0 +1,280 @@
+"""Benchmark the OpenAI gateway against the gRPC client (issue 21).
+
+Run from the repository root::
+
+    python -m bench.bench_gateway
+
+Writes ``bench/results/gateway.json`` and ``bench/results/gateway.md``.  The cluster of
+``bench_grpc`` (a coordinator and 2 stage workers as processes, 1 torch thread each, the same
+small random Llama) plus the demo byte-level tokenizer, and one ``pipeserve gateway``
+process in front of it.  We measure
+
+1. **gateway overhead per streamed token**: batch-1 greedy generation of 256 tokens streamed
+   by the official ``openai`` client (``completions.create(stream=True)``) through the
+   gateway vs the ``pipeserve.v1`` gRPC client on the same cluster; overhead per token =
+   difference of the per-token times (median of 5 alternating rounds).  Goal < 0.5 ms.
+   The same with a raw HTTP client reading the event stream (no ``openai`` parsing).
+2. **time to first byte**: from sending the request to the first generated text received
+   (SSE over HTTP vs the first gRPC message), median of 20 requests of 16 tokens.
+3. **200 concurrent streams** of 8 tokens through the gateway (``AsyncOpenAI``): all complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.bench_core import _jsonable, code_state, machine
+from bench.bench_grpc import Cluster, _port, build
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+NEW = 256
+PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
+GOAL_S = 0.5e-3
+
+
+def _grpc_stream(cluster: Cluster, new: int) -> tuple[str, float, float]:
+    """(text, seconds to the first message with text, seconds in all)."""
+    from pipeserve.v1 import pipeserve_pb2 as pb
+
+    req = pb.GenerateRequest(
+        model="m",
+        token_ids=pb.TokenIds(ids=PROMPT),
+        max_new_tokens=new,
+        sampling=pb.SamplingParameters(ignore_eos=True),
+    )
+    text, first = "", 0.0
+    t0 = time.perf_counter()
+    for r in cluster.stub.Generate(req, timeout=600):
+        if not first and r.token_ids:
+            first = time.perf_counter() - t0
+        text += r.text
+    return text, first, time.perf_counter() - t0
+
+
+def _body(new: int) -> dict[str, Any]:
+    return {
+        "model": "m",
+        "prompt": PROMPT,
+        "max_tokens": new,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
+
+
+def _openai_stream(client: Any, new: int) -> tuple[str, float, float]:
+    t0 = time.perf_counter()
+    body = _body(new)
+    stream = client.completions.create(
+        **{k: body[k] for k in ("model", "prompt", "max_tokens", "temperature", "stream")},
+        extra_body={"ignore_eos": True},
+    )
+    text, first = "", 0.0
+    for chunk in stream:
+        if not first:
+            first = time.perf_counter() - t0
+        text += chunk.choices[0].text
+    return text, first, time.perf_counter() - t0
+
+
+def _raw_stream(http: Any, url: str, new: int) -> tuple[str, float, float]:
+    """A plain HTTP client reading ``data:`` lines (what curl -N sees)."""
+    t0 = time.perf_counter()
+    text, first = "", 0.0
+    with http.stream("POST", f"{url}/completions", json=_body(new)) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            if not first:
+                first = time.perf_counter() - t0
+            text += json.loads(line[6:])["choices"][0]["text"]
+    return text, first, time.perf_counter() - t0
+
+
+def overhead(cluster: Cluster, url: str, rounds: int = 5, firsts: int = 20) -> dict[str, Any]:
+    import httpx2
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    with httpx2.Client(timeout=600) as http:
+        want = _grpc_stream(cluster, NEW)[0]
+        same = _openai_stream(client, NEW)[0] == want and _raw_stream(http, url, NEW)[0] == want
+        times: dict[str, list[float]] = {"grpc": [], "openai": [], "raw_http": []}
+        for _ in range(rounds):
+            times["grpc"].append(_grpc_stream(cluster, NEW)[2] / NEW)
+            times["openai"].append(_openai_stream(client, NEW)[2] / NEW)
+            times["raw_http"].append(_raw_stream(http, url, NEW)[2] / NEW)
+        first: dict[str, list[float]] = {"grpc": [], "openai": [], "raw_http": []}
+        for _ in range(firsts):
+            first["grpc"].append(_grpc_stream(cluster, 16)[1])
+            first["openai"].append(_openai_stream(client, 16)[1])
+            first["raw_http"].append(_raw_stream(http, url, 16)[1])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "s_per_token": med,
+        "overhead_s_per_token": {k: med[k] - med["grpc"] for k in ("openai", "raw_http")},
+        "first_text_s": {k: statistics.median(v) for k, v in first.items()},
+        "same_text": same,
+        "rounds": rounds,
+        "new_tokens": NEW,
+    }
+
+
+async def _concurrent(url: str, n: int, new: int = 8) -> dict[str, Any]:
+    import openai
+
+    t0 = time.perf_counter()
+
+    async def one(ac: openai.AsyncOpenAI, i: int) -> tuple[int, str | None, float]:
+        stream = await ac.completions.create(
+            model="m",
+            prompt=[1 + i % 900, 2, 3],
+            max_tokens=new,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        finish, first, tokens = None, 0.0, 0
+        async for chunk in stream:
+            if not first:
+                first = time.perf_counter() - t0
+            if chunk.choices:
+                finish = chunk.choices[0].finish_reason or finish
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+        return tokens, finish, first
+
+    async with openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600) as ac:
+        results = await asyncio.gather(*(one(ac, i) for i in range(n)), return_exceptions=True)
+    wall = time.perf_counter() - t0
+    errors = [repr(r) for r in results if isinstance(r, BaseException)]
+    ok = [r for r in results if not isinstance(r, BaseException)]
+    firsts = sorted(f for _, _, f in ok)
+    return {
+        "streams": n,
+        "complete": sum(1 for t, f, _ in ok if t == new and f == "length"),
+        "n_errors": len(errors),
+        "errors": errors[:5],
+        "wall_s": wall,
+        "first_byte_s_median": statistics.median(firsts) if firsts else None,
+    }
+
+
+def markdown(res: dict[str, Any]) -> str:
+    o, m, c = res["overhead"], res["machine"], res["concurrent"]
+    ms = {k: v * 1e3 for k, v in o["s_per_token"].items()}
+    over = {k: v * 1e3 for k, v in o["overhead_s_per_token"].items()}
+    first = {k: v * 1e3 for k, v in o["first_text_s"].items()}
+
+    def verdict(ok: bool) -> str:
+        return "PASS" if ok else "FAIL"
+
+    rows = [
+        f"| gateway overhead per streamed token, `openai` client vs gRPC client | < 0.5 ms | "
+        f"{over['openai']:.3f} ms ({ms['openai']:.2f} vs {ms['grpc']:.2f} ms) | "
+        f"{verdict(over['openai'] < GOAL_S * 1e3)} |",
+        f"| gateway overhead per streamed token, raw HTTP (SSE lines) vs gRPC client | < 0.5 ms "
+        f"| {over['raw_http']:.3f} ms ({ms['raw_http']:.2f} vs {ms['grpc']:.2f} ms) | "
+        f"{verdict(over['raw_http'] < GOAL_S * 1e3)} |",
+        f"| time to first text, HTTP (`openai` / raw) vs gRPC | - | {first['openai']:.1f} / "
+        f"{first['raw_http']:.1f} ms vs {first['grpc']:.1f} ms | - |",
+        f"| {c['streams']} concurrent HTTP streams (`AsyncOpenAI`), 8 tokens each | all complete "
+        f"| {c['complete']}/{c['streams']} complete, {c['n_errors']} errors, {c['wall_s']:.1f} s, "
+        f"first byte median {(c['first_byte_s_median'] or 0):.2f} s | "
+        f"{verdict(c['complete'] == c['streams'])} |",
+    ]
+    return "\n".join(
+        [
+            "# OpenAI gateway benchmark",
+            "",
+            f"Machine: {m['cpu']}, {m['usable_cores']} usable cores, torch {m['torch']}.  "
+            "Coordinator + 2 workers + 1 gateway as processes on this machine, a random Llama "
+            f"(hidden 64, 4 layers, vocab 1000) with the demo tokenizer.  Date: {res['date']}.",
+            "",
+            "| metric | goal | measured | |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            f"Per-token times are medians of {o['rounds']} alternating rounds of "
+            f"{o['new_tokens']} streamed tokens, batch 1, greedy; the three clients got "
+            f"{'the same' if o['same_text'] else 'DIFFERENT'} text.  Time to first text: "
+            f"median of {4 * o['rounds']} requests of 16 tokens each, from the request to the "
+            "first generated text received.  The gateway, the client and the cluster share "
+            "the machine's cores.",
+            "",
+        ]
+    )
+
+
+def main() -> None:
+    import subprocess
+
+    from pipeserve.demo_tokenizer import save_demo_tokenizer
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--streams", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of 256 tokens per client")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    res: dict[str, Any] = {"machine": machine(), "code": code_state()}
+    with tempfile.TemporaryDirectory(prefix="bench_gateway_") as d:
+        ckpt = build(Path(d) / "llama")
+        save_demo_tokenizer(ckpt, vocab_size=1000)
+        cluster = Cluster(ckpt, Path(d))
+        port = _port()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PIPESERVE_LOG": "WARNING"}
+        gateway = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipeserve",
+                "gateway",
+                "--coordinator",
+                cluster.address,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=open(Path(d) / "gateway.log", "w"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            from pipeserve.local_cluster import wait_gateway
+
+            url = wait_gateway(port, Path(d)) + "/v1"
+            res["overhead"] = overhead(cluster, url, args.rounds, 4 * args.rounds)
+            print("[overhead]", res["overhead"], flush=True)
+            res["concurrent"] = asyncio.run(_concurrent(url, args.streams))
+            print("[concurrent]", res["concurrent"], flush=True)
+        finally:
+            gateway.terminate()
+            gateway.wait(timeout=20)
+            cluster.close()
+    res["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_jsonable(res), indent=2) + "\n"
+    (out / "gateway.json").write_text(text)
+    (out / "gateway.md").write_text(markdown(json.loads(text)))
+    print(markdown(json.loads(text)))
+
+
+if __name__ == "__main__":
+    main()
