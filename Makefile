@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/pipeserve local
+	$(VENV)/bin/pipeserve local --http-port 8000
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -130,6 +130,7 @@ def run_local(
             "pipeserve.v1.Inference/Generate"
         )
         if http_port:
+            http_port = _free(http_port)  # the port asked for, or any free one
             start(
                 "gateway",
                 "gateway",
