@@ -40,8 +40,11 @@ async def choice_stream(
     call = backend.generate(req, md)
     matcher = StopMatcher(stops)
     tokens = 0
+    finished = False
     try:
         async for r in call:
+            if finished:
+                continue
             tokens += len(r.token_ids)
             text = matcher.push(r.text)
             if matcher.stopped:
@@ -51,15 +54,18 @@ async def choice_stream(
                 if r.finish_reason not in _FINISH:  # cancelled / timed out on the cluster
                     name = pb.FinishReason.Name(r.finish_reason).removeprefix("FINISH_REASON_")
                     raise ApiError(504 if name == "TIMEOUT" else 503, f"generation {name}")
+                finished = True  # then read the call to its end: it finished OK, not cancelled
                 yield Piece(text + matcher.flush(), _FINISH[r.finish_reason], tokens)
-                return
-            if text:
+            elif text:
                 yield Piece(text, None, tokens)
-        raise ApiError(502, "the coordinator ended the stream without a finish reason")
+        if not finished:
+            raise ApiError(502, "the coordinator ended the stream without a finish reason")
     except grpc.aio.AioRpcError as e:
-        raise from_grpc(e) from None
+        if not finished:
+            raise from_grpc(e) from None
     finally:
-        call.cancel()
+        if not finished:
+            call.cancel()
 
 
 _END = object()
