@@ -153,9 +153,17 @@ def test_stop_strings_across_token_boundaries_and_stop_ids(local):
     assert r.choices[0].finish_reason == "stop"
     # tokens generated up to the stop (a stream message can carry 2 tokens under load)
     assert tokens_needed <= r.usage.completion_tokens <= tokens_needed + 2
-    streamed = list(c.completions.create(**kw, stream=True))
+    streamed = list(
+        c.completions.create(**kw, stream=True, extra_headers={"x-request-id": "stop-str-1"})
+    )
     assert "".join(ch.choices[0].text for ch in streamed) == full[:cut]
     assert streamed[-1].choices[0].finish_reason == "stop"
+    # the stop string ended the request on the cluster too (not run on to max_tokens)
+    log = local.tmp / ".pipeserve-cache" / "logs" / "coordinator.log"
+    deadline = time.monotonic() + 30
+    while "[stop-str-1] generate on tiny: CANCELLED" not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.2)
 
     # a stop token id (the engine's stop_token_ids): its id is the last one generated
     tokens = [
