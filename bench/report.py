@@ -16,7 +16,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 OUT = ROOT / "BENCHMARKS.md"
-ORDER = ["core", "balance", "generate", "generate_16core", "generate_gpu", "grpc", "reliability"]
+ORDER = [
+    "core",
+    "balance",
+    "generate",
+    "generate_16core",
+    "generate_gpu",
+    "grpc",
+    "gateway",
+    "reliability",
+]
 SCRIPTS = {
     "generate_16core": "bench_generate.py --name generate_16core",
     "generate_gpu": "bench_generate.py --device cuda",
@@ -30,6 +39,7 @@ BASELINES = {
     "generate_gpu": "HF `generate` in one process on the same GPU; PiPPy-style recompute on it; "
     "the model on 1 stage",
     "grpc": "`pipeline_core` called directly on the same local stages",
+    "gateway": "the `pipeserve.v1` gRPC client on the same cluster",
     "reliability": "the same requests run undisturbed / alone",
 }
 
