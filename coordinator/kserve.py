@@ -59,14 +59,18 @@ def to_forward(req: kv2.ModelInferRequest) -> pb.ForwardRequest:
     out = pb.ForwardRequest(model=req.model_name)
     for i, t in enumerate(req.inputs):
         if t.datatype not in KSERVE_DTYPES:
-            raise ValueError(f"input {t.name!r}: datatype {t.datatype} is not supported")
+            raise ValueError(
+                f"input {rpc.clip(t.name)}: datatype {rpc.clip(t.datatype)} is not supported"
+            )
         dtype = KSERVE_DTYPES[t.datatype]
         if i < len(req.raw_input_contents):
             data = req.raw_input_contents[i]
         else:
             field = _CONTENTS.get(t.datatype)
             if field is None:
-                raise ValueError(f"input {t.name!r}: send {t.datatype} as raw_input_contents")
+                raise ValueError(
+                    f"input {rpc.clip(t.name)}: send {t.datatype} as raw_input_contents"
+                )
             values = list(getattr(t.contents, field))
             data = np.asarray(values, dtype=np.dtype(dtype)).tobytes()
         out.inputs.add(name=t.name, dtype=dtype, shape=list(t.shape), data=data)
@@ -118,7 +122,7 @@ def to_generate(req: kv2.ModelInferRequest) -> pb.GenerateRequest:
                 ids = np.array(list(t.contents.int64_contents) or list(t.contents.int_contents))
             out.token_ids.ids.extend(int(x) for x in ids.reshape(-1))
         else:
-            raise ValueError(f"unknown input {t.name!r}; use text_input or input_ids")
+            raise ValueError(f"unknown input {rpc.clip(t.name)}; use text_input or input_ids")
     if not out.HasField("text") and not out.HasField("token_ids"):
         raise ValueError("give an input text_input (BYTES) or input_ids (INT64)")
     params = {k: _param(v) for k, v in req.parameters.items()}

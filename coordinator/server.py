@@ -9,7 +9,6 @@ holds weights or activations: only token ids and text pass through it.
 
 from __future__ import annotations
 
-import hmac
 import itertools
 import logging
 import os
@@ -27,7 +26,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
-from pipeline_core import ModelSource, Plan, Policy, Workload, make_plan
+from pipeline_core import ModelSource, Plan, Policy, RequestError, Workload, make_plan
 from pipeserve import rpc
 from pipeserve.observe import REQUEST_ID, CoordinatorMetrics, new_request_id, serve_metrics
 from pipeserve.v1 import pipeserve_pb2 as pb
@@ -45,6 +44,14 @@ LOAD_TIMEOUT_S = 900.0
 PROFILE_TIMEOUT_S = 300.0
 """How long a worker may take to profile a model's unit kinds before planning by FLOPs."""
 SERVICES = ["pipeserve.v1.Inference", "pipeserve.v1.Admin", "pipeserve.v1.Registry"]
+_LOST = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+}
+"""Upstream codes that may mean the pipeline lost a worker (the relay waits for recovery
+and replays); any other code is the request's own answer and goes to the client at once."""
 
 
 class CallError(Exception):
@@ -172,6 +179,9 @@ def policy_from_proto(p: pb.SplitPolicy) -> Policy:
 
 UNKNOWN_MEMORY = 2**62
 """A worker that reported no memory size is planned as if it had no limit."""
+MAX_NAME = 128
+"""Longest model name (names come back in every answer about the model)."""
+MAX_PATH = 4096
 SAME_SPEED = 0.15
 """Workers whose speed figures differ by less than this share count as equally fast: the
 start-up matmul is noisy, and a 5% wobble must not move layers between identical workers."""
@@ -213,7 +223,8 @@ class Coordinator:
         self.instance = uuid.uuid4().hex[:4]
         self.client_token = os.environ.get("PIPESERVE_CLIENT_TOKEN", "")
         self.kv: dict[str, bytes] = {}
-        """The data-plane rendezvous records (Registry.Store*)."""
+        """The data-plane rendezvous records (Registry.Store*; bounded in registry.py)."""
+        self.kv_bytes = 0
         self.state: StateStore | None = None
         self.recoveries: list[dict[str, Any]] = []
         """Completed recoveries: model, lost workers, seconds from detection to ready."""
@@ -240,7 +251,7 @@ class Coordinator:
         if m is None:
             raise CallError(
                 grpc.StatusCode.NOT_FOUND,
-                f"no model {name!r} (loaded: {', '.join(known) or 'none'}); load it with "
+                f"no model {rpc.clip(name)} (loaded: {', '.join(known) or 'none'}); load it with "
                 "`pipeserve admin load`",
             )
         if ready and m.state != pb.MODEL_STATE_READY:
@@ -299,6 +310,15 @@ class Coordinator:
         status = "OK"
         streamed: list[int] = []
         try:
+            try:  # a bad request is refused now, never after waiting for a recovery
+                rpc.check_generate(request)
+                self.find(request.model, ready=False)
+            except RequestError as e:
+                status = "INVALID_ARGUMENT"
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except CallError as e:
+                status = e.code.name
+                context.abort(e.code, e.message)
             while True:
                 req = pb.GenerateRequest()
                 req.CopyFrom(request)
@@ -329,7 +349,7 @@ class Coordinator:
                 except grpc.RpcError as e:
                     if not context.is_active():
                         return
-                    if self.wait_recovered(request.model, epoch, context):
+                    if e.code() in _LOST and self.wait_recovered(request.model, epoch, context):
                         log.info("replaying after %d streamed tokens", len(streamed))
                         continue
                     status = e.code().name
@@ -384,6 +404,14 @@ class Coordinator:
                     return False
                 self.changed.wait(0.2)
         return False
+
+    def prune_store(self, name: str, keep_epoch: int = -1) -> None:
+        """Drop the rendezvous keys of ``name``'s other epochs (workers key them
+        ``model/epoch/...``): a re-formed or unloaded model's old keys are never read again."""
+        keep = f"{name}/{keep_epoch}/"
+        with self.lock:
+            for k in [k for k in self.kv if k.startswith(f"{name}/") and not k.startswith(keep)]:
+                self.kv_bytes -= len(self.kv.pop(k))
 
     # ------------------------------------------------------------------ recovery
 
@@ -455,6 +483,7 @@ class Coordinator:
                 )
                 if self.state is not None:
                     self.state.save(m)
+                self.prune_store(m.name, m.epoch)
                 log.warning("model %s ready again (epoch %d)", m.name, m.epoch)
                 self.health.set(f"pipeserve.model.{m.name}", True)
             else:
@@ -581,88 +610,9 @@ class InferenceServicer(pbg.InferenceServicer):
 
 def _check_token(context: grpc.ServicerContext, token: str, what: str, env: str) -> None:
     """No token: UNAUTHENTICATED; a wrong one: PERMISSION_DENIED."""
-    sent = dict(context.invocation_metadata()).get("authorization", "")
-    if not sent:
-        context.abort(
-            grpc.StatusCode.UNAUTHENTICATED, f"{what} need 'authorization: Bearer <token>' ({env})"
-        )
-    if not hmac.compare_digest(sent, f"Bearer {token}"):
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{what}: wrong token ({env})")
-
-
-class RegistryServicer(pbg.RegistryServicer):
-    """Workers register and heartbeat; with ``PIPESERVE_WORKER_TOKEN`` set they must present
-    it, so a stray process cannot join a pipeline."""
-
-    def __init__(self, c: Coordinator) -> None:
-        self.c = c
-        self.token = os.environ.get("PIPESERVE_WORKER_TOKEN", "")
-
-    def _authorize(self, context: grpc.ServicerContext) -> None:
-        if self.token:
-            _check_token(context, self.token, "workers", "PIPESERVE_WORKER_TOKEN")
-
-    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> Any:
-        self._authorize(context)
-        if not request.address:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "register needs the worker address")
-        with self.c.lock:
-            seq = next(self.c._ids)
-            # unique across coordinator restarts: a worker heartbeating with an id from the
-            # previous coordinator must not be mistaken for a new one
-            wid = f"w{seq}-{self.c.instance}"
-            self.c.workers[wid] = WorkerRecord(
-                wid,
-                request.address,
-                request.device,
-                request.memory_bytes,
-                pbg.StageWorkerStub(rpc.channel(request.address)),
-                lost_after=self.c.lost_after,
-                seq=seq,
-                speed=request.speed_gflops,
-                device_name=request.device_name,
-                kv_tokens=request.kv_tokens,
-            )
-        log.info("worker %s registered from %s", wid, request.address)
-        return pb.RegisterResponse(worker_id=wid, heartbeat_interval_ms=HEARTBEAT_MS)
-
-    def StoreSet(self, request: pb.StoreSetRequest, context: grpc.ServicerContext) -> Any:
-        self._authorize(context)
-        with self.c.changed:
-            self.c.kv[request.key] = request.value
-            self.c.changed.notify_all()
-        return pb.StoreSetResponse()
-
-    def StoreWait(self, request: pb.StoreWaitRequest, context: grpc.ServicerContext) -> Any:
-        self._authorize(context)
-        keys = list(request.keys)
-        deadline = time.monotonic() + max(0.0, min(request.timeout_s, 600.0))
-        with self.c.changed:
-            while not all(k in self.c.kv for k in keys):
-                left = deadline - time.monotonic()
-                if left <= 0 or not context.is_active():
-                    return pb.StoreWaitResponse(found=False)
-                self.c.changed.wait(min(left, 1.0))
-            return pb.StoreWaitResponse(found=True, values=[self.c.kv[k] for k in keys])
-
-    def StoreAdd(self, request: pb.StoreAddRequest, context: grpc.ServicerContext) -> Any:
-        self._authorize(context)
-        with self.c.changed:
-            value = int(self.c.kv.get(request.key, b"0")) + request.amount
-            self.c.kv[request.key] = str(value).encode()
-            self.c.changed.notify_all()
-        return pb.StoreAddResponse(value=value)
-
-    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> Any:
-        self._authorize(context)
-        with self.c.lock:
-            w = self.c.workers.get(request.worker_id)
-            if w is None:
-                return pb.HeartbeatResponse(known=False)
-            w.status = request.status
-            w.last_seen = time.monotonic()
-            self.c.relink(w)
-        return pb.HeartbeatResponse(known=True)
+    denied = rpc.bearer_error(context.invocation_metadata(), token, what)
+    if denied is not None:
+        context.abort(denied[0], f"{denied[1]} ({env})")
 
 
 def _spare_for(plan: Plan, stage: int, spares: list[WorkerRecord]) -> WorkerRecord:
@@ -752,16 +702,22 @@ class AdminServicer(pbg.AdminServicer):
         workload: pb.Workload | None = None,
         mode: str = "generate",
     ) -> tuple[Plan, Placement | None]:
+        if "\x00" in checkpoint or len(checkpoint) > MAX_PATH:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"checkpoint path {rpc.clip(checkpoint)} holds a NUL byte or is longer than "
+                f"{MAX_PATH} characters",
+            )
         if not confined(checkpoint, self.c.model_roots):
             context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"checkpoint {checkpoint!r} is outside the model roots "
+                f"checkpoint {rpc.clip(checkpoint)} is outside the model roots "
                 f"{[str(r) for r in self.c.model_roots]} (coordinator --model-root)",
             )
         if not checkpoint or not Path(checkpoint).is_dir():
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"checkpoint directory {checkpoint!r} does not exist on the coordinator",
+                f"checkpoint directory {rpc.clip(checkpoint)} does not exist on the coordinator",
             )
         dtype = dtype or "float32"
         try:
@@ -826,6 +782,11 @@ class AdminServicer(pbg.AdminServicer):
         self._authorize(context)
         c = self.c
         name = request.name or Path(request.checkpoint).name
+        if not 0 < len(name) <= MAX_NAME or not name.isprintable():
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"model name {rpc.clip(name)}: give 1 to {MAX_NAME} printable characters",
+            )
         with c.lock:
             if name in c.models:
                 context.abort(
@@ -835,7 +796,8 @@ class AdminServicer(pbg.AdminServicer):
         mode = request.mode or _default_mode(request.checkpoint)
         if mode not in ("generate", "forward"):
             context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"mode must be generate or forward, not {mode!r}"
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"mode must be generate or forward, not {rpc.clip(mode)}",
             )
         plan, placed = self._plan(
             request.checkpoint,
@@ -911,6 +873,7 @@ class AdminServicer(pbg.AdminServicer):
         self.c.release_all(m)
         with self.c.lock:
             self.c.models.pop(m.name, None)
+        self.c.prune_store(m.name)
 
     def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.ServicerContext) -> Any:
         self._authorize(context)
@@ -920,6 +883,7 @@ class AdminServicer(pbg.AdminServicer):
         self.c.release_all(m)
         with self.c.lock:
             self.c.models.pop(m.name, None)
+        self.c.prune_store(m.name)
         if self.c.state is not None:
             self.c.state.delete(m.name)
         return pb.UnloadModelResponse()
@@ -942,6 +906,7 @@ class AdminServicer(pbg.AdminServicer):
                     kv_bytes=w.status.kv_bytes,
                     speed_gflops=w.speed,
                     device_name=w.device_name,
+                    rpc_bytes=w.status.rpc_bytes,
                 )
                 for w in self.c.workers.values()
             ]
@@ -969,7 +934,7 @@ class AdminServicer(pbg.AdminServicer):
         with self.c.lock:
             w = self.c.workers.get(request.worker_id)
             if w is None:
-                context.abort(grpc.StatusCode.NOT_FOUND, f"no worker {request.worker_id!r}")
+                context.abort(grpc.StatusCode.NOT_FOUND, f"no worker {rpc.clip(request.worker_id)}")
             assert w is not None
             w.draining = True
             m = self.c.models.get(w.model)
@@ -1044,6 +1009,7 @@ def serve(
 ) -> None:
     """Run the coordinator until ``stop`` is set (or forever)."""
     from coordinator.kserve import KServeServicer
+    from coordinator.registry import RegistryServicer
     from pipeserve.inference import grpc_predict_v2_pb2_grpc as kg
 
     advertise = advertise_host or (host if host not in ("0.0.0.0", "::", "") else socket.getfqdn())

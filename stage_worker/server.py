@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -25,7 +26,7 @@ import torch
 import torch.distributed as dist
 from prometheus_client import CollectorRegistry
 
-from pipeline_core import GenStage, ModelSource, ReadStats
+from pipeline_core import GenStage, ModelSource, ReadStats, RequestError
 from pipeline_core.cost import device_flops, device_name, unit_seconds
 from pipeline_core.detokenize import Detokenizer
 from pipeline_core.engine import EngineLimits, GenerationEngine, serve_generation
@@ -336,6 +337,7 @@ class Worker(pbg.StageWorkerServicer):
             if request.HasField("text"):
                 if tok is None:
                     raise ValueError("the model has no tokenizer; send token_ids instead of text")
+                _check_text_size(request.text, job.engine)  # before the tokenizer sees it
                 prompt = tok(request.text)["input_ids"]
             else:
                 prompt = list(request.token_ids.ids)
@@ -370,6 +372,24 @@ class Worker(pbg.StageWorkerServicer):
             usage=pb.Usage(
                 prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens
             ),
+        )
+
+
+BYTES_PER_TOKEN = 32
+"""A text prompt may have this many UTF-8 bytes per token the model could take: far more
+than any tokenizer's tokens hold on average, and it bounds the tokenizer's time and memory."""
+
+
+def _check_text_size(text: str, engine: GenerationEngine) -> None:
+    """Refuse a text prompt too long for the model before it is tokenized (a 20 MB text took
+    30 s and 2.6 GB to tokenize just to be refused)."""
+    tokens = min(engine.context_limit, engine.limits.max_tokens)
+    limit = max(4096, int(tokens) * BYTES_PER_TOKEN)
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise RequestError(
+            f"the text prompt is {size} bytes; this model takes at most {limit} "
+            f"({BYTES_PER_TOKEN} per token of its {int(tokens)}-token limit): shorten it"
         )
 
 
@@ -437,7 +457,12 @@ def serve(
     if speed_gflops <= 0:
         speed_gflops = device_flops(device, torch.float32, torch.get_num_threads()) / 1e9
     memory_bytes = memory_bytes or _memory_bytes(device)
-    server, port, health, counter = rpc.make_server(f"{host}:{port}", [SERVICE])
+    # only the coordinator may call StageWorker: it gets this secret when the worker registers
+    control_token = secrets.token_urlsafe(32)
+    auth = rpc.BearerAuth(SERVICE, control_token, "StageWorker calls (the coordinator's only)")
+    server, port, health, counter = rpc.make_server(
+        f"{host}:{port}", [SERVICE], interceptors=[auth]
+    )
     worker = Worker(device, health, counter, limits)
     pbg.add_StageWorkerServicer_to_server(worker, server)
     registry = CollectorRegistry()
@@ -469,6 +494,7 @@ def serve(
                         speed_gflops=speed_gflops,
                         device_name=device_name(device),
                         kv_tokens=limits.max_tokens,
+                        control_token=control_token,
                     ),
                     timeout=10,
                     metadata=md,
