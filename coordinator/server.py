@@ -32,6 +32,8 @@ from pipeserve.observe import REQUEST_ID, CoordinatorMetrics, new_request_id, se
 from pipeserve.v1 import pipeserve_pb2 as pb
 from pipeserve.v1 import pipeserve_pb2_grpc as pbg
 
+from .recovery import LOAD_TIMEOUT_S, Recovery
+
 __all__ = ["CallError", "Coordinator", "serve"]
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,6 @@ HEARTBEAT_MS = 500
 LOST_AFTER_S = 5.0
 """A worker whose heartbeats stop this long is lost (``--worker-timeout``)."""
 RECOVERY_TIMEOUT_S = 300.0
-LOAD_TIMEOUT_S = 900.0
 PROFILE_TIMEOUT_S = 300.0
 """How long a worker may take to profile a model's unit kinds before planning by FLOPs."""
 SERVICES = ["pipeserve.v1.Inference", "pipeserve.v1.Admin", "pipeserve.v1.Registry"]
@@ -106,7 +107,11 @@ class ModelRecord:
     recovering: bool = False
     waiting: str = ""
     """Why recovery waits (no spare worker yet): requests fail fast with this message."""
-    abandoned: bool = False
+    busy: threading.Lock = field(default_factory=threading.Lock)
+    """Held by the recovery attempt under way (one at a time per model)."""
+    attempts: int = 0
+    """Failed recovery attempts in a row (the retry backoff grows with them)."""
+    retry_at: float = 0.0
 
     def info(self) -> pb.ModelInfo:
         inputs = []
@@ -210,8 +215,8 @@ class Placement:
     times_from: str
 
 
-class Coordinator:
-    """Cluster state and the gRPC servicers over it."""
+class Coordinator(Recovery):
+    """Cluster state and the gRPC servicers over it (recovery: :class:`Recovery`)."""
 
     def __init__(self, health: rpc.Health, registry: CollectorRegistry | None = None) -> None:
         self.health = health
@@ -220,6 +225,7 @@ class Coordinator:
         self.registry.register(_ClusterCollector(self))
         self.model_roots: list[Path] = []
         self.lost_after = LOST_AFTER_S
+        self.started = time.monotonic()
         self.instance = uuid.uuid4().hex[:4]
         self.client_token = os.environ.get("PIPESERVE_CLIENT_TOKEN", "")
         self.kv: dict[str, bytes] = {}
@@ -352,8 +358,13 @@ class Coordinator:
                     if e.code() in _LOST and self.wait_recovered(request.model, epoch, context):
                         log.info("replaying after %d streamed tokens", len(streamed))
                         continue
-                    status = e.code().name
-                    context.abort(e.code(), e.details() or "")
+                    code, details = e.code(), e.details() or ""
+                    m = self.models.get(request.model)
+                    if code in _LOST and m is not None and (m.waiting or m.recovering):
+                        code = grpc.StatusCode.UNAVAILABLE  # not the relay's own cancel
+                        details = m.waiting or f"model {m.name!r} is recovering: {m.error}"
+                    status = code.name
+                    context.abort(code, details)
                 finally:
                     if m is not None:
                         m.calls.discard(call)
@@ -412,127 +423,6 @@ class Coordinator:
         with self.lock:
             for k in [k for k in self.kv if k.startswith(f"{name}/") and not k.startswith(keep)]:
                 self.kv_bytes -= len(self.kv.pop(k))
-
-    # ------------------------------------------------------------------ recovery
-
-    def monitor(self, stop: threading.Event) -> None:
-        """Detect lost workers (no heartbeat for ``lost_after`` s, a crash or a hang) and
-        re-form their models' pipelines on spare workers under a new epoch."""
-        while not stop.wait(0.25):
-            for m in list(self.models.values()):
-                if m.mode != "generate":
-                    continue
-                if not all(m.workers):
-                    continue  # restoring after a coordinator restart
-                lost = [w for w in m.workers if self.workers[w].state == "lost"]
-                if lost and (m.state == pb.MODEL_STATE_READY or m.recovering):
-                    try:
-                        self.recover(m, lost)
-                    except Exception:  # keep monitoring
-                        log.exception("recovery of %s failed", m.name)
-
-    def recover(self, m: ModelRecord, lost: list[str], drained: bool = False) -> None:
-        """Move the stages of ``lost`` workers to spares and re-form ``m`` (``drained``: the
-        workers are alive and leave on request, so they are released too)."""
-        t0 = time.monotonic()
-        with self.changed:
-            if not m.recovering:
-                m.recovering = True
-                m.state = pb.MODEL_STATE_LOADING
-                m.error = f"recovering: worker(s) {', '.join(lost)} lost"
-                self.changed.notify_all()
-                log.warning("model %s lost %s; re-forming the pipeline", m.name, lost)
-        self.health.set(f"pipeserve.model.{m.name}", False)
-        for call in list(m.calls):  # streams on the broken pipeline: the relays replay them
-            call.cancel()
-        if not m.abandoned:
-            for wid in m.workers:
-                w = self.workers[wid]
-                if wid in lost and not drained:
-                    continue
-                try:
-                    w.stub.Release(pb.ReleaseRequest(model=m.name, abandon=True), timeout=10)
-                except grpc.RpcError as e:
-                    log.warning("abandon on %s failed: %s", wid, e.code())
-            m.abandoned = True
-        with self.lock:
-            spares = self.idle()
-            if len(spares) < len(lost):
-                m.waiting = (
-                    f"model {m.name!r} lost worker(s) {', '.join(lost)} and no spare worker is "
-                    "registered; start a `pipeserve worker` and the model recovers by itself"
-                )
-                self.changed.notify_all()
-                return
-            workers = list(m.workers)
-            for wid in lost:
-                spare = _spare_for(m.plan, workers.index(wid), spares)
-                spares.remove(spare)
-                workers[workers.index(wid)] = spare.id
-                spare.model = m.name
-                self.workers[wid].model = ""
-            m.waiting = ""
-            m.workers = workers
-            m.epoch = next(self._epochs)
-        error = self.assign_and_wait(m)
-        with self.changed:
-            if error is None:
-                m.state, m.error, m.recovering, m.abandoned = pb.MODEL_STATE_READY, "", False, False
-                self.recoveries.append(
-                    {"model": m.name, "lost": lost, "seconds": time.monotonic() - t0}
-                )
-                if self.state is not None:
-                    self.state.save(m)
-                self.prune_store(m.name, m.epoch)
-                log.warning("model %s ready again (epoch %d)", m.name, m.epoch)
-                self.health.set(f"pipeserve.model.{m.name}", True)
-            else:
-                m.error = f"recovery failed: {error}; retrying"
-                m.abandoned = False
-            self.changed.notify_all()
-
-    def assign(self, m: ModelRecord) -> str | None:
-        """Send every stage of ``m`` to its worker (its current workers and epoch); None on
-        success, else the error.  The rendezvous is this coordinator's Registry store."""
-        plan_json = m.plan.dumps()
-        try:
-            for k, wid in enumerate(m.workers):
-                self.workers[wid].stub.Assign(
-                    pb.AssignRequest(
-                        model=m.name,
-                        plan_json=plan_json,
-                        stage=k,
-                        world_size=m.plan.num_stages,
-                        epoch=m.epoch,
-                        device=m.device,
-                        mode=m.mode,
-                    ),
-                    timeout=30,
-                )
-        except grpc.RpcError as e:
-            return f"assigning a stage failed: {e.details()}"
-        return None
-
-    def assign_and_wait(self, m: ModelRecord) -> str | None:
-        """:meth:`assign`, then wait until every stage is ready; None on success."""
-        error = self.assign(m)
-        if error is not None:
-            return error
-        deadline = time.monotonic() + LOAD_TIMEOUT_S
-        while time.monotonic() < deadline:
-            states = []
-            for wid in m.workers:
-                try:
-                    st = self.workers[wid].stub.Status(pb.StatusRequest(), timeout=10)
-                except grpc.RpcError as e:
-                    return f"{wid} unreachable: {e.code()}"
-                if st.state == "failed":
-                    return f"{wid}: {st.error}"
-                states.append(st.state)
-            if all(x == "ready" for x in states):
-                return None
-            time.sleep(0.2)
-        return "timed out"
 
     def forward(self, request: pb.ForwardRequest, timeout: float | None) -> pb.ForwardResponse:
         """Run a forward-mode model through its last-stage worker (which hosts the driver)."""
@@ -613,15 +503,6 @@ def _check_token(context: grpc.ServicerContext, token: str, what: str, env: str)
     denied = rpc.bearer_error(context.invocation_metadata(), token, what)
     if denied is not None:
         context.abort(denied[0], f"{denied[1]} ({env})")
-
-
-def _spare_for(plan: Plan, stage: int, spares: list[WorkerRecord]) -> WorkerRecord:
-    """The first spare (by registration) whose memory holds the stage's weights and KV budget;
-    else the one with the most memory."""
-    st = plan.stages[stage]
-    need = st.nbytes + st.kv_bytes_per_token * int(plan.workload.get("kv_tokens", 0))
-    fits = [w for w in spares if w.memory <= 0 or w.memory >= need]
-    return fits[0] if fits else max(spares, key=lambda w: w.memory)
 
 
 def _stage_workers(plan: Plan, placed: Placement | None) -> list[WorkerRecord]:
@@ -947,6 +828,9 @@ class AdminServicer(pbg.AdminServicer):
                     f"{m.name!r} and no spare worker can take it; start a worker",
                 )
             self.c.recover(m, [request.worker_id], drained=True)
+        with self.c.lock:
+            if not w.model:  # its stage moved (or it had none): it is a spare now
+                w.draining = False
         return pb.DrainWorkerResponse()
 
 
