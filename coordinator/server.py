@@ -304,7 +304,7 @@ class Coordinator(Recovery):
         return w.stub.Generate(request, timeout=timeout, metadata=md)
 
     def relay_generate(
-        self, request: pb.GenerateRequest, context: grpc.ServicerContext
+        self, request: pb.GenerateRequest, context: grpc.ServicerContext, method: str = "Generate"
     ) -> Iterator[pb.GenerateResponse]:
         """Relay a Generate call to the stage-0 worker.  If the pipeline loses a worker
         mid-stream, wait for it to be re-formed and replay the request with the tokens
@@ -312,7 +312,7 @@ class Coordinator(Recovery):
         rid = new_request_id(context.invocation_metadata())
         REQUEST_ID.set(rid)
         context.send_initial_metadata((("x-request-id", rid),))
-        track = self.metrics.track(request.model, "Generate")
+        track = self.metrics.track(request.model, method)
         status = "OK"
         streamed: list[int] = []
         try:

@@ -158,3 +158,42 @@ def test_bad_admin_input_gets_real_codes_and_bounded_echoes(cluster):
     )
     assert code == grpc.StatusCode.NOT_FOUND and "pipeserve.model.m" in msg, msg
     _ready(cluster)
+
+
+def test_kserve_tensors_exact_and_config(cluster):
+    import numpy as np
+    import tritonclient.grpc as tc
+
+    client = tc.InferenceServerClient(cluster.address)
+    meta = client.get_model_metadata("m")
+    shapes = {t.name: list(t.shape) for t in meta.inputs}
+    assert shapes == {"text_input": [1], "input_ids": [1, -1]}
+    config = client.get_model_config("m").config  # was UNIMPLEMENTED
+    assert {i.name: list(i.dims) for i in config.input} == shapes
+    assert config.max_batch_size == 0
+
+    ref = _greedy(cluster.small, [3, 4, 5], 6)
+    inp = tc.InferInput("input_ids", [1, 3], "INT64")  # the shape the metadata gives
+    inp.set_data_from_numpy(np.array([[3, 4, 5]], dtype=np.int64))
+    res = client.infer("m", [inp], parameters={"max_tokens": 6})
+    assert res.as_numpy("output_ids").tolist() == [ref]  # [1, m] as the input was
+
+    def refused(name: str, shape: list[int], dtype: str, raw: bytes) -> str:
+        from tritonclient.grpc import service_pb2 as kv2
+        from tritonclient.grpc import service_pb2_grpc as kg
+
+        req = kv2.ModelInferRequest(model_name="m")
+        req.inputs.add(name=name, datatype=dtype, shape=shape)
+        req.raw_input_contents.append(raw)
+        stub = kg.GRPCInferenceServiceStub(cluster.channel)
+        t0 = time.monotonic()
+        code, msg = _code(lambda: stub.ModelInfer(req, timeout=30))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and time.monotonic() - t0 < 1, (code, msg)
+        return msg
+
+    ids = np.arange(1, 7, dtype="<i8").tobytes()
+    assert "batch of 2" in refused("input_ids", [2, 3], "INT64", ids)  # not merged
+    assert "bytes" in refused("input_ids", [2**40], "INT64", ids[:24])
+    assert "runs past" in refused("text_input", [1], "BYTES", b"\x00\x00\x00\x80abc")
+    assert "empty" in refused("input_ids", [1, 0], "INT64", b"")  # validated first
+    _ready(cluster)
