@@ -414,6 +414,12 @@ def _forward(worker: Worker, request: pb.ForwardRequest, context: grpc.ServicerC
     )
 
 
+def _advertised(host: str) -> str:
+    """The host the coordinator should call: the bound address when it is a specific one
+    (``--host 127.0.0.1`` is reachable only there), else this machine's name."""
+    return host if host not in ("", "0.0.0.0", "::", "[::]") else socket.gethostname()
+
+
 def _memory_bytes(device: str) -> int:
     """What the device holds: the GPU's memory, or this host's RAM capped by the container's
     cgroup limit (a pod sees the node's RAM in ``/proc`` but may use only its limit)."""
@@ -473,7 +479,7 @@ def serve(
     token = os.environ.get("PIPESERVE_WORKER_TOKEN", "")
     md = (("authorization", f"Bearer {token}"),) if token else None
     worker.metadata = md
-    address = f"{advertise_host or socket.gethostname()}:{port}"
+    address = f"{advertise_host or _advertised(host)}:{port}"
     registry = pbg.RegistryStub(rpc.channel(coordinator))
     worker.registry = registry
     stop = stop or threading.Event()

@@ -197,3 +197,39 @@ def test_kserve_tensors_exact_and_config(cluster):
     assert "runs past" in refused("text_input", [1], "BYTES", b"\x00\x00\x00\x80abc")
     assert "empty" in refused("input_ids", [1, 0], "INT64", b"")  # validated first
     _ready(cluster)
+
+
+def test_admin_status_into_a_closed_pipe(cluster):
+    """`pipeserve admin status | head` ends quietly, without a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    from .test_cluster import ROOT
+
+    cmd = (
+        f"{sys.executable} -m pipeserve admin status --watch 0.05 --coordinator "
+        f"{cluster.address} | head -1"
+    )
+    out = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.stdout and "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out
+
+
+HOSTILE_CALLS = 1500
+"""In CI; ``bench/bench_hostile.py`` makes 10,000+."""
+
+
+def test_hostile_calls_on_every_rpc(cluster):
+    """Random and abusive bodies on every RPC of the coordinator and the workers: no
+    UNKNOWN, no INTERNAL for a well-formed message, nobody dies, the coordinator's memory and
+    log stay bounded, and good requests running meanwhile get exactly their tokens."""
+    from .hostile import siege
+
+    r = siege(cluster, HOSTILE_CALLS)
+    assert r["calls"] == HOSTILE_CALLS, r
+    assert not r["forbidden"], r["forbidden"][:10]
+    assert r["alive"] and r["model_ready"], r
+    assert r["good"] and r["good_identical"] == r["good"], r["good_other"]
+    before, after = r["coordinator_rss_mb"]
+    assert after - before < 200, r  # the store and the worker list are bounded
+    assert r["log_bytes_per_call"] < 400, r  # one line per bad call, no tracebacks
+    print("hostile calls:", {k: v for k, v in r.items() if k != "forbidden"})
