@@ -132,6 +132,30 @@ def _many(fleet: Fleet, prompts: list[list[int]], after) -> tuple[list, list]:
     return outs, errors
 
 
+def _kserve_stream(fleet: Fleet, prompt: list[int], out: list, errors: list) -> None:
+    """``prompt`` through KServe's ModelStreamInfer (tritonclient's messages), one response
+    per token, into ``out``."""
+    import numpy as np
+    from tritonclient.grpc import service_pb2 as kv2
+    from tritonclient.grpc import service_pb2_grpc as kg
+
+    req = kv2.ModelInferRequest(model_name="m", id="k")
+    req.inputs.add(name="input_ids", datatype="INT64", shape=[1, len(prompt)])
+    req.raw_input_contents.append(np.asarray(prompt, dtype="<i8").tobytes())
+    req.parameters["max_tokens"].int64_param = NEW
+    req.parameters["ignore_eos"].bool_param = True
+    stub = kg.GRPCInferenceServiceStub(grpc.insecure_channel(fleet.address))
+    try:
+        for r in stub.ModelStreamInfer(iter([req]), timeout=300):
+            if r.error_message:
+                errors.append(r.error_message)
+                return
+            raw = r.infer_response.raw_output_contents[0]
+            out.extend(np.frombuffer(raw, dtype="<i8").tolist())
+    except grpc.RpcError as e:
+        errors.append((e.code(), e.details()))
+
+
 def test_worker_loss_is_survived(tmp_path):
     save_hf(lm_model("llama"), tmp_path / "m")
     fleet = Fleet(tmp_path)
@@ -271,9 +295,13 @@ def test_drain_kill_stall_soak(tmp_path):
             fleet.wait(lambda st: fleet.model().state == pb.MODEL_STATE_READY, 120)
 
         def check(fault) -> None:
-            outs, errors = _many(fleet, prompts, fault)
-            assert not errors, errors[:3]
-            assert outs == undisturbed
+            kserve: list[int] = []  # a KServe stream rides through the fault as well
+            t = threading.Thread(target=_kserve_stream, args=(fleet, prompts[0], kserve, errors))
+            t.start()
+            outs, errs = _many(fleet, prompts, fault)
+            t.join(300)
+            assert not errs and not errors, (errs + errors)[:3]
+            assert outs == undisturbed and kserve == undisturbed[0]
             ready()
 
         for cycle in range(SOAK_CYCLES):
