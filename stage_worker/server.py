@@ -488,6 +488,7 @@ def serve(
     print(
         f"worker listening on {address} (device {device}, {speed_gflops:.0f} GFLOP/s)", flush=True
     )
+    last = pb.WorkerStatus(state="idle")
     while not stop.is_set():
         try:
             if not worker.worker_id:
@@ -508,8 +509,13 @@ def serve(
                 worker.worker_id = r.worker_id
                 interval = max(0.05, r.heartbeat_interval_ms / 1000)
                 print(f"registered as {r.worker_id}", flush=True)
+            try:
+                status = last = worker.status_proto()
+            except Exception:  # figures read while the stage runs: never skip a heartbeat
+                log.warning("status figures unavailable; sending the last ones", exc_info=True)
+                status = last
             hb = registry.Heartbeat(
-                pb.HeartbeatRequest(worker_id=worker.worker_id, status=worker.status_proto()),
+                pb.HeartbeatRequest(worker_id=worker.worker_id, status=status),
                 timeout=10,
                 metadata=md,
             )

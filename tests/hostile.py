@@ -285,6 +285,7 @@ def siege(cluster: Any, n: int, seed: int = 0) -> dict[str, Any]:
                 good.append(cluster.generate("m", [3, 4, 5], 8) == ref)
             except grpc.RpcError as e:
                 good.append(f"{e.code().name}: {e.details()}")
+                time.sleep(0.5)
 
     t = threading.Thread(target=traffic, daemon=True)
     t.start()
