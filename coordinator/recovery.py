@@ -87,10 +87,11 @@ class Recovery:
                 self._start(m, [])
             return
         lost = [w for w in m.workers if self._lost(w)]
-        if lost and (m.state == pb.MODEL_STATE_READY or m.recovering):
-            self._start(m, lost)
+        if lost and m.state == pb.MODEL_STATE_READY:
+            self._start(m, lost)  # just detected
         elif m.recovering and now >= m.retry_at:
-            self._start(m, [])  # heartbeats resumed, or the last attempt failed: again
+            # waiting for a spare, heartbeats resumed, or the last attempt failed: again
+            self._start(m, lost)
 
     def _start(self, m: ModelRecord, lost: list[str]) -> None:
         if not m.busy.acquire(blocking=False):
@@ -133,7 +134,7 @@ class Recovery:
         for w in stale:
             log.warning("%s holds a stale stage of %r; releasing it", w.id, w.status.model)
             try:
-                w.stub.Release(pb.ReleaseRequest(model=w.status.model, abandon=True), timeout=5)
+                w.stub.Release(pb.ReleaseRequest(model=w.status.model, abandon=True), timeout=2)
             except grpc.RpcError as e:
                 log.warning("releasing the stale stage on %s failed: %s", w.id, e.code())
                 continue
