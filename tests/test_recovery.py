@@ -21,7 +21,7 @@ import pytest
 from pipeserve.v1 import pipeserve_pb2 as pb
 from pipeserve.v1 import pipeserve_pb2_grpc as pbg
 
-from .models import lm_model, save_hf
+from .models import hf_greedy, lm_model, save_hf
 from .test_cluster import _code, _port
 
 pytestmark = pytest.mark.slow
@@ -132,7 +132,9 @@ def _many(fleet: Fleet, prompts: list[list[int]], after) -> tuple[list, list]:
     return outs, errors
 
 
-def _kserve_stream(fleet: Fleet, prompt: list[int], out: list, errors: list) -> None:
+def _kserve_stream(
+    fleet: Fleet, prompt: list[int], out: list, errors: list, new: int = NEW
+) -> None:
     """``prompt`` through KServe's ModelStreamInfer (tritonclient's messages), one response
     per token, into ``out``."""
     import numpy as np
@@ -142,7 +144,7 @@ def _kserve_stream(fleet: Fleet, prompt: list[int], out: list, errors: list) -> 
     req = kv2.ModelInferRequest(model_name="m", id="k")
     req.inputs.add(name="input_ids", datatype="INT64", shape=[1, len(prompt)])
     req.raw_input_contents.append(np.asarray(prompt, dtype="<i8").tobytes())
-    req.parameters["max_tokens"].int64_param = NEW
+    req.parameters["max_tokens"].int64_param = new
     req.parameters["ignore_eos"].bool_param = True
     stub = kg.GRPCInferenceServiceStub(grpc.insecure_channel(fleet.address))
     try:
@@ -271,7 +273,9 @@ def test_drain_kill_stall_soak(tmp_path):
     load: every stream token-identical, the model READY at the end, no worker left lost or
     draining.  Then a coordinator restart while a stage worker dies: the restored model is
     re-formed on the live workers plus a spare."""
-    save_hf(lm_model("llama"), tmp_path / "m")
+    model = lm_model("llama")
+    save_hf(model, tmp_path / "m")
+    long = 3 * NEW  # the KServe stream: longer, so that it is mid-stream when a fault comes
     # a longer worker timeout than the other tests: on a busy 2-core machine a live worker's
     # heartbeat can be late by 2 s, and this test must tell a stall from load
     timeout = 6
@@ -294,14 +298,20 @@ def test_drain_kill_stall_soak(tmp_path):
         def ready() -> None:
             fleet.wait(lambda st: fleet.model().state == pb.MODEL_STATE_READY, 120)
 
+        kserve_ref = hf_greedy(model, prompts[0], long)
+
         def check(fault) -> None:
             kserve: list[int] = []  # a KServe stream rides through the fault as well
-            t = threading.Thread(target=_kserve_stream, args=(fleet, prompts[0], kserve, errors))
+            args = (fleet, prompts[0], kserve, errors, long)
+            t = threading.Thread(target=_kserve_stream, args=args)
             t.start()
+            deadline = time.monotonic() + 60
+            while not kserve and not errors and time.monotonic() < deadline:
+                time.sleep(0.01)  # under way before the fault
             outs, errs = _many(fleet, prompts, fault)
             t.join(300)
             assert not errs and not errors, (errs + errors)[:3]
-            assert outs == undisturbed and kserve == undisturbed[0]
+            assert outs == undisturbed and kserve == kserve_ref
             ready()
 
         for cycle in range(SOAK_CYCLES):
