@@ -573,6 +573,15 @@ class AdminServicer(pbg.AdminServicer):
             times_from=times_from,
         )
 
+    def _default_mode(self, checkpoint: str) -> str:
+        """:func:`_default_mode`, reading nothing outside the model roots (``_plan`` then
+        refuses such a path)."""
+        if "\x00" in checkpoint or len(checkpoint) > MAX_PATH:
+            return "forward"
+        if not confined(checkpoint, self.c.model_roots):
+            return "forward"
+        return _default_mode(checkpoint)
+
     def _plan(
         self,
         checkpoint: str,
@@ -634,7 +643,7 @@ class AdminServicer(pbg.AdminServicer):
             request.dtype,
             context,
             workload=request.workload,
-            mode=_default_mode(request.checkpoint),
+            mode=self._default_mode(request.checkpoint),
         )
         timed = bool(plan.estimate)
         total = sum(s.seconds if timed else s.flops for s in plan.stages) or 1
@@ -674,7 +683,7 @@ class AdminServicer(pbg.AdminServicer):
                     grpc.StatusCode.ALREADY_EXISTS,
                     f"model {name!r} is already loaded; unload it first",
                 )
-        mode = request.mode or _default_mode(request.checkpoint)
+        mode = request.mode or self._default_mode(request.checkpoint)
         if mode not in ("generate", "forward"):
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
