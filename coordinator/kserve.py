@@ -10,7 +10,6 @@ tokenizer, ``text_output`` (BYTES).  ``ModelStreamInfer`` answers one response p
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,55 +21,12 @@ from pipeserve.inference import grpc_predict_v2_pb2 as kv2
 from pipeserve.inference import grpc_predict_v2_pb2_grpc as kg
 from pipeserve.v1 import pipeserve_pb2 as pb
 
+from .kserve_codec import TORCH_NAMES, encode_bytes, to_forward, to_generate
 from .server import CallError, Coordinator
 
 __all__ = ["KServeServicer"]
 
 VERSION = "0.1.0"
-
-
-KSERVE_DTYPES = {
-    "FP32": "float32",
-    "FP64": "float64",
-    "FP16": "float16",
-    "BF16": "bfloat16",
-    "INT64": "int64",
-    "INT32": "int32",
-    "INT16": "int16",
-    "INT8": "int8",
-    "UINT8": "uint8",
-    "BOOL": "bool",
-}
-TORCH_NAMES = {v: k for k, v in KSERVE_DTYPES.items()}
-_CONTENTS = {
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "INT64": "int64_contents",
-    "INT32": "int_contents",
-    "INT16": "int_contents",
-    "INT8": "int_contents",
-    "UINT8": "uint_contents",
-    "BOOL": "bool_contents",
-}
-
-
-def to_forward(req: kv2.ModelInferRequest) -> pb.ForwardRequest:
-    """A ``pipeserve.v1.ForwardRequest`` from a v2 infer request (raises ValueError)."""
-    out = pb.ForwardRequest(model=req.model_name)
-    for i, t in enumerate(req.inputs):
-        if t.datatype not in KSERVE_DTYPES:
-            raise ValueError(f"input {t.name!r}: datatype {t.datatype} is not supported")
-        dtype = KSERVE_DTYPES[t.datatype]
-        if i < len(req.raw_input_contents):
-            data = req.raw_input_contents[i]
-        else:
-            field = _CONTENTS.get(t.datatype)
-            if field is None:
-                raise ValueError(f"input {t.name!r}: send {t.datatype} as raw_input_contents")
-            values = list(getattr(t.contents, field))
-            data = np.asarray(values, dtype=np.dtype(dtype)).tobytes()
-        out.inputs.add(name=t.name, dtype=dtype, shape=list(t.shape), data=data)
-    return out
 
 
 def from_forward(req: kv2.ModelInferRequest, res: pb.ForwardResponse) -> kv2.ModelInferResponse:
@@ -81,69 +37,17 @@ def from_forward(req: kv2.ModelInferRequest, res: pb.ForwardResponse) -> kv2.Mod
     return r
 
 
-def _param(p: kv2.InferParameter) -> Any:
-    kind = p.WhichOneof("parameter_choice")
-    return getattr(p, kind) if kind else None
-
-
-def _bytes_elements(raw: bytes) -> list[bytes]:
-    out, i = [], 0
-    while i + 4 <= len(raw):
-        (n,) = struct.unpack_from("<I", raw, i)
-        out.append(raw[i + 4 : i + 4 + n])
-        i += 4 + n
-    return out
-
-
-def _encode_bytes(items: list[bytes]) -> bytes:
-    return b"".join(struct.pack("<I", len(b)) + b for b in items)
-
-
-def to_generate(req: kv2.ModelInferRequest) -> pb.GenerateRequest:
-    """A ``pipeserve.v1.GenerateRequest`` from a v2 infer request (raises ValueError)."""
-    out = pb.GenerateRequest(model=req.model_name)
-    for i, t in enumerate(req.inputs):
-        raw = req.raw_input_contents[i] if i < len(req.raw_input_contents) else None
-        if t.name == "text_input":
-            items = _bytes_elements(raw) if raw is not None else list(t.contents.bytes_contents)
-            if len(items) != 1:
-                raise ValueError("text_input must hold exactly one string")
-            out.text = items[0].decode()
-        elif t.name == "input_ids":
-            if t.datatype not in ("INT64", "INT32"):
-                raise ValueError(f"input_ids must be INT64 or INT32, not {t.datatype}")
-            if raw is not None:
-                ids = np.frombuffer(raw, dtype="<i8" if t.datatype == "INT64" else "<i4")
-            else:
-                ids = np.array(list(t.contents.int64_contents) or list(t.contents.int_contents))
-            out.token_ids.ids.extend(int(x) for x in ids.reshape(-1))
-        else:
-            raise ValueError(f"unknown input {t.name!r}; use text_input or input_ids")
-    if not out.HasField("text") and not out.HasField("token_ids"):
-        raise ValueError("give an input text_input (BYTES) or input_ids (INT64)")
-    params = {k: _param(v) for k, v in req.parameters.items()}
-    out.max_new_tokens = int(params.pop("max_tokens", params.pop("max_new_tokens", 32)))
-    s = out.sampling
-    s.temperature = float(params.pop("temperature", 0.0))
-    s.top_k = int(params.pop("top_k", 0))
-    s.top_p = float(params.pop("top_p", 1.0))
-    s.repetition_penalty = float(params.pop("repetition_penalty", 1.0))
-    s.ignore_eos = bool(params.pop("ignore_eos", False))
-    if "seed" in params:
-        s.seed = int(params.pop("seed"))
-    params.pop("triton_enable_empty_final_response", None)
-    if params:
-        raise ValueError(f"unknown parameters {sorted(params)}")
-    return out
-
-
-def _response(name: str, rid: str, ids: list[int], text: str | None) -> kv2.ModelInferResponse:
+def _response(
+    name: str, rid: str, ids: list[int], text: str | None, batched: bool
+) -> kv2.ModelInferResponse:
     r = kv2.ModelInferResponse(model_name=name, model_version="1", id=rid)
-    r.outputs.add(name="output_ids", datatype="INT64", shape=[len(ids)])
+    r.outputs.add(
+        name="output_ids", datatype="INT64", shape=[1, len(ids)] if batched else [len(ids)]
+    )
     r.raw_output_contents.append(np.asarray(ids, dtype="<i8").tobytes())
     if text is not None:
         r.outputs.add(name="text_output", datatype="BYTES", shape=[1])
-        r.raw_output_contents.append(_encode_bytes([text.encode()]))
+        r.raw_output_contents.append(encode_bytes([text.encode()]))
     return r
 
 
@@ -186,26 +90,49 @@ class KServeServicer(kg.GRPCInferenceServiceServicer):
             platform="pipeserve_generate",
             inputs=[
                 T(name="text_input", datatype="BYTES", shape=[1]),
-                T(name="input_ids", datatype="INT64", shape=[-1]),
+                T(name="input_ids", datatype="INT64", shape=[1, -1]),
             ],
             outputs=[
                 T(name="text_output", datatype="BYTES", shape=[1]),
-                T(name="output_ids", datatype="INT64", shape=[-1]),
+                T(name="output_ids", datatype="INT64", shape=[1, -1]),
             ],
         )
 
-    def _run(self, req: kv2.ModelInferRequest, timeout: float | None) -> Iterator[Any]:
-        try:
-            gen = to_generate(req)
-        except ValueError as e:
-            raise CallError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
-        call = self.c.open_generate(gen, timeout)
-        try:
-            yield from call
-        except grpc.RpcError as e:
-            raise CallError(e.code(), e.details() or "") from e
-        finally:
-            call.cancel()
+    def ModelConfig(self, request: kv2.ModelConfigRequest, context: Any) -> Any:
+        """Triton's model configuration, from the same facts as :meth:`ModelMetadata`."""
+        meta = self.ModelMetadata(kv2.ModelMetadataRequest(name=request.name), context)
+        types = kv2.DataType.keys()
+
+        def dtype(name: str) -> int:
+            t = "TYPE_STRING" if name == "BYTES" else f"TYPE_{name}"
+            return kv2.DataType.Value(t) if t in types else kv2.TYPE_INVALID
+
+        return kv2.ModelConfigResponse(
+            config=kv2.ModelConfig(
+                name=meta.name,
+                platform=meta.platform,
+                backend="pipeserve",
+                max_batch_size=0,
+                input=[
+                    kv2.ModelInput(
+                        name=t.name,
+                        data_type=dtype(t.datatype),
+                        dims=t.shape,
+                        optional=meta.platform == "pipeserve_generate",  # one of the two
+                    )
+                    for t in meta.inputs
+                ],
+                output=[
+                    kv2.ModelOutput(name=t.name, data_type=dtype(t.datatype), dims=t.shape)
+                    for t in meta.outputs
+                ],
+            )
+        )
+
+    def _run(self, gen: pb.GenerateRequest, context: Any, method: str) -> Iterator[Any]:
+        """The pipeserve.v1 relay (validation, request id, metrics, replay after a lost
+        worker) for one KServe request; its errors raise :class:`CallError`."""
+        yield from self.c.relay_generate(gen, _Relayed(context), method=method)
 
     def ModelInfer(self, request: kv2.ModelInferRequest, context: Any) -> Any:
         self.c.authorize_client(context)
@@ -223,24 +150,56 @@ class KServeServicer(kg.GRPCInferenceServiceServicer):
         ids: list[int] = []
         text, has_text = "", False
         try:
-            for r in self._run(request, rpc.remaining(context)):
+            gen, batched = _parse(request)
+            for r in self._run(gen, context, "ModelInfer"):
                 ids += list(r.token_ids)
                 text += r.text
                 has_text |= bool(r.text)
         except CallError as e:
             context.abort(e.code, e.message)
-        return _response(request.model_name, request.id, ids, text if has_text else None)
+        return _response(request.model_name, request.id, ids, text if has_text else None, batched)
 
     def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
         self.c.authorize_client(context)
         for req in request_iterator:
             try:
-                for r in self._run(req, rpc.remaining(context)):
+                gen, batched = _parse(req)
+                for r in self._run(gen, context, "ModelStreamInfer"):
                     last = r.finish_reason != pb.FINISH_REASON_UNSPECIFIED
                     if not r.token_ids and not last:
                         continue
-                    out = _response(req.model_name, req.id, list(r.token_ids), r.text or None)
+                    ids, text = list(r.token_ids), r.text or None
+                    out = _response(req.model_name, req.id, ids, text, batched)
                     out.parameters["triton_final_response"].bool_param = last
                     yield kv2.ModelStreamInferResponse(infer_response=out)
             except CallError as e:
-                yield kv2.ModelStreamInferResponse(error_message=f"{e.code.name}: {e.message}")
+                msg = f"{e.code.name}: {e.message}"
+                yield kv2.ModelStreamInferResponse(error_message=msg)
+
+
+def _parse(req: kv2.ModelInferRequest) -> tuple[pb.GenerateRequest, bool]:
+    try:
+        return to_generate(req)
+    except ValueError as e:
+        raise CallError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+
+
+class _Relayed:
+    """A KServe call's context as :meth:`Coordinator.relay_generate` uses it: an abort raises
+    :class:`CallError` (a stream of KServe requests answers each error in-band), and the
+    request-id metadata goes out once per call."""
+
+    def __init__(self, context: Any) -> None:
+        self.context = context
+        self.sent = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.context, name)
+
+    def send_initial_metadata(self, md: Any) -> None:
+        if not self.sent:
+            self.sent = True
+            self.context.send_initial_metadata(md)
+
+    def abort(self, code: grpc.StatusCode, message: str) -> None:
+        raise CallError(code, message)

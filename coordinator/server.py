@@ -9,7 +9,6 @@ holds weights or activations: only token ids and text pass through it.
 
 from __future__ import annotations
 
-import hmac
 import itertools
 import logging
 import os
@@ -27,11 +26,13 @@ import grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
-from pipeline_core import ModelSource, Plan, Policy, Workload, make_plan
+from pipeline_core import ModelSource, Plan, Policy, RequestError, Workload, make_plan
 from pipeserve import rpc
 from pipeserve.observe import REQUEST_ID, CoordinatorMetrics, new_request_id, serve_metrics
 from pipeserve.v1 import pipeserve_pb2 as pb
 from pipeserve.v1 import pipeserve_pb2_grpc as pbg
+
+from .recovery import LOAD_TIMEOUT_S, Recovery
 
 __all__ = ["CallError", "Coordinator", "serve"]
 
@@ -41,10 +42,17 @@ HEARTBEAT_MS = 500
 LOST_AFTER_S = 5.0
 """A worker whose heartbeats stop this long is lost (``--worker-timeout``)."""
 RECOVERY_TIMEOUT_S = 300.0
-LOAD_TIMEOUT_S = 900.0
 PROFILE_TIMEOUT_S = 300.0
 """How long a worker may take to profile a model's unit kinds before planning by FLOPs."""
 SERVICES = ["pipeserve.v1.Inference", "pipeserve.v1.Admin", "pipeserve.v1.Registry"]
+_LOST = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+}
+"""Upstream codes that may mean the pipeline lost a worker (the relay waits for recovery
+and replays); any other code is the request's own answer and goes to the client at once."""
 
 
 class CallError(Exception):
@@ -99,7 +107,11 @@ class ModelRecord:
     recovering: bool = False
     waiting: str = ""
     """Why recovery waits (no spare worker yet): requests fail fast with this message."""
-    abandoned: bool = False
+    busy: threading.Lock = field(default_factory=threading.Lock)
+    """Held by the recovery attempt under way (one at a time per model)."""
+    attempts: int = 0
+    """Failed recovery attempts in a row (the retry backoff grows with them)."""
+    retry_at: float = 0.0
 
     def info(self) -> pb.ModelInfo:
         inputs = []
@@ -172,6 +184,9 @@ def policy_from_proto(p: pb.SplitPolicy) -> Policy:
 
 UNKNOWN_MEMORY = 2**62
 """A worker that reported no memory size is planned as if it had no limit."""
+MAX_NAME = 128
+"""Longest model name (names come back in every answer about the model)."""
+MAX_PATH = 4096
 SAME_SPEED = 0.15
 """Workers whose speed figures differ by less than this share count as equally fast: the
 start-up matmul is noisy, and a 5% wobble must not move layers between identical workers."""
@@ -200,8 +215,8 @@ class Placement:
     times_from: str
 
 
-class Coordinator:
-    """Cluster state and the gRPC servicers over it."""
+class Coordinator(Recovery):
+    """Cluster state and the gRPC servicers over it (recovery: :class:`Recovery`)."""
 
     def __init__(self, health: rpc.Health, registry: CollectorRegistry | None = None) -> None:
         self.health = health
@@ -210,10 +225,12 @@ class Coordinator:
         self.registry.register(_ClusterCollector(self))
         self.model_roots: list[Path] = []
         self.lost_after = LOST_AFTER_S
+        self.started = time.monotonic()
         self.instance = uuid.uuid4().hex[:4]
         self.client_token = os.environ.get("PIPESERVE_CLIENT_TOKEN", "")
         self.kv: dict[str, bytes] = {}
-        """The data-plane rendezvous records (Registry.Store*)."""
+        """The data-plane rendezvous records (Registry.Store*; bounded in registry.py)."""
+        self.kv_bytes = 0
         self.state: StateStore | None = None
         self.recoveries: list[dict[str, Any]] = []
         """Completed recoveries: model, lost workers, seconds from detection to ready."""
@@ -240,7 +257,7 @@ class Coordinator:
         if m is None:
             raise CallError(
                 grpc.StatusCode.NOT_FOUND,
-                f"no model {name!r} (loaded: {', '.join(known) or 'none'}); load it with "
+                f"no model {rpc.clip(name)} (loaded: {', '.join(known) or 'none'}); load it with "
                 "`pipeserve admin load`",
             )
         if ready and m.state != pb.MODEL_STATE_READY:
@@ -287,7 +304,7 @@ class Coordinator:
         return w.stub.Generate(request, timeout=timeout, metadata=md)
 
     def relay_generate(
-        self, request: pb.GenerateRequest, context: grpc.ServicerContext
+        self, request: pb.GenerateRequest, context: grpc.ServicerContext, method: str = "Generate"
     ) -> Iterator[pb.GenerateResponse]:
         """Relay a Generate call to the stage-0 worker.  If the pipeline loses a worker
         mid-stream, wait for it to be re-formed and replay the request with the tokens
@@ -295,10 +312,19 @@ class Coordinator:
         rid = new_request_id(context.invocation_metadata())
         REQUEST_ID.set(rid)
         context.send_initial_metadata((("x-request-id", rid),))
-        track = self.metrics.track(request.model, "Generate")
+        track = self.metrics.track(request.model, method)
         status = "OK"
         streamed: list[int] = []
         try:
+            try:  # a bad request is refused now, never after waiting for a recovery
+                rpc.check_generate(request)
+                self.find(request.model, ready=False)
+            except RequestError as e:
+                status = "INVALID_ARGUMENT"
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except CallError as e:
+                status = e.code.name
+                context.abort(e.code, e.message)
             while True:
                 req = pb.GenerateRequest()
                 req.CopyFrom(request)
@@ -329,11 +355,16 @@ class Coordinator:
                 except grpc.RpcError as e:
                     if not context.is_active():
                         return
-                    if self.wait_recovered(request.model, epoch, context):
+                    if e.code() in _LOST and self.wait_recovered(request.model, epoch, context):
                         log.info("replaying after %d streamed tokens", len(streamed))
                         continue
-                    status = e.code().name
-                    context.abort(e.code(), e.details() or "")
+                    code, details = e.code(), e.details() or ""
+                    m = self.models.get(request.model)
+                    if code in _LOST and m is not None and (m.waiting or m.recovering):
+                        code = grpc.StatusCode.UNAVAILABLE  # not the relay's own cancel
+                        details = m.waiting or f"model {m.name!r} is recovering: {m.error}"
+                    status = code.name
+                    context.abort(code, details)
                 finally:
                     if m is not None:
                         m.calls.discard(call)
@@ -385,125 +416,13 @@ class Coordinator:
                 self.changed.wait(0.2)
         return False
 
-    # ------------------------------------------------------------------ recovery
-
-    def monitor(self, stop: threading.Event) -> None:
-        """Detect lost workers (no heartbeat for ``lost_after`` s, a crash or a hang) and
-        re-form their models' pipelines on spare workers under a new epoch."""
-        while not stop.wait(0.25):
-            for m in list(self.models.values()):
-                if m.mode != "generate":
-                    continue
-                if not all(m.workers):
-                    continue  # restoring after a coordinator restart
-                lost = [w for w in m.workers if self.workers[w].state == "lost"]
-                if lost and (m.state == pb.MODEL_STATE_READY or m.recovering):
-                    try:
-                        self.recover(m, lost)
-                    except Exception:  # keep monitoring
-                        log.exception("recovery of %s failed", m.name)
-
-    def recover(self, m: ModelRecord, lost: list[str], drained: bool = False) -> None:
-        """Move the stages of ``lost`` workers to spares and re-form ``m`` (``drained``: the
-        workers are alive and leave on request, so they are released too)."""
-        t0 = time.monotonic()
-        with self.changed:
-            if not m.recovering:
-                m.recovering = True
-                m.state = pb.MODEL_STATE_LOADING
-                m.error = f"recovering: worker(s) {', '.join(lost)} lost"
-                self.changed.notify_all()
-                log.warning("model %s lost %s; re-forming the pipeline", m.name, lost)
-        self.health.set(f"pipeserve.model.{m.name}", False)
-        for call in list(m.calls):  # streams on the broken pipeline: the relays replay them
-            call.cancel()
-        if not m.abandoned:
-            for wid in m.workers:
-                w = self.workers[wid]
-                if wid in lost and not drained:
-                    continue
-                try:
-                    w.stub.Release(pb.ReleaseRequest(model=m.name, abandon=True), timeout=10)
-                except grpc.RpcError as e:
-                    log.warning("abandon on %s failed: %s", wid, e.code())
-            m.abandoned = True
+    def prune_store(self, name: str, keep_epoch: int = -1) -> None:
+        """Drop the rendezvous keys of ``name``'s other epochs (workers key them
+        ``model/epoch/...``): a re-formed or unloaded model's old keys are never read again."""
+        keep = f"{name}/{keep_epoch}/"
         with self.lock:
-            spares = self.idle()
-            if len(spares) < len(lost):
-                m.waiting = (
-                    f"model {m.name!r} lost worker(s) {', '.join(lost)} and no spare worker is "
-                    "registered; start a `pipeserve worker` and the model recovers by itself"
-                )
-                self.changed.notify_all()
-                return
-            workers = list(m.workers)
-            for wid in lost:
-                spare = _spare_for(m.plan, workers.index(wid), spares)
-                spares.remove(spare)
-                workers[workers.index(wid)] = spare.id
-                spare.model = m.name
-                self.workers[wid].model = ""
-            m.waiting = ""
-            m.workers = workers
-            m.epoch = next(self._epochs)
-        error = self.assign_and_wait(m)
-        with self.changed:
-            if error is None:
-                m.state, m.error, m.recovering, m.abandoned = pb.MODEL_STATE_READY, "", False, False
-                self.recoveries.append(
-                    {"model": m.name, "lost": lost, "seconds": time.monotonic() - t0}
-                )
-                if self.state is not None:
-                    self.state.save(m)
-                log.warning("model %s ready again (epoch %d)", m.name, m.epoch)
-                self.health.set(f"pipeserve.model.{m.name}", True)
-            else:
-                m.error = f"recovery failed: {error}; retrying"
-                m.abandoned = False
-            self.changed.notify_all()
-
-    def assign(self, m: ModelRecord) -> str | None:
-        """Send every stage of ``m`` to its worker (its current workers and epoch); None on
-        success, else the error.  The rendezvous is this coordinator's Registry store."""
-        plan_json = m.plan.dumps()
-        try:
-            for k, wid in enumerate(m.workers):
-                self.workers[wid].stub.Assign(
-                    pb.AssignRequest(
-                        model=m.name,
-                        plan_json=plan_json,
-                        stage=k,
-                        world_size=m.plan.num_stages,
-                        epoch=m.epoch,
-                        device=m.device,
-                        mode=m.mode,
-                    ),
-                    timeout=30,
-                )
-        except grpc.RpcError as e:
-            return f"assigning a stage failed: {e.details()}"
-        return None
-
-    def assign_and_wait(self, m: ModelRecord) -> str | None:
-        """:meth:`assign`, then wait until every stage is ready; None on success."""
-        error = self.assign(m)
-        if error is not None:
-            return error
-        deadline = time.monotonic() + LOAD_TIMEOUT_S
-        while time.monotonic() < deadline:
-            states = []
-            for wid in m.workers:
-                try:
-                    st = self.workers[wid].stub.Status(pb.StatusRequest(), timeout=10)
-                except grpc.RpcError as e:
-                    return f"{wid} unreachable: {e.code()}"
-                if st.state == "failed":
-                    return f"{wid}: {st.error}"
-                states.append(st.state)
-            if all(x == "ready" for x in states):
-                return None
-            time.sleep(0.2)
-        return "timed out"
+            for k in [k for k in self.kv if k.startswith(f"{name}/") and not k.startswith(keep)]:
+                self.kv_bytes -= len(self.kv.pop(k))
 
     def forward(self, request: pb.ForwardRequest, timeout: float | None) -> pb.ForwardResponse:
         """Run a forward-mode model through its last-stage worker (which hosts the driver)."""
@@ -581,97 +500,9 @@ class InferenceServicer(pbg.InferenceServicer):
 
 def _check_token(context: grpc.ServicerContext, token: str, what: str, env: str) -> None:
     """No token: UNAUTHENTICATED; a wrong one: PERMISSION_DENIED."""
-    sent = dict(context.invocation_metadata()).get("authorization", "")
-    if not sent:
-        context.abort(
-            grpc.StatusCode.UNAUTHENTICATED, f"{what} need 'authorization: Bearer <token>' ({env})"
-        )
-    if not hmac.compare_digest(sent, f"Bearer {token}"):
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{what}: wrong token ({env})")
-
-
-class RegistryServicer(pbg.RegistryServicer):
-    """Workers register and heartbeat; with ``PIPESERVE_WORKER_TOKEN`` set they must present
-    it, so a stray process cannot join a pipeline."""
-
-    def __init__(self, c: Coordinator) -> None:
-        self.c = c
-        self.token = os.environ.get("PIPESERVE_WORKER_TOKEN", "")
-
-    def _authorize(self, context: grpc.ServicerContext) -> None:
-        if self.token:
-            _check_token(context, self.token, "workers", "PIPESERVE_WORKER_TOKEN")
-
-    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> Any:
-        self._authorize(context)
-        if not request.address:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "register needs the worker address")
-        with self.c.lock:
-            seq = next(self.c._ids)
-            # unique across coordinator restarts: a worker heartbeating with an id from the
-            # previous coordinator must not be mistaken for a new one
-            wid = f"w{seq}-{self.c.instance}"
-            self.c.workers[wid] = WorkerRecord(
-                wid,
-                request.address,
-                request.device,
-                request.memory_bytes,
-                pbg.StageWorkerStub(rpc.channel(request.address)),
-                lost_after=self.c.lost_after,
-                seq=seq,
-                speed=request.speed_gflops,
-                device_name=request.device_name,
-                kv_tokens=request.kv_tokens,
-            )
-        log.info("worker %s registered from %s", wid, request.address)
-        return pb.RegisterResponse(worker_id=wid, heartbeat_interval_ms=HEARTBEAT_MS)
-
-    def StoreSet(self, request: pb.StoreSetRequest, context: grpc.ServicerContext) -> Any:
-        self._authorize(context)
-        with self.c.changed:
-            self.c.kv[request.key] = request.value
-            self.c.changed.notify_all()
-        return pb.StoreSetResponse()
-
-    def StoreWait(self, request: pb.StoreWaitRequest, context: grpc.ServicerContext) -> Any:
-        self._authorize(context)
-        keys = list(request.keys)
-        deadline = time.monotonic() + max(0.0, min(request.timeout_s, 600.0))
-        with self.c.changed:
-            while not all(k in self.c.kv for k in keys):
-                left = deadline - time.monotonic()
-                if left <= 0 or not context.is_active():
-                    return pb.StoreWaitResponse(found=False)
-                self.c.changed.wait(min(left, 1.0))
-            return pb.StoreWaitResponse(found=True, values=[self.c.kv[k] for k in keys])
-
-    def StoreAdd(self, request: pb.StoreAddRequest, context: grpc.ServicerContext) -> Any:
-        self._authorize(context)
-        with self.c.changed:
-            value = int(self.c.kv.get(request.key, b"0")) + request.amount
-            self.c.kv[request.key] = str(value).encode()
-            self.c.changed.notify_all()
-        return pb.StoreAddResponse(value=value)
-
-    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> Any:
-        self._authorize(context)
-        with self.c.lock:
-            w = self.c.workers.get(request.worker_id)
-            if w is None:
-                return pb.HeartbeatResponse(known=False)
-            w.status = request.status
-            w.last_seen = time.monotonic()
-            self.c.relink(w)
-        return pb.HeartbeatResponse(known=True)
-
-
-def _spare_for(plan: Plan, stage: int, spares: list[WorkerRecord]) -> WorkerRecord:
-    """The first spare (by registration) whose memory holds the stage's weights and KV budget;
-    else the one with the most memory."""
-    st = plan.stages[stage]
-    need = st.nbytes + st.kv_bytes_per_token * int(plan.workload.get("kv_tokens", 0))
-    fits = [w for w in spares if w.memory <= 0 or w.memory >= need]
-    return fits[0] if fits else max(spares, key=lambda w: w.memory)
+    denied = rpc.bearer_error(context.invocation_metadata(), token, what)
+    if denied is not None:
+        context.abort(denied[0], f"{denied[1]} ({env})")
 
 
 def _stage_workers(plan: Plan, placed: Placement | None) -> list[WorkerRecord]:
@@ -742,6 +573,15 @@ class AdminServicer(pbg.AdminServicer):
             times_from=times_from,
         )
 
+    def _default_mode(self, checkpoint: str) -> str:
+        """:func:`_default_mode`, reading nothing outside the model roots (``_plan`` then
+        refuses such a path)."""
+        if "\x00" in checkpoint or len(checkpoint) > MAX_PATH:
+            return "forward"
+        if not confined(checkpoint, self.c.model_roots):
+            return "forward"
+        return _default_mode(checkpoint)
+
     def _plan(
         self,
         checkpoint: str,
@@ -752,16 +592,22 @@ class AdminServicer(pbg.AdminServicer):
         workload: pb.Workload | None = None,
         mode: str = "generate",
     ) -> tuple[Plan, Placement | None]:
+        if "\x00" in checkpoint or len(checkpoint) > MAX_PATH:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"checkpoint path {rpc.clip(checkpoint)} holds a NUL byte or is longer than "
+                f"{MAX_PATH} characters",
+            )
         if not confined(checkpoint, self.c.model_roots):
             context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"checkpoint {checkpoint!r} is outside the model roots "
+                f"checkpoint {rpc.clip(checkpoint)} is outside the model roots "
                 f"{[str(r) for r in self.c.model_roots]} (coordinator --model-root)",
             )
         if not checkpoint or not Path(checkpoint).is_dir():
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"checkpoint directory {checkpoint!r} does not exist on the coordinator",
+                f"checkpoint directory {rpc.clip(checkpoint)} does not exist on the coordinator",
             )
         dtype = dtype or "float32"
         try:
@@ -797,7 +643,7 @@ class AdminServicer(pbg.AdminServicer):
             request.dtype,
             context,
             workload=request.workload,
-            mode=_default_mode(request.checkpoint),
+            mode=self._default_mode(request.checkpoint),
         )
         timed = bool(plan.estimate)
         total = sum(s.seconds if timed else s.flops for s in plan.stages) or 1
@@ -826,16 +672,22 @@ class AdminServicer(pbg.AdminServicer):
         self._authorize(context)
         c = self.c
         name = request.name or Path(request.checkpoint).name
+        if not 0 < len(name) <= MAX_NAME or not name.isprintable():
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"model name {rpc.clip(name)}: give 1 to {MAX_NAME} printable characters",
+            )
         with c.lock:
             if name in c.models:
                 context.abort(
                     grpc.StatusCode.ALREADY_EXISTS,
                     f"model {name!r} is already loaded; unload it first",
                 )
-        mode = request.mode or _default_mode(request.checkpoint)
+        mode = request.mode or self._default_mode(request.checkpoint)
         if mode not in ("generate", "forward"):
             context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"mode must be generate or forward, not {mode!r}"
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"mode must be generate or forward, not {rpc.clip(mode)}",
             )
         plan, placed = self._plan(
             request.checkpoint,
@@ -911,6 +763,7 @@ class AdminServicer(pbg.AdminServicer):
         self.c.release_all(m)
         with self.c.lock:
             self.c.models.pop(m.name, None)
+        self.c.prune_store(m.name)
 
     def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.ServicerContext) -> Any:
         self._authorize(context)
@@ -920,6 +773,7 @@ class AdminServicer(pbg.AdminServicer):
         self.c.release_all(m)
         with self.c.lock:
             self.c.models.pop(m.name, None)
+        self.c.prune_store(m.name)
         if self.c.state is not None:
             self.c.state.delete(m.name)
         return pb.UnloadModelResponse()
@@ -942,6 +796,7 @@ class AdminServicer(pbg.AdminServicer):
                     kv_bytes=w.status.kv_bytes,
                     speed_gflops=w.speed,
                     device_name=w.device_name,
+                    rpc_bytes=w.status.rpc_bytes,
                 )
                 for w in self.c.workers.values()
             ]
@@ -969,7 +824,7 @@ class AdminServicer(pbg.AdminServicer):
         with self.c.lock:
             w = self.c.workers.get(request.worker_id)
             if w is None:
-                context.abort(grpc.StatusCode.NOT_FOUND, f"no worker {request.worker_id!r}")
+                context.abort(grpc.StatusCode.NOT_FOUND, f"no worker {rpc.clip(request.worker_id)}")
             assert w is not None
             w.draining = True
             m = self.c.models.get(w.model)
@@ -982,6 +837,9 @@ class AdminServicer(pbg.AdminServicer):
                     f"{m.name!r} and no spare worker can take it; start a worker",
                 )
             self.c.recover(m, [request.worker_id], drained=True)
+        with self.c.lock:
+            if not w.model:  # its stage moved (or it had none): it is a spare now
+                w.draining = False
         return pb.DrainWorkerResponse()
 
 
@@ -1044,6 +902,7 @@ def serve(
 ) -> None:
     """Run the coordinator until ``stop`` is set (or forever)."""
     from coordinator.kserve import KServeServicer
+    from coordinator.registry import RegistryServicer
     from pipeserve.inference import grpc_predict_v2_pb2_grpc as kg
 
     advertise = advertise_host or (host if host not in ("0.0.0.0", "::", "") else socket.getfqdn())

@@ -573,12 +573,13 @@ class GenStage:
 
     def cache_stats(self) -> dict[str, int]:
         """Groups, sequences and cached tokens (rows x length, own layers) on this stage."""
-        rows = sum(g.rows for g in self.groups.values())
+        groups = list(self.groups.values())  # read from another thread (heartbeats, metrics)
+        rows = sum(g.rows for g in groups)
         tokens = 0
         if self.owned_layers:
-            tokens = sum(g.rows * (self._cache_len(g) or 0) for g in self.groups.values())
+            tokens = sum(g.rows * (self._cache_len(g) or 0) for g in groups)
         nbytes = 0
-        for g in self.groups.values():
+        for g in groups:
             for i, layer in enumerate(_cache_layers(g.kwargs[self.cache_kw])):
                 if i % len(self._layers) in self._phantom_set:
                     continue
@@ -586,7 +587,7 @@ class GenStage:
                     if isinstance(t, torch.Tensor):
                         nbytes += t.numel() * t.element_size()
         return {
-            "groups": len(self.groups),
+            "groups": len(groups),
             "sequences": rows,
             "tokens": tokens,
             "bytes": nbytes,

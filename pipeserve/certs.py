@@ -3,7 +3,8 @@
 Writes ``ca.pem``, ``server.pem``/``server.key`` (coordinator and workers serve with it) and
 ``client.pem``/``client.key`` (workers, admin and clients present it under mTLS).  Every
 certificate names ``pipeserve`` (clients verify that name, so pod IPs need not be known in
-advance) plus the given hosts.  For production use your own PKI; the flags are the same.
+advance), ``localhost``, 127.0.0.1 and ::1, plus the given hosts.  For production use your
+own PKI; the flags are the same.
 """
 
 from __future__ import annotations
@@ -56,7 +57,12 @@ def make_certs(out: str | Path, hosts: list[str] | None = None, days: int = 30) 
         .sign(ca_key, hashes.SHA256())
     )
     (out / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    sans: list[x509.GeneralName] = [x509.DNSName(SERVER_NAME), x509.DNSName("localhost")]
+    sans: list[x509.GeneralName] = [  # loopback by IP too: `grpcurl 127.0.0.1:PORT` verifies
+        x509.DNSName(SERVER_NAME),
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ]
     for h in hosts or []:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))

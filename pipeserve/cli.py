@@ -326,7 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("PIPESERVE_LOG", "WARNING").upper())
     if args.cmd == "run":
         args.balanced = args.stages
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:  # `pipeserve admin status | head`: the reader left, that is all
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 141  # 128 + SIGPIPE, as a shell reports it
 
 
 def build_parser() -> argparse.ArgumentParser:

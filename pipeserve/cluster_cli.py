@@ -13,35 +13,13 @@ __all__ = ["add_commands"]
 
 
 def _stubs(address: str) -> Any:
-    import grpc
-
     from pipeserve import rpc
     from pipeserve.v1 import pipeserve_pb2_grpc as pbg
 
-    ch = rpc.channel(address)
-    admin_ch = client_ch = ch
-    if token := os.environ.get("PIPESERVE_ADMIN_TOKEN", ""):  # admin calls carry it
-        admin_ch = grpc.intercept_channel(ch, _token_interceptor(token))
-    if token := os.environ.get("PIPESERVE_CLIENT_TOKEN", ""):  # client calls carry it
-        client_ch = grpc.intercept_channel(ch, _token_interceptor(token))
+    ch = rpc.channel(address)  # admin and client calls carry their tokens when set
+    admin_ch = rpc.with_token(ch, os.environ.get("PIPESERVE_ADMIN_TOKEN", ""))
+    client_ch = rpc.with_token(ch, os.environ.get("PIPESERVE_CLIENT_TOKEN", ""))
     return pbg.AdminStub(admin_ch), pbg.InferenceStub(client_ch)
-
-
-def _token_interceptor(token: str) -> Any:
-    import grpc
-
-    class _Token(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
-        def _add(self, details: Any) -> Any:
-            md = [*(details.metadata or []), ("authorization", f"Bearer {token}")]
-            return details._replace(metadata=md)
-
-        def intercept_unary_unary(self, cont: Any, details: Any, req: Any) -> Any:
-            return cont(self._add(details), req)
-
-        def intercept_unary_stream(self, cont: Any, details: Any, req: Any) -> Any:
-            return cont(self._add(details), req)
-
-    return _Token()
 
 
 def _rpc_error(e: Any) -> int:
@@ -50,13 +28,14 @@ def _rpc_error(e: Any) -> int:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
+    from coordinator.registry import default_host
     from coordinator.server import serve
     from pipeserve.observe import setup_logging
 
     setup_logging(os.environ.get("PIPESERVE_LOG", "INFO"), args.log_format)
     _apply_tls(args)
     serve(
-        args.host,
+        default_host(args.host, bool(args.tls_ca or os.environ.get("PIPESERVE_TLS_CA"))),
         args.port,
         advertise_host=args.advertise_host,
         metrics_port=args.metrics_port,
@@ -361,7 +340,11 @@ def _observability_flags(p: argparse.ArgumentParser) -> None:
 
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("coordinator", help="run the coordinator (gRPC)")
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument(
+        "--host",
+        help="address to bind (default 0.0.0.0 when PIPESERVE_WORKER_TOKEN or mutual TLS "
+        "guards registration, else 127.0.0.1)",
+    )
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--advertise-host", help="host name this coordinator reports")
     p.add_argument(

@@ -3,9 +3,11 @@ and reflection, message-size limits, and how errors become status codes."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 import math
 import os
+import queue
 import threading
 from collections.abc import Iterable
 from concurrent import futures
@@ -35,10 +37,13 @@ __all__ = [
     "CHANNEL_OPTIONS",
     "MAX_MESSAGE_BYTES",
     "TLS",
+    "BearerAuth",
     "ByteCounter",
     "Health",
     "abort_for",
     "channel",
+    "check_generate",
+    "clip",
     "configure_tls",
     "make_server",
     "remaining",
@@ -47,6 +52,7 @@ __all__ = [
     "tensor_from_bytes",
     "tensor_from_proto",
     "tensor_to_proto",
+    "with_token",
     "workload_from_proto",
 ]
 
@@ -61,13 +67,96 @@ CHANNEL_OPTIONS = [
 ]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
+
+class _HealthServicer(health_pb2_grpc.HealthServicer):
+    """``grpc.health.v1`` whose ``set`` never blocks.
+
+    [Note: health never blocks a heartbeat] grpc's own servicer sends every status change to
+    each ``Watch`` stream from inside ``set``, under its lock, and waits for the send to
+    complete: one watcher that does not read (or a slow one) blocks every caller of ``set``
+    -- the worker's heartbeat loop sets its health on every beat, the coordinator sets a
+    model's health while holding its cluster lock -- so a stalled watcher made live workers
+    "lost" and stalled the coordinator's heartbeats.  Here ``set`` only queues the change;
+    each watcher's own call thread sends it, and watchers are bounded.
+    """
+
+    MAX_WATCHERS = 64
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._status: dict[str, int] = {"": SERVING}
+        self._watchers: dict[str, set[queue.SimpleQueue]] = {}
+        self._shutting_down = False
+
+    def set(self, service: str, status: int) -> None:
+        with self._lock:
+            if self._shutting_down or self._status.get(service) == status:
+                return
+            self._status[service] = status
+            for q in self._watchers.get(service, ()):
+                q.put(status)
+
+    def enter_graceful_shutdown(self) -> None:
+        """Every service NOT_SERVING from now on (as grpc's servicer does)."""
+        with self._lock:
+            for service in self._status:
+                self._status[service] = NOT_SERVING
+                for q in self._watchers.get(service, ()):
+                    q.put(NOT_SERVING)
+            self._shutting_down = True
+
+    def Check(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self._lock:
+            status = self._status.get(request.service)
+            known = sorted(self._status)
+        if status is None:
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no health status for service {clip(request.service)}; known: "
+                f"{', '.join(repr(k) for k in known)[:2000]} (a model's is "
+                "pipeserve.model.NAME)",
+            )
+        return health_pb2.HealthCheckResponse(status=status)
+
+    def List(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self._lock:
+            statuses = dict(self._status)
+        return health_pb2.HealthListResponse(
+            statuses={k: health_pb2.HealthCheckResponse(status=v) for k, v in statuses.items()}
+        )
+
+    def Watch(self, request: Any, context: grpc.ServicerContext) -> Any:
+        service, q = request.service, queue.SimpleQueue()
+        with self._lock:
+            if sum(map(len, self._watchers.values())) >= self.MAX_WATCHERS:
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{self.MAX_WATCHERS} health watchers already; use Check",
+                )
+            self._watchers.setdefault(service, set()).add(q)
+            q.put(self._status.get(service, SERVICE_UNKNOWN))
+        try:
+            last = None
+            while context.is_active():
+                try:
+                    status = q.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+                if status != last:
+                    last = status
+                    yield health_pb2.HealthCheckResponse(status=status)
+        finally:
+            with self._lock:
+                self._watchers[service].discard(q)
 
 
 class Health:
     """``grpc.health.v1`` with one status per service name ("" is the whole server)."""
 
     def __init__(self, server: grpc.Server) -> None:
-        self.servicer = health.HealthServicer()
+        self.servicer = _HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
 
     def set(self, service: str, serving: bool) -> None:
@@ -107,6 +196,81 @@ class ByteCounter(grpc.ServerInterceptor):
 
         return handler._replace(request_deserializer=deserialize, response_serializer=serialize)
 
+
+def bearer_error(metadata: Any, token: str, what: str) -> tuple[grpc.StatusCode, str] | None:
+    """Why ``metadata`` does not carry ``authorization: Bearer <token>`` (None: it does):
+    none sent is UNAUTHENTICATED, a wrong one PERMISSION_DENIED."""
+    sent = ""
+    for k, v in metadata or ():
+        if k == "authorization":
+            sent = v if isinstance(v, str) else v.decode(errors="replace")
+    if not sent:
+        return grpc.StatusCode.UNAUTHENTICATED, f"{what} need 'authorization: Bearer <token>'"
+    if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+        return grpc.StatusCode.PERMISSION_DENIED, f"{what}: wrong token"
+    return None
+
+
+class BearerAuth(grpc.ServerInterceptor):
+    """Refuses every call to ``service``'s methods without ``authorization: Bearer <token>``
+    (health and reflection stay open); the method never runs."""
+
+    def __init__(self, service: str, token: str, what: str) -> None:
+        self.prefix, self.token, self.what = f"/{service}/", token, what
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or not details.method.startswith(self.prefix):
+            return handler
+        denied = bearer_error(details.invocation_metadata, self.token, self.what)
+        if denied is None:
+            return handler
+        code, message = denied
+        log.warning("refused %s: %s", details.method, message)
+
+        def deny(request: Any, context: grpc.ServicerContext) -> Any:
+            context.abort(code, message)
+
+        kind = ("stream_" if handler.request_streaming else "unary_") + (
+            "stream" if handler.response_streaming else "unary"
+        )
+        return handler._replace(**{kind: deny})
+
+
+def with_token(ch: grpc.Channel, token: str) -> grpc.Channel:
+    """``ch`` with ``authorization: Bearer <token>`` added to every unary and server-streaming
+    call (no token: ``ch`` itself)."""
+    return grpc.intercept_channel(ch, _Token(token)) if token else ch
+
+
+class _Token(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self.md = ("authorization", f"Bearer {token}")
+
+    def _add(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or []), self.md])
+
+    def intercept_unary_unary(self, cont: Any, details: Any, req: Any) -> Any:
+        return cont(self._add(details), req)
+
+    def intercept_unary_stream(self, cont: Any, details: Any, req: Any) -> Any:
+        return cont(self._add(details), req)
+
+
+class _OneLine(logging.Filter):
+    """gRPC's own logs of a bad call (an undecodable body, a handler's exception) as one line
+    each instead of a traceback: hostile traffic must not flood the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            e = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {type(e).__name__}: {str(e)[:200]}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+for _name in ("grpc._server", "grpc._common"):  # handler errors; undecodable bodies
+    logging.getLogger(_name).addFilter(_OneLine())
 
 SERVER_THREADS = 2048
 """Threads per server: a streaming call holds one for its whole life, so this bounds the
@@ -172,7 +336,10 @@ def configure_tls(tls: TLS) -> None:
 
 
 def make_server(
-    bind: str, service_names: Iterable[str], workers: int = SERVER_THREADS
+    bind: str,
+    service_names: Iterable[str],
+    workers: int = SERVER_THREADS,
+    interceptors: Iterable[grpc.ServerInterceptor] = (),
 ) -> tuple[grpc.Server, int, Health, ByteCounter]:
     """A server bound to ``bind`` (``host:port``; port 0 picks one) with health and reflection
     (v1alpha, and v1 under its own name) registered.  Add servicers, then ``start()``."""
@@ -180,7 +347,7 @@ def make_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         options=CHANNEL_OPTIONS,
-        interceptors=[counter],
+        interceptors=[*interceptors, counter],
     )
     if _TLS.enabled:
         port = server.add_secure_port(bind, _TLS.server_credentials())
@@ -265,6 +432,39 @@ def workload_from_proto(w: Any, device: str = "cpu", threads: int = 1) -> Worklo
         device=device,
         threads=threads,
     )
+
+
+ECHO_CHARS = 80
+"""The most of a caller's string an error message repeats back."""
+
+
+def clip(text: str, n: int = ECHO_CHARS) -> str:
+    """``repr(text)`` for an error message, cut to about ``n`` characters: a 1 MB name must
+    not come back in a status (it would not even fit gRPC's metadata)."""
+    if len(text) <= n:
+        return repr(text)
+    return f"{text[:n]!r}... ({len(text)} characters)"
+
+
+def check_generate(req: Any) -> SamplingParams:
+    """What can be checked of a ``GenerateRequest`` without the model (raises
+    ``RequestError``): a prompt, sane numbers.  Ids against the vocabulary and lengths
+    against the context are the stage-0 worker's to check."""
+    if req.HasField("text"):
+        if not req.text:
+            raise RequestError("the text prompt is empty; give some text or token_ids")
+    elif not req.token_ids.ids:
+        raise RequestError("the prompt is empty; give text or at least one token id")
+    for what, ids in (("prompt", req.token_ids.ids), ("resume_token_ids", req.resume_token_ids)):
+        bad = [t for t in ids if t < 0]
+        if bad:
+            raise RequestError(f"{what}: token ids {bad[:5]} are negative")
+    bad = [t for t in req.sampling.stop_token_ids if t < 0]
+    if bad:
+        raise RequestError(f"stop token ids {bad[:5]} are negative")
+    params = sampling_from_proto(req)
+    params.validate(1, None)
+    return params
 
 
 def sampling_from_proto(req: Any) -> SamplingParams:

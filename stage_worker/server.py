@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -25,7 +26,7 @@ import torch
 import torch.distributed as dist
 from prometheus_client import CollectorRegistry
 
-from pipeline_core import GenStage, ModelSource, ReadStats
+from pipeline_core import GenStage, ModelSource, ReadStats, RequestError
 from pipeline_core.cost import device_flops, device_name, unit_seconds
 from pipeline_core.detokenize import Detokenizer
 from pipeline_core.engine import EngineLimits, GenerationEngine, serve_generation
@@ -336,6 +337,7 @@ class Worker(pbg.StageWorkerServicer):
             if request.HasField("text"):
                 if tok is None:
                     raise ValueError("the model has no tokenizer; send token_ids instead of text")
+                _check_text_size(request.text, job.engine)  # before the tokenizer sees it
                 prompt = tok(request.text)["input_ids"]
             else:
                 prompt = list(request.token_ids.ids)
@@ -373,6 +375,24 @@ class Worker(pbg.StageWorkerServicer):
         )
 
 
+BYTES_PER_TOKEN = 32
+"""A text prompt may have this many UTF-8 bytes per token the model could take: far more
+than any tokenizer's tokens hold on average, and it bounds the tokenizer's time and memory."""
+
+
+def _check_text_size(text: str, engine: GenerationEngine) -> None:
+    """Refuse a text prompt too long for the model before it is tokenized (a 20 MB text took
+    30 s and 2.6 GB to tokenize just to be refused)."""
+    tokens = min(engine.context_limit, engine.limits.max_tokens)
+    limit = max(4096, int(tokens) * BYTES_PER_TOKEN)
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise RequestError(
+            f"the text prompt is {size} bytes; this model takes at most {limit} "
+            f"({BYTES_PER_TOKEN} per token of its {int(tokens)}-token limit): shorten it"
+        )
+
+
 def _forward(worker: Worker, request: pb.ForwardRequest, context: grpc.ServicerContext) -> Any:
     job = worker.job
     if job is None or job.driver is None or job.state != "ready":
@@ -392,6 +412,12 @@ def _forward(worker: Worker, request: pb.ForwardRequest, context: grpc.ServicerC
     return pb.ForwardResponse(
         outputs=[rpc.tensor_to_proto(f"output_{i}", t) for i, t in enumerate(outs)]
     )
+
+
+def _advertised(host: str) -> str:
+    """The host the coordinator should call: the bound address when it is a specific one
+    (``--host 127.0.0.1`` is reachable only there), else this machine's name."""
+    return host if host not in ("", "0.0.0.0", "::", "[::]") else socket.gethostname()
 
 
 def _memory_bytes(device: str) -> int:
@@ -437,7 +463,12 @@ def serve(
     if speed_gflops <= 0:
         speed_gflops = device_flops(device, torch.float32, torch.get_num_threads()) / 1e9
     memory_bytes = memory_bytes or _memory_bytes(device)
-    server, port, health, counter = rpc.make_server(f"{host}:{port}", [SERVICE])
+    # only the coordinator may call StageWorker: it gets this secret when the worker registers
+    control_token = secrets.token_urlsafe(32)
+    auth = rpc.BearerAuth(SERVICE, control_token, "StageWorker calls (the coordinator's only)")
+    server, port, health, counter = rpc.make_server(
+        f"{host}:{port}", [SERVICE], interceptors=[auth]
+    )
     worker = Worker(device, health, counter, limits)
     pbg.add_StageWorkerServicer_to_server(worker, server)
     registry = CollectorRegistry()
@@ -448,7 +479,7 @@ def serve(
     token = os.environ.get("PIPESERVE_WORKER_TOKEN", "")
     md = (("authorization", f"Bearer {token}"),) if token else None
     worker.metadata = md
-    address = f"{advertise_host or socket.gethostname()}:{port}"
+    address = f"{advertise_host or _advertised(host)}:{port}"
     registry = pbg.RegistryStub(rpc.channel(coordinator))
     worker.registry = registry
     stop = stop or threading.Event()
@@ -457,6 +488,7 @@ def serve(
     print(
         f"worker listening on {address} (device {device}, {speed_gflops:.0f} GFLOP/s)", flush=True
     )
+    last = pb.WorkerStatus(state="idle")
     while not stop.is_set():
         try:
             if not worker.worker_id:
@@ -469,6 +501,7 @@ def serve(
                         speed_gflops=speed_gflops,
                         device_name=device_name(device),
                         kv_tokens=limits.max_tokens,
+                        control_token=control_token,
                     ),
                     timeout=10,
                     metadata=md,
@@ -476,8 +509,13 @@ def serve(
                 worker.worker_id = r.worker_id
                 interval = max(0.05, r.heartbeat_interval_ms / 1000)
                 print(f"registered as {r.worker_id}", flush=True)
+            try:
+                status = last = worker.status_proto()
+            except Exception:  # figures read while the stage runs: never skip a heartbeat
+                log.warning("status figures unavailable; sending the last ones", exc_info=True)
+                status = last
             hb = registry.Heartbeat(
-                pb.HeartbeatRequest(worker_id=worker.worker_id, status=worker.status_proto()),
+                pb.HeartbeatRequest(worker_id=worker.worker_id, status=status),
                 timeout=10,
                 metadata=md,
             )

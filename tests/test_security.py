@@ -224,3 +224,25 @@ def test_per_client_stream_limit():
     again = svc.Generate(pb.GenerateRequest(), Ctx("ipv4:10.0.0.1:3000"))
     assert next(again).token_ids == [1]
     list(again)
+
+
+def test_dev_certs_name_loopback_by_ip(tmp_path):
+    """`grpcurl 127.0.0.1:PORT` verifies the server certificate without -servername."""
+    from cryptography import x509
+
+    certs = make_certs(tmp_path, hosts=["10.1.2.3", "coord.example"])
+    cert = x509.load_pem_x509_certificate((certs / "server.pem").read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    ips = {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
+    assert ips == {"127.0.0.1", "::1", "10.1.2.3"}
+    names = set(sans.get_values_for_type(x509.DNSName))
+    assert {"pipeserve", "localhost", "coord.example"} <= names
+
+
+def test_worker_advertises_the_address_it_binds():
+    import socket
+
+    from stage_worker.server import _advertised
+
+    assert _advertised("127.0.0.1") == "127.0.0.1"  # was the machine's hostname
+    assert _advertised("0.0.0.0") == socket.gethostname()

@@ -321,7 +321,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("id", "address", "device", "state", "memory_bytes", "model", "stage", "seconds_since_heartbeat", "kv_sequences", "kv_bytes", "speed_gflops", "device_name")
+    __slots__ = ("id", "address", "device", "state", "memory_bytes", "model", "stage", "seconds_since_heartbeat", "kv_sequences", "kv_bytes", "speed_gflops", "device_name", "rpc_bytes")
     ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -334,6 +334,7 @@ class WorkerInfo(_message.Message):
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     SPEED_GFLOPS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    RPC_BYTES_FIELD_NUMBER: _ClassVar[int]
     id: str
     address: str
     device: str
@@ -346,7 +347,8 @@ class WorkerInfo(_message.Message):
     kv_bytes: int
     speed_gflops: float
     device_name: str
-    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., state: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., model: _Optional[str] = ..., stage: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ..., kv_sequences: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., speed_gflops: _Optional[float] = ..., device_name: _Optional[str] = ...) -> None: ...
+    rpc_bytes: int
+    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., state: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., model: _Optional[str] = ..., stage: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ..., kv_sequences: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., speed_gflops: _Optional[float] = ..., device_name: _Optional[str] = ..., rpc_bytes: _Optional[int] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
     __slots__ = ("workers", "models")
@@ -409,7 +411,7 @@ class StoreAddResponse(_message.Message):
     def __init__(self, value: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("address", "device", "memory_bytes", "hostname", "speed_gflops", "device_name", "kv_tokens")
+    __slots__ = ("address", "device", "memory_bytes", "hostname", "speed_gflops", "device_name", "kv_tokens", "control_token")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -417,6 +419,7 @@ class RegisterRequest(_message.Message):
     SPEED_GFLOPS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
     KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_TOKEN_FIELD_NUMBER: _ClassVar[int]
     address: str
     device: str
     memory_bytes: int
@@ -424,7 +427,8 @@ class RegisterRequest(_message.Message):
     speed_gflops: float
     device_name: str
     kv_tokens: int
-    def __init__(self, address: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., hostname: _Optional[str] = ..., speed_gflops: _Optional[float] = ..., device_name: _Optional[str] = ..., kv_tokens: _Optional[int] = ...) -> None: ...
+    control_token: str
+    def __init__(self, address: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., hostname: _Optional[str] = ..., speed_gflops: _Optional[float] = ..., device_name: _Optional[str] = ..., kv_tokens: _Optional[int] = ..., control_token: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("worker_id", "heartbeat_interval_ms")

@@ -751,7 +751,9 @@ class Registry:
 
 
 class StageWorkerStub:
-    """Served by every stage worker, called by the coordinator.
+    """Served by every stage worker, called only by the coordinator: every method needs
+    `authorization: Bearer <control_token>` (the secret the worker registered with); a call
+    without it is UNAUTHENTICATED, with another PERMISSION_DENIED.
     """
 
     def __init__(self, channel):
@@ -798,7 +800,9 @@ class StageWorkerStub:
 
 
 class StageWorkerServicer:
-    """Served by every stage worker, called by the coordinator.
+    """Served by every stage worker, called only by the coordinator: every method needs
+    `authorization: Bearer <control_token>` (the secret the worker registered with); a call
+    without it is UNAUTHENTICATED, with another PERMISSION_DENIED.
     """
 
     def Assign(self, request, context):
@@ -899,7 +903,9 @@ def add_StageWorkerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class StageWorker:
-    """Served by every stage worker, called by the coordinator.
+    """Served by every stage worker, called only by the coordinator: every method needs
+    `authorization: Bearer <control_token>` (the secret the worker registered with); a call
+    without it is UNAUTHENTICATED, with another PERMISSION_DENIED.
     """
 
     @staticmethod

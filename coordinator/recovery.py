@@ -1,0 +1,291 @@
+"""Keeping generation models up: lost workers are detected, their stages move to spares, the
+pipeline re-forms under a new epoch -- and a failed or interrupted re-formation is retried
+until the model is READY again or unloaded.
+
+[Note: recovery never stalls] A recovery used to run once, in the monitor thread, and only
+while some worker counted as lost: when heartbeats resumed after a stall (the "lost" workers
+were alive) or an attempt failed, nothing retried and the model stayed LOADING for good.  Now
+the monitor looks at every model each tick: a recovering model whose attempt ended is tried
+again (with backoff) on the workers it has -- every reachable one drops its half-formed
+stage first -- and a model restored from ``--state-db`` whose workers did not all come back
+at its epoch is re-formed on the live ones plus spares.  Each attempt runs in its own thread
+(one per model at a time), so a slow load never holds up detection or other models, and no
+lock is held across a call to a worker.  Workers that hold a stage nobody assigned them (a
+stale job from before a stall or a restart) are told to drop it and become spares; lost
+workers no model needs are forgotten after a while.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from pipeserve.v1 import pipeserve_pb2 as pb
+
+if TYPE_CHECKING:
+    from .server import ModelRecord, WorkerRecord
+
+__all__ = ["LOAD_TIMEOUT_S", "Recovery"]
+
+log = logging.getLogger(__name__)
+
+LOAD_TIMEOUT_S = 900.0
+RETRY_MAX_S = 10.0
+"""Longest pause between two recovery attempts of one model (1, 2, 4, ... seconds)."""
+PRUNE_AFTER = 3.0
+"""A lost worker no model needs is forgotten after this many ``lost_after`` periods."""
+
+
+class Recovery:
+    """The recovery half of :class:`coordinator.server.Coordinator` (a mixin: it uses the
+    coordinator's ``workers``, ``models``, ``lock``, ``changed``, ``health`` and ``state``)."""
+
+    workers: dict[str, WorkerRecord]
+    models: dict[str, ModelRecord]
+    lock: Any
+    changed: threading.Condition
+    health: Any
+    state: Any
+    lost_after: float
+    started: float
+    recoveries: list[dict[str, Any]]
+    _epochs: Any
+
+    idle: Any  # the coordinator's methods
+    prune_store: Any
+
+    # ------------------------------------------------------------------ the monitor
+
+    def monitor(self, stop: threading.Event) -> None:
+        """Each tick: forget long-lost workers, reclaim stale stages, and start a recovery
+        for every generation model that needs one."""
+        while not stop.wait(0.25):
+            try:
+                self._prune_lost()
+                self._reclaim_stale()
+                for m in list(self.models.values()):
+                    self._check(m)
+            except Exception:  # keep monitoring whatever happens
+                log.exception("monitor tick failed")
+
+    def _lost(self, wid: str) -> bool:
+        w = self.workers.get(wid)
+        return w is None or w.state == "lost"
+
+    def _check(self, m: ModelRecord) -> None:
+        if m.mode != "generate" or m.state == pb.MODEL_STATE_UNLOADING:
+            return
+        now = time.monotonic()
+        if not all(m.workers):  # restored after a coordinator restart
+            # live workers at the model's epoch relink as they heartbeat; the rest of the
+            # stages go to spares once they had time to come back
+            if now > self.started + self.lost_after + 3 and now >= m.retry_at:
+                self._start(m, [])
+            return
+        lost = [w for w in m.workers if self._lost(w)]
+        if lost and m.state == pb.MODEL_STATE_READY:
+            self._start(m, lost)  # just detected
+        elif m.recovering and now >= m.retry_at:
+            # waiting for a spare, heartbeats resumed, or the last attempt failed: again
+            self._start(m, lost)
+
+    def _start(self, m: ModelRecord, lost: list[str]) -> None:
+        if not m.busy.acquire(blocking=False):
+            return  # an attempt is under way
+
+        def run() -> None:
+            try:
+                self._recover(m, lost)
+            except Exception as e:
+                log.exception("recovery of %s failed", m.name)
+                self._failed(m, f"{type(e).__name__}: {e}")
+            finally:
+                m.busy.release()
+
+        threading.Thread(target=run, name=f"recover-{m.name}", daemon=True).start()
+
+    def _prune_lost(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            needed = {wid for m in self.models.values() for wid in m.workers}
+            gone = [
+                w.id
+                for w in self.workers.values()
+                if w.id not in needed and now - w.last_seen > PRUNE_AFTER * w.lost_after
+            ]
+            for wid in gone:
+                self.workers.pop(wid)
+        for wid in gone:
+            log.warning("forgot worker %s (lost, serving nothing)", wid)
+
+    def _reclaim_stale(self) -> None:
+        """A live worker that reports a stage it was not given here (its job predates a stall
+        that made it lost, or a coordinator restart, and did not relink) drops it."""
+        with self.lock:
+            stale = [
+                w
+                for w in self.workers.values()
+                if not w.model and w.status.model and w.state not in ("lost", "idle")
+            ]
+        for w in stale:
+            log.warning("%s holds a stale stage of %r; releasing it", w.id, w.status.model)
+            try:
+                w.stub.Release(pb.ReleaseRequest(model=w.status.model, abandon=True), timeout=2)
+            except grpc.RpcError as e:
+                log.warning("releasing the stale stage on %s failed: %s", w.id, e.code())
+                continue
+            with self.lock:
+                if not w.model:
+                    w.status = pb.WorkerStatus(worker_id=w.id, state="idle")
+
+    # ------------------------------------------------------------------ one attempt
+
+    def recover(self, m: ModelRecord, lost: list[str], drained: bool = False) -> None:
+        """Move the stages of ``lost`` workers to spares and re-form ``m`` now, in this thread
+        (``drained``: those workers are alive and leave on request).  Waits for an attempt
+        under way; a failure is left to the monitor's retries."""
+        with m.busy:
+            try:
+                self._recover(m, lost, drained)
+            except Exception as e:
+                log.exception("recovery of %s failed", m.name)
+                self._failed(m, f"{type(e).__name__}: {e}")
+
+    def _recover(self, m: ModelRecord, lost: list[str], drained: bool = False) -> None:
+        t0 = time.monotonic()
+        with self.changed:
+            if m.name not in self.models or m.state == pb.MODEL_STATE_UNLOADING:
+                return
+            first = not m.recovering
+            m.recovering = True
+            m.state = pb.MODEL_STATE_LOADING
+            if lost:
+                m.error = f"recovering: worker(s) {', '.join(lost)} lost"
+            self.changed.notify_all()
+        if first:
+            log.warning("model %s lost %s; re-forming the pipeline", m.name, lost or "nothing")
+        self.health.set(f"pipeserve.model.{m.name}", False)
+        for call in list(m.calls):  # streams on the broken pipeline: the relays replay them
+            call.cancel()
+        # every reachable worker drops its stage of the broken ring (or of a failed attempt)
+        for wid in m.workers:
+            w = self.workers.get(wid) if wid else None
+            if w is None or (wid in lost and not drained) or w.state == "lost":
+                continue
+            try:
+                w.stub.Release(pb.ReleaseRequest(model=m.name, abandon=True), timeout=10)
+                w.status = pb.WorkerStatus(worker_id=wid, state="idle")  # before a heartbeat
+            except grpc.RpcError as e:
+                log.warning("abandon on %s failed: %s", wid, e.code())
+        with self.changed:
+            spares = self.idle()
+            replace = [k for k, wid in enumerate(m.workers) if wid in lost or self._lost(wid)]
+            if len(spares) < len(replace):
+                m.waiting = (
+                    f"model {m.name!r} needs {len(replace)} more worker(s) and "
+                    f"{len(spares) or 'no'} spare worker(s) are registered; start a "
+                    "`pipeserve worker` and the model recovers by itself"
+                )
+                m.retry_at = time.monotonic() + 1.0
+                self.changed.notify_all()
+                return
+            workers = list(m.workers)
+            for k in replace:
+                spare = _spare_for(m.plan, k, spares)
+                spares.remove(spare)
+                if workers[k] in self.workers:
+                    self.workers[workers[k]].model = ""
+                workers[k] = spare.id
+                spare.model = m.name
+            m.waiting = ""
+            m.workers = workers
+            m.epoch = next(self._epochs)
+        error = self.assign_and_wait(m)
+        if error is not None:
+            self._failed(m, error)
+            return
+        with self.changed:
+            if m.name not in self.models:
+                return
+            m.state, m.error, m.recovering, m.attempts = pb.MODEL_STATE_READY, "", False, 0
+            self.recoveries.append(
+                {"model": m.name, "lost": lost, "seconds": time.monotonic() - t0}
+            )
+            self.changed.notify_all()
+        if self.state is not None:
+            self.state.save(m)
+        self.prune_store(m.name, m.epoch)
+        self.health.set(f"pipeserve.model.{m.name}", True)
+        log.warning("model %s ready again (epoch %d)", m.name, m.epoch)
+
+    def _failed(self, m: ModelRecord, error: str) -> None:
+        with self.changed:
+            m.attempts += 1
+            wait = min(RETRY_MAX_S, 2.0 ** (m.attempts - 1))
+            m.retry_at = time.monotonic() + wait
+            m.error = f"recovery failed: {error}; retrying in {wait:.0f}s"
+            self.changed.notify_all()
+        log.warning("model %s: %s", m.name, m.error)
+
+    def assign(self, m: ModelRecord) -> str | None:
+        """Send every stage of ``m`` to its worker (its current workers and epoch); None on
+        success, else the error.  The rendezvous is this coordinator's Registry store."""
+        plan_json = m.plan.dumps()
+        try:
+            for k, wid in enumerate(m.workers):
+                self.workers[wid].stub.Assign(
+                    pb.AssignRequest(
+                        model=m.name,
+                        plan_json=plan_json,
+                        stage=k,
+                        world_size=m.plan.num_stages,
+                        epoch=m.epoch,
+                        device=m.device,
+                        mode=m.mode,
+                    ),
+                    timeout=30,
+                )
+        except grpc.RpcError as e:
+            return f"assigning a stage failed: {e.details()}"
+        except KeyError as e:
+            return f"worker {e} is gone"
+        return None
+
+    def assign_and_wait(self, m: ModelRecord) -> str | None:
+        """:meth:`assign`, then wait until every stage is ready; None on success."""
+        error = self.assign(m)
+        if error is not None:
+            return error
+        deadline = time.monotonic() + LOAD_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if m.name not in self.models:
+                return "unloaded"
+            states = []
+            for wid in m.workers:
+                w = self.workers.get(wid)
+                if w is None or w.state == "lost":
+                    return f"{wid} was lost"
+                try:
+                    st = w.stub.Status(pb.StatusRequest(), timeout=10)
+                except grpc.RpcError as e:
+                    return f"{wid} unreachable: {e.code()}"
+                if st.state == "failed":
+                    return f"{wid}: {st.error}"
+                states.append(st.state)
+            if all(x == "ready" for x in states):
+                return None
+            time.sleep(0.2)
+        return "timed out"
+
+
+def _spare_for(plan: Any, stage: int, spares: list[WorkerRecord]) -> WorkerRecord:
+    """The first spare (by registration) whose memory holds the stage's weights and KV budget;
+    else the one with the most memory."""
+    st = plan.stages[stage]
+    need = st.nbytes + st.kv_bytes_per_token * int(plan.workload.get("kv_tokens", 0))
+    fits = [w for w in spares if w.memory <= 0 or w.memory >= need]
+    return fits[0] if fits else max(spares, key=lambda w: w.memory)
