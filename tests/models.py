@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -441,3 +443,15 @@ def deep_lm(family: str, layers: int, seed: int = 0) -> nn.Module:
         return hf_model(family, seed)
     finally:
         HF_CONFIGS[family] = saved
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` for the ``with`` block (a reference computed with
+    the threads the stages use: a reduction may be split differently across more threads)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)

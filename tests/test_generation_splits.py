@@ -16,8 +16,9 @@ and GPT-Neo) under
 Stages run in one process (:class:`~pipeline_core.local_generate.InProcessRing`: the same
 stage code the stage processes run, without the processes); ``test_deep_gpt_neo_in_processes``
 runs a sample in separate processes.  Each prompt is compared with ``generate`` on that prompt
-alone, and the engine runs it alone (a one-row group): the same shapes on both sides, so the
-comparison does not depend on batch padding, the CPU's instruction set or thread count.
+alone, and the engine runs it alone (a one-row group), both with one torch thread: the same
+shapes and threads on both sides, so the comparison does not depend on batch padding, the
+CPU's instruction set or thread count.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pipeline_core.local_generate import LocalGenerator
 from pipeline_core.plan import Plan, StagePlan
 from pipeline_core.sampling import SamplingParams
 
-from .models import deep_lm, hf_greedy, save_hf
+from .models import deep_lm, hf_greedy, save_hf, torch_threads
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +102,8 @@ def _cuts(family: str, ckpt: str) -> dict[tuple[int, ...], Plan]:
 @pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
 def test_every_split_generates_as_generate(family, tmp_path):
     model = deep_lm(family, depth(family))
-    want = [hf_greedy(model, p, NEW) for p in PROMPTS]
+    with torch_threads(1):  # as the stages run
+        want = [hf_greedy(model, p, NEW) for p in PROMPTS]
     assert all(len(set(w)) >= 3 for w in want), want  # tokens vary: the comparison means something
     ckpt = str(save_hf(model, tmp_path / "ckpt", shard="200KB"))
     plans = _cuts(family, ckpt)
@@ -124,7 +126,8 @@ def test_deep_gpt_neo_in_processes(tmp_path):
     """The issue's report, in separate stage processes: a 12-layer GPT-Neo on ``equal_size(2)``
     and on ``balanced(3)`` by FLOPs (what ``pipeserve run --stages 3`` plans)."""
     model = deep_lm("gpt_neo", 12)
-    want = [hf_greedy(model, p, NEW) for p in PROMPTS]
+    with torch_threads(1):
+        want = [hf_greedy(model, p, NEW) for p in PROMPTS]
     ckpt = str(save_hf(model, tmp_path / "ckpt", shard="200KB"))
     for policy in (Policy.equal_size(2), Policy.balanced(3)):
         plan = make_plan(ModelSource(checkpoint=ckpt), policy, trace=False, workload=FLOPS)
