@@ -133,3 +133,30 @@ def test_deep_gpt_neo_in_processes(tmp_path):
         plan = make_plan(ModelSource(checkpoint=ckpt), policy, trace=False, workload=FLOPS)
         with LocalGenerator(plan) as gen:
             assert [gen.generate([p], GREEDY)[0] for p in PROMPTS] == want, policy.describe()
+
+
+def test_a_skipped_layer_that_cannot_run_on_meta_is_a_clear_error(tmp_path, monkeypatch):
+    """The structure of a layer a stage skips is worked out on the meta device; when that
+    fails the request fails with the stage and the layer named -- no guessed structure."""
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    forward = GPT2Block.forward
+
+    def meta_hostile(self, hidden_states, *args, **kwargs):
+        if hidden_states.is_meta:
+            raise NotImplementedError("no meta kernel for this")
+        return forward(self, hidden_states, *args, **kwargs)
+
+    model = deep_lm("gpt2", 4)
+    ckpt = str(save_hf(model, tmp_path / "ckpt", shard="200KB"))
+    plan = make_plan(ModelSource(checkpoint=ckpt), Policy.manual(["transformer.h.2"]), trace=False)
+    monkeypatch.setattr(GPT2Block, "forward", meta_hostile)
+    with LocalGenerator(plan, in_process=True) as gen, pytest.raises(GenerationFailed) as info:
+        gen.generate([PROMPTS[0]], GREEDY)
+    msg = str(info.value)
+    assert re.search(
+        r"stage 1, unit transformer\.h\.0: UnsupportedModelError: stage 1: cannot work out "
+        r"the output structure of transformer\.h\.0 \(GPT2Block\), which this stage skips: .*"
+        r"NotImplementedError: no meta kernel for this",
+        msg,
+    ), msg
