@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -67,6 +67,7 @@ __all__ = [
     "group_size",
     "run_step",
     "serve_generation",
+    "stage_message",
 ]
 
 log = logging.getLogger(__name__)
@@ -196,14 +197,35 @@ def run_step(stage: GenStage, msg: list[Any]) -> list[Any]:
         stage.timeline.record("compute", gid, rows, w0, time.time())
         return out
     except Exception as e:  # a bad step fails its group, never the stage
-        log.warning("[stage %d] group %d failed: %s", stage.index, gid, e, exc_info=True)
+        where = f"stage {stage.index}" + (f", unit {stage.unit}" if stage.unit else "")
+        log.warning("[%s] group %d failed: %s", where, gid, e, exc_info=True)
         stage.release(gid)
-        return [OP_FAIL, gid, StageFailure(f"stage {stage.index}: {type(e).__name__}: {e}")]
+        return [OP_FAIL, gid, StageFailure(f"{where}: {type(e).__name__}: {e}")]
 
 
 def _stats(stage: GenStage) -> tuple[int, ...]:
     s = stage.cache_stats()
     return tuple(s[k] for k in STATS_FIELDS)
+
+
+def stage_message(stage: GenStage, msg: list[Any]) -> list[Any] | None:
+    """What stage ``stage.index >= 1`` does with one ring message: the message it sends on
+    (None: nothing).  Shared by :func:`serve_generation` and the in-process ring."""
+    op = msg[0]
+    if op in (OP_PREFILL, OP_DECODE):
+        return run_step(stage, msg)
+    if op == OP_RELEASE:
+        stage.release(msg[1])
+        return None if stage.is_last else msg
+    if op == OP_MERGE:
+        stage.merge(msg[1], msg[2])
+        return None if stage.is_last else msg
+    if op == OP_FAIL:
+        stage.release(msg[1])
+        return msg
+    if op == OP_STATS:
+        return [OP_STATS, (*msg[1], _stats(stage))]
+    return msg  # PING (the last stage sends it on to stage 0, which drops it), STOP
 
 
 def serve_generation(stage: GenStage, ring: Ring) -> None:
@@ -212,33 +234,20 @@ def serve_generation(stage: GenStage, ring: Ring) -> None:
         t0 = time.time()
         msg = ring.recv()
         op = msg[0]
-        if op in (OP_PREFILL, OP_DECODE):
+        compute = op in (OP_PREFILL, OP_DECODE)
+        if compute:
             t1 = time.time()
             stage.timeline.record("wait", msg[1], 0, t0, t1)
             stage.wait_s += t1 - t0
-            out = run_step(stage, msg)
-            t2 = time.time()
+        out = stage_message(stage, msg)
+        t2 = time.time()
+        if out is not None:
             ring.send(out)
+        if compute:
             t3 = time.time()
             stage.timeline.record("send", msg[1], 0, t2, t3)
             stage.send_s += t3 - t2
-        elif op == OP_RELEASE:
-            stage.release(msg[1])
-            if not stage.is_last:
-                ring.send(msg)
-        elif op == OP_MERGE:
-            stage.merge(msg[1], msg[2])
-            if not stage.is_last:
-                ring.send(msg)
-        elif op == OP_FAIL:
-            stage.release(msg[1])
-            ring.send(msg)
-        elif op == OP_STATS:
-            ring.send([OP_STATS, (*msg[1], _stats(stage))])
-        elif op == OP_PING:
-            ring.send(msg)  # the last stage sends it on to stage 0, which drops it
-        elif op == OP_STOP:
-            ring.send(msg)
+        if op == OP_STOP:
             return
 
 
@@ -291,6 +300,15 @@ class EngineLimits:
     max_queue: int = 4096
 
 
+class RingLike(Protocol):
+    """What the scheduler needs of a ring (:class:`Ring`, or the in-process stand-in)."""
+
+    inbox: queue.Queue[Any]
+    timeout_s: float
+
+    def send(self, values: list[Any]) -> None: ...
+
+
 @dataclass
 class _Counters:
     admitted: int = 0
@@ -302,10 +320,15 @@ class _Counters:
 
 
 class GenerationEngine:
-    """The scheduler on stage 0.  ``ring`` is None for a one-stage pipeline."""
+    """The scheduler on stage 0.  ``ring``: a :class:`Ring`, an in-process stand-in with its
+    ``send``, ``inbox`` and ``timeout_s`` (:class:`~pipeline_core.local_generate.InProcessRing`),
+    or None for a one-stage pipeline."""
 
     def __init__(
-        self, stage: GenStage, ring: Ring | None, limits: EngineLimits | None = None
+        self,
+        stage: GenStage,
+        ring: RingLike | None,
+        limits: EngineLimits | None = None,
     ) -> None:
         if stage.index != 0:
             raise ValueError("the scheduler runs on stage 0")

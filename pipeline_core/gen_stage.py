@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,9 +187,11 @@ class GenStage:
         self.enc_dec = bool(getattr(self.config, "is_encoder_decoder", False))
         names = plan.stages[index].units
         unit_mods: dict[int, nn.Module] = {}
+        self._names: dict[int, str] = {}
         for u in plan.units:
             m = model.get_submodule(u["name"])
             unit_mods.setdefault(id(m), m)
+            self._names.setdefault(id(m), u["name"])
         self._owned = {id(model.get_submodule(n)) for n in names}
         self._load(names)
         self._has_meta: dict[int, bool] = {
@@ -200,6 +203,8 @@ class GenStage:
         self._phantoms = [i for i, m in enumerate(self._layers) if id(m) not in self._owned]
         self._phantom_set = set(self._phantoms)
         self._structure: dict[type, int] = {}
+        self.unit: str | None = None
+        """The unit running now (a failure names it); None between units."""
         self._ctx: _PassCtx | None = None
         self._call_map: dict[str, dict[int, int]] = {"encoder": {}, "decoder": {}}
         self._pass_name = "decoder"
@@ -304,6 +309,7 @@ class GenStage:
         i = ctx.calls
         ctx.calls += 1
         self._call_map[self._pass_name][i] = id(mod)
+        self.unit = self._names.get(id(mod))
         owned = id(mod) in self._owned
         if ctx.payload is not None and i == ctx.payload.call:
             if not owned:
@@ -331,6 +337,7 @@ class GenStage:
         ctx = self._ctx
         if ctx is None:
             return None
+        self.unit = None
         call = ctx.calls - 1  # units do not nest: this is the call the pre-hook counted
         sent = ctx.outputs.get(call)
         if sent is not None and id(mod) not in self._owned:
@@ -343,10 +350,28 @@ class GenStage:
                 ctx.last = (call, ts[0])
         return out if sent is not None else None
 
+    def _on_meta(self, mod: nn.Module, what: str, *args: Any, **kwargs: Any) -> Any:
+        """``mod``'s own forward run on the meta device (inputs, and for the run its real buffers
+        too: GPT-Neo's causal mask would otherwise meet meta activations); a failure is a clear
+        error naming the unit, never a guess."""
+        margs, mkwargs = tree_map(_to_meta, (args, kwargs))
+        if "use_cache" in mkwargs:
+            mkwargs["use_cache"] = False
+        try:
+            with _meta_buffers(mod), _meta_experts(self.model):
+                return _unwrap(mod)(mod, *margs, **mkwargs)
+        except Exception as e:
+            name = self._names.get(id(mod), type(mod).__name__)
+            raise UnsupportedModelError(
+                f"stage {self.index}: cannot work out {what} of {name} "
+                f"({type(mod).__name__}), which this stage skips: running it on the meta device "
+                f"failed with {type(e).__name__}: {e}. Put {name} on a stage with its "
+                f"neighbours (--split-at), or report the model"
+            ) from e
+
     def _shadow(self, mod: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """A module this stage does not own: zeros shaped like its output (worked out on meta)."""
-        margs, mkwargs = tree_map(_to_meta, (args, kwargs))
-        out = _unwrap(mod)(mod, *margs, **mkwargs)
+        out = self._on_meta(mod, "the output shape", *args, **kwargs)
         dev = self.device
         return tree_map(
             lambda t: (
@@ -359,16 +384,12 @@ class GenStage:
 
     def _passthrough(self, mod: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """A layer this stage does not own: its input hidden states, in the layer's output
-        structure (a tensor, or a tuple whose other entries are None)."""
+        structure (a tensor, or a tuple whose other entries are None), learnt once per layer
+        class from a run on the meta device."""
         n = self._structure.get(type(mod))
         if n is None:
-            try:
-                margs, mkwargs = tree_map(_to_meta, (args, kwargs))
-                mkwargs = {k: (False if k == "use_cache" else v) for k, v in mkwargs.items()}
-                out = _unwrap(mod)(mod, *margs, **mkwargs)
-                n = len(out) if isinstance(out, tuple) else 0
-            except Exception:
-                n = 0
+            out = self._on_meta(mod, "the output structure", *args, **kwargs)
+            n = len(out) if isinstance(out, tuple) else 0
             self._structure[type(mod)] = n
         hidden = args[0] if args else next(iter(kwargs.values()))
         return hidden if n == 0 else (hidden, *([None] * (n - 1)))
@@ -385,6 +406,7 @@ class GenStage:
             return ("skip",)
         self._ctx = _PassCtx(payload)
         self._pass_name = name
+        self.unit = None
         try:
             out = fn()
         except StageExit as e:
@@ -450,14 +472,14 @@ class GenStage:
                 if res[0] == "done":
                     enc_out = res[1].last_hidden_state
                     enc = Payload(Payload.DONE, ((0, enc_out),))
-                else:
+                else:  # "skip": this stage computes nothing of the encoder (T5's ``shared``
+                    # alone is never called: the stacks call their own embed_tokens), so
+                    # the pass goes on as it came, None if nobody started it yet
                     enc = res[1] if res[0] == "exit" else enc
-                    assert enc is not None
                     enc_out = None
-                payloads = [enc.to_wire(), payloads[1]]
+                payloads = [enc.to_wire() if enc is not None else None, payloads[1]]
             if enc_out is None:  # this stage runs no decoder layer before the encoder ends
-                shape = enc.carry[0][1].shape
-                enc_out = torch.zeros(*shape[:2], cfg.hidden_size, device=self.device)
+                enc_out = torch.zeros(*prompt.shape[:2], cfg.hidden_size, device=self.device)
             kw["encoder_outputs"] = BaseModelOutput(last_hidden_state=enc_out)
         else:
             kw[self.cache_kw] = grow_in_place(DynamicCache(config=cfg))
@@ -643,6 +665,41 @@ def _bind(fn: Callable[..., Any], mod: nn.Module) -> Callable[..., Any]:
         return fn(mod, *args, **kwargs)
 
     return forward
+
+
+@contextmanager
+def _meta_buffers(mod: nn.Module) -> Iterator[None]:
+    """For the ``with`` block, every real buffer and plain tensor attribute under ``mod`` is a
+    meta tensor of its shape (a skipped unit's code may combine them with its inputs)."""
+    saved: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+    for m in mod.modules():
+        for table in (m._buffers, vars(m)):
+            for k, v in list(table.items()):
+                real = isinstance(v, torch.Tensor) and not v.is_meta
+                if real and not isinstance(v, nn.Parameter):
+                    saved.append((table, k, v))
+                    table[k] = torch.empty_like(v, device="meta")
+    try:
+        yield
+    finally:
+        for table, k, v in saved:
+            table[k] = v
+
+
+@contextmanager
+def _meta_experts(model: nn.Module) -> Iterator[None]:
+    """Mixture-of-experts layers run ``batched_mm`` for the ``with`` block: ``grouped_mm``
+    (their default) has no meta kernel for float32 (the planner's fake runs switch the same
+    way, see :func:`~pipeline_core.source.build_skeleton`)."""
+    impl = getattr(model.config, "_experts_implementation", None)
+    if impl != "grouped_mm" or not hasattr(model, "set_experts_implementation"):
+        yield
+        return
+    model.set_experts_implementation("batched_mm")
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(impl)
 
 
 def _to_meta(v: Any) -> Any:

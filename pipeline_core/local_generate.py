@@ -12,12 +12,20 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import queue
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .engine import EngineLimits, GenerationEngine, RequestHandle, serve_generation
+from .engine import (
+    EngineLimits,
+    GenerationEngine,
+    RequestHandle,
+    serve_generation,
+    stage_message,
+)
 from .errors import PlanError
 from .gen_stage import GenStage
 from .load import ReadStats
@@ -27,7 +35,7 @@ from .ring import Ring
 from .sampling import SamplingParams
 from .source import hf_tokenizer
 
-__all__ = ["LocalGenerator"]
+__all__ = ["InProcessRing", "LocalGenerator"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +59,28 @@ def _stage_main(
     serve_generation(stage, ring)
 
 
+class InProcessRing:
+    """Stages ``1..S-1`` in the scheduler's own process: a message stage 0 sends goes through
+    each of them in turn (the same :func:`stage_message` the stage processes run) and what the
+    last one sends lands in stage 0's inbox.  No overlap between stages -- for tests and
+    debugging, where one process is faster than S and tracebacks stay in one place."""
+
+    def __init__(self, stages: Sequence[GenStage]) -> None:
+        self.stages = list(stages)
+        self.inbox: queue.Queue[Any] = queue.Queue()
+        self.timeout_s = 300.0
+        self.bytes_sent = 0
+
+    def send(self, values: list[Any]) -> None:
+        msg: list[Any] | None = values
+        for stage in self.stages:
+            if msg is None:
+                return
+            msg = stage_message(stage, msg)
+        if msg is not None:
+            self.inbox.put(msg)
+
+
 class LocalGenerator:
     """A plan's generation stages on this machine (see module docstring).
 
@@ -59,6 +89,8 @@ class LocalGenerator:
         devices: one device per stage (default: all ``cpu``).
         threads_per_stage: torch threads in each stage process and in this one.
         limits: the scheduler's KV budget and batching limits.
+        in_process: every stage in this process (:class:`InProcessRing`: the same stage code,
+            no stage processes, no overlap between stages) -- for tests and debugging.
     """
 
     def __init__(
@@ -69,14 +101,33 @@ class LocalGenerator:
         threads_per_stage: int = 1,
         limits: EngineLimits | None = None,
         timeout_s: float = 300.0,
+        in_process: bool = False,
     ) -> None:
         n = plan.num_stages
         devices = devices or ["cpu"] * n
         if len(devices) != n:
             raise PlanError(f"{n} stages need {n} devices, got {len(devices)}")
         self.plan = plan
+        self.procs: dict[int, mp.process.BaseProcess] = {}
+        self.engine: GenerationEngine | None = None
+        self.stage_info: list[dict[str, Any]] = []
         self._saved_threads = torch.get_num_threads()
         torch.set_num_threads(threads_per_stage)
+        self.tokenizer = hf_tokenizer(plan.source.checkpoint)
+        if in_process:
+            try:
+                stages = []
+                for k in range(n):
+                    stats, probe = ReadStats(), memory_probe()
+                    probe.mark()
+                    stages.append(GenStage(plan, k, devices[k], stats=stats))
+                    self.stage_info.append(probe.report(stats))
+                ring = InProcessRing(stages[1:]) if n > 1 else None
+                self.engine = GenerationEngine(stages[0], ring, limits)
+            except BaseException:
+                torch.set_num_threads(self._saved_threads)
+                raise
+            return
         self.store = dist.TCPStore(
             "127.0.0.1", 0, n, True, timeout=_td(timeout_s), wait_for_workers=False
         )
@@ -92,7 +143,6 @@ class LocalGenerator:
         }
         for p in self.procs.values():
             p.start()
-        self.engine: GenerationEngine | None = None
         try:
             stats, probe = ReadStats(), memory_probe()
             probe.mark()
@@ -105,7 +155,6 @@ class LocalGenerator:
             self._kill()
             torch.set_num_threads(self._saved_threads)
             raise
-        self.tokenizer = hf_tokenizer(plan.source.checkpoint)
 
     def _engine(self) -> GenerationEngine:
         if self.engine is None:

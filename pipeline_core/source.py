@@ -154,21 +154,41 @@ class ModelSource:
         return cls(**d)
 
 
+_INITS = tuple(n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_"))
+
+
 @contextlib.contextmanager
 def meta_parameters() -> Iterator[None]:
-    """Create every ``nn.Parameter`` on the meta device; buffers stay real (see module note)."""
+    """Create every ``nn.Parameter`` on the meta device; buffers stay real (see module note).
+
+    A meta tensor has no values to initialise, so ``torch.nn.init`` functions return it
+    untouched and transformers' own init skips it (on meta they run torch's Python reference
+    kernels: most of the time of building a skeleton)."""
     original = nn.Module.register_parameter
+    inits = {n: getattr(nn.init, n) for n in _INITS}
 
     def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
         if param is not None and param.device.type != "meta":
             param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        if param is not None:
+            param._is_hf_initialized = True  # type: ignore[attr-defined]
         original(self, name, param)
 
+    def skip_meta(fn: Any) -> Any:
+        def init(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            return tensor if tensor.is_meta else fn(tensor, *args, **kwargs)
+
+        return init
+
     nn.Module.register_parameter = register  # type: ignore[method-assign]
+    for n, fn in inits.items():
+        setattr(nn.init, n, skip_meta(fn))
     try:
         yield
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
+        for n, fn in inits.items():
+            setattr(nn.init, n, fn)
 
 
 def _load_factory(spec: str) -> Any:

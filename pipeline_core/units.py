@@ -4,8 +4,11 @@ A unit is the smallest piece a split may put on one stage: an element of a repea
 (decoder layers, encoder/decoder blocks, CNN stages) or a module that sits between block lists
 (embeddings, final norm, heads).  No per-family table:
 
-* a *block list* is an ``nn.ModuleList`` / ``nn.Sequential`` of 2+ children where one module
-  class makes up at least half of them; the outermost such lists win;
+* a *block list* is an ``nn.Sequential`` of 2+ children (whatever they are: a chain can be
+  cut between any two), or an ``nn.ModuleList`` of 2+ children where one module class makes up
+  at least half of them (a list the model may use in any order is only trusted when it looks
+  like repeated blocks); the outermost such lists win, so a ``Sequential`` inside a unit (an
+  MLP inside a decoder layer) stays inside it -- ``pipeserve plan --units`` lists the result;
 * the tree is walked in registration order; containers that hold a block list somewhere below
   are opened, everything else is one unit;
 * a module object that appears twice (``encoder.embed_tokens`` is ``shared`` in T5) cannot carry
@@ -51,6 +54,8 @@ class Unit:
 def _is_block_list(m: nn.Module) -> bool:
     if not isinstance(m, nn.ModuleList | nn.Sequential) or len(m) < 2:
         return False
+    if isinstance(m, nn.Sequential):
+        return True  # a chain: every boundary between its children is a valid split point
     _cls, count = Counter(type(c) for c in m.children()).most_common(1)[0]
     return count >= 2 and 2 * count >= len(m)
 

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 __all__ = ["main"]
@@ -229,6 +230,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (PlanError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # the model cannot be planned (trace, checkpoint): one line
+        return _fail(args, f"planning failed: {type(e).__name__}: {e}")
     tok = hf_tokenizer(args.model_dir) if args.prompt is not None else None
     if args.prompt is not None and tok is None:
         print(f"error: {args.model_dir} has no tokenizer; use --prompt-ids", file=sys.stderr)
@@ -248,8 +251,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _run_torchrun(args, plan, ids, params, tok)
-    with LocalGenerator(plan, threads_per_stage=args.threads) as gen:
-        return _generate_and_print(gen.submit, args, ids, params, tok)
+    try:
+        with LocalGenerator(
+            plan, threads_per_stage=args.threads, in_process=args.in_process
+        ) as gen:
+            return _generate_and_print(gen.submit, args, ids, params, tok)
+    except Exception as e:  # one clear line (what failed, where); --debug: the traceback
+        return _fail(args, f"{type(e).__name__}: {e}")
+
+
+def _fail(args: argparse.Namespace, message: str) -> int:
+    """Report a failed run on one line (stderr), after the traceback under ``--debug``."""
+    if args.debug and sys.exc_info()[0] is not None:
+        traceback.print_exc()
+    hint = "" if args.debug else " (--debug shows the traceback)"
+    print(f"error: {' '.join(message.split())}{hint}", file=sys.stderr)
+    return 1
 
 
 def _run_torchrun(args, plan, ids, params, tok) -> int:  # type: ignore[no-untyped-def]
@@ -305,6 +322,8 @@ def _generate_and_print(submit, args, ids, params, tok) -> int:  # type: ignore[
             print(detok.push([t]) if detok is not None else f"{t} ", end="", flush=True)
         print(detok.flush() if detok is not None else "")
     res = handle.result()
+    if res.error is not None:
+        return _fail(args, f"generation failed: {res.error}")
     if args.json:
         out = {
             "prompt_ids": ids,
@@ -315,7 +334,7 @@ def _generate_and_print(submit, args, ids, params, tok) -> int:  # type: ignore[
         if tok is not None:
             out["text"] = tok.decode(res.tokens, skip_special_tokens=True)
         print(json.dumps(out))
-    return 0 if res.error is None else 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,15 +342,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import logging
 
-    logging.basicConfig(level=os.environ.get("PIPESERVE_LOG", "WARNING").upper())
     if args.cmd == "run":
         args.balanced = args.stages
+        # a one-shot run reports a failure on one line: the stages' own warnings (a failed step
+        # with its traceback) only under --debug; the stage processes read PIPESERVE_LOG
+        level = "DEBUG" if args.debug else os.environ.get("PIPESERVE_LOG", "ERROR")
+    else:
+        level = os.environ.get("PIPESERVE_LOG", "WARNING")
+    saved = os.environ.get("PIPESERVE_LOG")
+    os.environ["PIPESERVE_LOG"] = level
+    logging.basicConfig(level=level.upper())
     try:
         return int(args.func(args))
     except BrokenPipeError:  # `pipeserve admin status | head`: the reader left, that is all
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout
         return 141  # 128 + SIGPIPE, as a shell reports it
+    finally:
+        if saved is None:
+            os.environ.pop("PIPESERVE_LOG", None)
+        else:
+            os.environ["PIPESERVE_LOG"] = saved
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -404,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=1, help="torch threads per stage")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.add_argument("--debug", action="store_true", help="on failure, show the tracebacks")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="every stage in this process (no overlap; for debugging: one traceback)",
+    )
     p.set_defaults(
         func=cmd_run,
         equal_size=None,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -406,3 +408,50 @@ def hf_greedy_batch(
         )
     start = 1 if model.config.is_encoder_decoder else width
     return out[:, start:].tolist()
+
+
+LAYER_KEYS = (
+    "n_layer",
+    "num_layers",
+    "num_hidden_layers",
+    "num_decoder_layers",
+    "encoder_layers",
+    "decoder_layers",
+)
+
+
+def deep_lm(family: str, layers: int, seed: int = 0) -> nn.Module:
+    """A family's tiny test model at ``layers`` layers (each stack of an encoder-decoder),
+    initialised at a larger scale (``initializer_range`` 0.25 and the families' other names for
+    it; 0.08 for BART's post-norm family, which collapses to one token above that) with untied
+    input and output embeddings, so greedy tokens vary (a tied embedding at this depth tends to
+    repeat the input token); a model's own computed tables (Marian's sinusoids) stay."""
+    base = dict(HF_CONFIGS[family])
+    cfg = {k: (layers if k in LAYER_KEYS else v) for k, v in base.items()}
+    if family == "gpt_neo":
+        cfg["attention_types"] = [[["global", "local"], layers // 2]]
+    post_norm = family in ("bart", "marian", "mbart", "pegasus")
+    if post_norm:
+        cfg.update(init_std=0.08, tie_word_embeddings=False)
+    else:
+        cfg.update(
+            initializer_range=0.25, init_std=0.25, initializer_factor=4.0, tie_word_embeddings=False
+        )
+    saved = HF_CONFIGS[family]
+    HF_CONFIGS[family] = cfg
+    try:
+        return hf_model(family, seed)
+    finally:
+        HF_CONFIGS[family] = saved
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` for the ``with`` block (a reference computed with
+    the threads the stages use: a reduction may be split differently across more threads)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -138,3 +139,61 @@ def test_run_under_torchrun(tmp_path):
     out = json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][-1])
     assert out["token_ids"] == _greedy(model, [3, 4, 5], 12)[: len(out["token_ids"])]
     assert len(out["token_ids"]) == 12 or out["finish_reason"] == "stop"
+
+
+def _error_lines(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.startswith("error:")]
+
+
+@pytest.mark.slow
+def test_run_failure_in_a_unit_is_one_clear_line(tmp_path, capfd, monkeypatch):
+    """A step that fails inside a layer: one line naming the stage and the unit, exit 1, no
+    traceback (and no JSON result); ``--debug`` shows the traceback.  Stages in this process
+    (``--in-process``) so the failure can be planted in one layer."""
+    import torch
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    forward = GPT2Block.forward
+
+    def failing(self, hidden_states, *args, **kwargs):
+        real = type(hidden_states) is torch.Tensor and not hidden_states.is_meta  # not planning
+        if self.attn.layer_idx == 3 and real:
+            raise RuntimeError("planted failure")
+        return forward(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(GPT2Block, "forward", failing)
+    ckpt = save_hf(hf_model("gpt2"), tmp_path / "gpt2")
+    args = ["run", str(ckpt), "--stages", "2", "--prompt-ids", "3,4,5", "--in-process"]
+    assert main([*args, "--json"]) == 1
+    out, err = capfd.readouterr()
+    assert not out.strip() and "Traceback" not in err
+    (line,) = _error_lines(err)
+    assert re.fullmatch(
+        r"error: generation failed: stage 1, unit transformer\.h\.3: RuntimeError: planted "
+        r"failure \(--debug shows the traceback\)",
+        line,
+    ), line
+    assert main([*args, "--debug"]) == 1
+    err = capfd.readouterr().err
+    assert "Traceback" in err and "planted failure" in err and len(_error_lines(err)) == 1
+
+
+@pytest.mark.slow
+def test_run_stage_that_cannot_load_is_one_clear_line(tmp_path, capfd):
+    """A stage process that fails to load its shard (a tensor of the wrong shape): one line
+    naming the stage and the tensor, exit 1."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = save_hf(hf_model("gpt2"), tmp_path / "gpt2", shard="2MB")
+    bad = "transformer.h.3.mlp.c_fc.weight"
+    for f in ckpt.glob("*.safetensors"):
+        tensors = load_file(f)
+        if bad in tensors:
+            tensors[bad] = tensors[bad][:, :-1].contiguous()
+            save_file(tensors, f, metadata={"format": "pt"})
+    args = ["run", str(ckpt), "--stages", "2", "--prompt-ids", "3,4,5"]
+    assert main(args) == 1
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    (line,) = _error_lines(err)
+    assert "stage 1 failed to start: CheckpointError" in line and bad in line, line
