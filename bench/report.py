@@ -16,10 +16,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 OUT = ROOT / "BENCHMARKS.md"
-ORDER = ["core", "balance", "generate", "generate_16core", "generate_gpu", "grpc", "reliability"]
+ORDER = [
+    "core",
+    "balance",
+    "generate",
+    "generate_16core",
+    "generate_gpu",
+    "grpc",
+    "reliability",
+    "container",
+]
 SCRIPTS = {
     "generate_16core": "bench_generate.py --name generate_16core",
     "generate_gpu": "bench_generate.py --device cuda",
+    "container": "../tests/test_container.py",
 }
 BASELINES = {
     "core": "`torch.distributed.pipelining` ScheduleGPipe, same split; load peak vs shard bytes",
@@ -31,6 +41,7 @@ BASELINES = {
     "the model on 1 stage",
     "grpc": "`pipeline_core` called directly on the same local stages",
     "reliability": "the same requests run undisturbed / alone",
+    "container": "single-process `generate`; the CI budget for the container test",
 }
 
 
