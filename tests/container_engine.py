@@ -61,8 +61,16 @@ class Engine:
         except subprocess.TimeoutExpired:
             self.daemon.kill()
             self.daemon.wait()
-        subprocess.run(["umount", "-R", str(self.root)], capture_output=True)
+        _unmount_under(self.root)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _unmount_under(root: Path) -> None:
+    """dockerd leaves mounts behind (e.g. its netns file): deepest first."""
+    prefix = str(root.resolve()) + "/"
+    mounts = [ln.split()[1] for ln in Path("/proc/mounts").read_text().splitlines()]
+    for m in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", m], capture_output=True)
 
 
 def _buildkit_cli() -> str:
