@@ -25,10 +25,12 @@ ORDER = [
     "grpc",
     "gateway",
     "reliability",
+    "container",
 ]
 SCRIPTS = {
     "generate_16core": "bench_generate.py --name generate_16core",
     "generate_gpu": "bench_generate.py --device cuda",
+    "container": "../tests/test_container.py",
 }
 BASELINES = {
     "core": "`torch.distributed.pipelining` ScheduleGPipe, same split; load peak vs shard bytes",
@@ -41,6 +43,7 @@ BASELINES = {
     "grpc": "`pipeline_core` called directly on the same local stages",
     "gateway": "the `pipeserve.v1` gRPC client on the same cluster",
     "reliability": "the same requests run undisturbed / alone",
+    "container": "single-process `generate`; the CI budget for the container test",
 }
 
 

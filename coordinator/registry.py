@@ -20,6 +20,7 @@ from pipeserve import rpc
 from pipeserve.v1 import pipeserve_pb2 as pb
 from pipeserve.v1 import pipeserve_pb2_grpc as pbg
 
+from .leaving import leave
 from .server import HEARTBEAT_MS, Coordinator, WorkerRecord, _check_token
 
 __all__ = [
@@ -41,6 +42,7 @@ MAX_STORE_BYTES = 16 << 20
 MAX_WORKERS = 1024
 """Worker records at once (lost idle workers are pruned, so this bounds a registration flood)."""
 MAX_ADDRESS = 512
+MAX_WORKER_ID = 253
 
 
 def default_host(host: str | None, mutual_tls: bool) -> str:
@@ -83,6 +85,11 @@ class RegistryServicer(pbg.RegistryServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"register needs the worker's host:port (at most {MAX_ADDRESS} characters)",
             )
+        if len(request.worker_id) > MAX_WORKER_ID:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"worker_id is at most {MAX_WORKER_ID} characters (a pod name is at most 253)",
+            )
         if not request.control_token:
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -105,6 +112,8 @@ class RegistryServicer(pbg.RegistryServicer):
             # unique across coordinator restarts: a worker heartbeating with an id from the
             # previous coordinator must not be mistaken for a new one
             wid = f"w{seq}-{self.c.instance}"
+            if name := request.worker_id:  # a stable name (a StatefulSet pod's) if free
+                wid = name if name not in self.c.workers else f"{name}-{seq}"
             self.c.workers[wid] = WorkerRecord(
                 wid,
                 request.address,
@@ -195,6 +204,9 @@ class RegistryServicer(pbg.RegistryServicer):
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> Any:
         self._authorize(context)
+        if request.leaving:  # SIGTERM: its stage moves to a spare, then it exits
+            known = request.worker_id in self.c.workers
+            return pb.HeartbeatResponse(known=known, may_exit=leave(self.c, request.worker_id))
         with self.c.lock:
             w = self.c.workers.get(request.worker_id)
             if w is None:

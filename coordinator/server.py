@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 HEARTBEAT_MS = 500
 LOST_AFTER_S = 5.0
 """A worker whose heartbeats stop this long is lost (``--worker-timeout``)."""
+STOP_GRACE_S = 5.0
+"""On SIGTERM: seconds calls in flight may finish (the manifests' terminationGracePeriodSeconds
+exceed it)."""
 RECOVERY_TIMEOUT_S = 300.0
 PROFILE_TIMEOUT_S = 300.0
 """How long a worker may take to profile a model's unit kinds before planning by FLOPs."""
@@ -907,7 +910,7 @@ def serve(
 
     advertise = advertise_host or (host if host not in ("0.0.0.0", "::", "") else socket.getfqdn())
     server, port, health, _ = rpc.make_server(
-        f"{host}:{port}", [*SERVICES, "inference.GRPCInferenceService"]
+        rpc.host_port(host, port), [*SERVICES, "inference.GRPCInferenceService"]
     )
     c = Coordinator(health)
     c.model_roots = [Path(r) for r in model_roots or []]
@@ -928,13 +931,21 @@ def serve(
     server.start()
     for s in ["", *SERVICES, "inference.GRPCInferenceService"]:
         health.set(s, True)
-    health_server = rpc.serve_health_only(health, f"{host}:{health_port}") if health_port else None
-    print(f"coordinator listening on {advertise}:{port}", flush=True)
+    health_server = (
+        rpc.serve_health_only(health, rpc.host_port(host, health_port)) if health_port else None
+    )
+    print(f"coordinator listening on {rpc.host_port(advertise, port)}", flush=True)
     if ready is not None:
         ready(port)
     stop = stop or threading.Event()
     threading.Thread(target=c.monitor, args=(stop,), name="monitor", daemon=True).start()
     stop.wait()
-    server.stop(grace=2)
+    # [Note: stopping] take no new calls (health NOT_SERVING, the server refuses), give calls
+    # in flight STOP_GRACE_S, then exit; deployments live on in --state-db, and the workers
+    # keep their stages and relink when a coordinator comes back.
+    for s in ["", *SERVICES, "inference.GRPCInferenceService"]:
+        health.set(s, False)
+    log.info("coordinator stopping (%.0f s grace for calls in flight)", STOP_GRACE_S)
+    server.stop(grace=STOP_GRACE_S).wait()
     if health_server is not None:
-        health_server.stop(grace=1)
+        health_server.stop(grace=1).wait()

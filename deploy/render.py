@@ -3,8 +3,9 @@
     python deploy/render.py deploy/k8s/overlays/gpu > gpu.yaml
 
 Supports ``resources`` (files and directories with a kustomization), ``images``
-(newName/newTag) and ``patches`` (strategic merge: maps merge, lists of named items merge by
-``name``, other lists are replaced).  ``tests/test_deploy.py`` checks the output equals
+(newName/newTag), ``replicas`` (name/count) and ``patches`` (strategic merge: maps merge, a
+null value deletes the key, lists of named items merge by ``name``, other lists are
+replaced).  ``tests/test_deploy.py`` checks the output equals
 ``kubectl kustomize`` where kubectl exists.
 """
 
@@ -26,7 +27,10 @@ def _merge(base: Any, patch: Any) -> Any:
     if isinstance(base, dict) and isinstance(patch, dict):
         out = dict(base)
         for k, v in patch.items():
-            out[k] = _merge(base[k], v) if k in base else copy.deepcopy(v)
+            if v is None:
+                out.pop(k, None)
+            else:
+                out[k] = _merge(base[k], v) if k in base else copy.deepcopy(v)
         return out
     if isinstance(base, list) and isinstance(patch, list):
         key = next(
@@ -86,6 +90,10 @@ def render(directory: str | Path) -> list[dict[str, Any]]:
             for i in hits:
                 docs[i] = _merge(docs[i], pd)
     _images(docs, kust.get("images", []))
+    for r in kust.get("replicas", []):
+        for doc in docs:
+            if doc["metadata"]["name"] == r["name"] and "replicas" in doc.get("spec", {}):
+                doc["spec"]["replicas"] = r["count"]
     return docs
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -37,6 +40,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     serve(
         default_host(args.host, bool(args.tls_ca or os.environ.get("PIPESERVE_TLS_CA"))),
         args.port,
+        stop=_stop_on_sigterm(),
         advertise_host=args.advertise_host,
         metrics_port=args.metrics_port,
         health_port=args.health_port,
@@ -49,6 +53,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    import torch
+
     from pipeline_core import EngineLimits
     from pipeline_core.split import parse_size
     from pipeserve.observe import setup_logging
@@ -56,8 +62,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     setup_logging(os.environ.get("PIPESERVE_LOG", "INFO"), args.log_format)
     _apply_tls(args)
+    if args.threads:  # else torch takes every core of the node, whatever the pod's CPU limit
+        torch.set_num_threads(args.threads)
     serve(
         args.coordinator,
+        stop=_stop_on_sigterm(),
+        leave_on_stop=True,
+        worker_id=args.worker_id,
         host=args.host,
         port=args.port,
         device=args.device,
@@ -68,7 +79,25 @@ def cmd_worker(args: argparse.Namespace) -> int:
         speed_gflops=args.speed,
         memory_bytes=parse_size(args.memory) if args.memory else 0,
     )
-    return 0
+    # [Note: exiting a worker] its stage has moved away (or was given up); threads of the
+    # abandoned stage may still block on the dead data plane until PIPESERVE_DATAPLANE_TIMEOUT,
+    # and gloo aborts the process if they are torn down at interpreter exit: leave now.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _stop_on_sigterm() -> threading.Event:
+    """An event SIGTERM sets (``docker stop``, Kubernetes): the server stops taking work,
+    a worker moves its stage to a spare, and the process exits."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:  # set off the signal handler's frame
+        threading.Thread(target=stop.set, name="sigterm").start()
+
+    signal.signal(signal.SIGTERM, handler)
+    return stop
 
 
 def _policy_proto(args: argparse.Namespace) -> Any:
@@ -318,6 +347,15 @@ def _apply_tls(args: argparse.Namespace) -> None:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
+    try:
+        import cryptography  # noqa: F401
+    except ImportError:
+        print(
+            "error: pipeserve certs needs the [tls] extra (the cryptography package): "
+            "pip install 'pipeserve[tls]', or use openssl / your PKI",
+            file=sys.stderr,
+        )
+        return 2
     from pipeserve.certs import make_certs
 
     hosts = [h for h in (args.hosts or "").split(",") if h]
@@ -385,6 +423,17 @@ def add_commands(sub: Any) -> None:
         "--speed", type=float, default=0.0, help="GFLOP/s to report (default: measured at start)"
     )
     p.add_argument("--memory", help="memory to offer stages, e.g. 20GiB (default: the device's)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: torch's default, every core; set it to the CPU limit)",
+    )
+    p.add_argument(
+        "--worker-id",
+        default="",
+        help="id to register under, e.g. a StatefulSet pod name (default: one is given)",
+    )
     _observability_flags(p)
     p.set_defaults(func=cmd_worker)
 

@@ -45,6 +45,7 @@ __all__ = [
     "check_generate",
     "clip",
     "configure_tls",
+    "host_port",
     "make_server",
     "remaining",
     "sampling_from_proto",
@@ -383,6 +384,13 @@ def remaining(context: grpc.ServicerContext) -> float | None:
     """Seconds left before the caller's deadline; None when it set none."""
     t = context.time_remaining()
     return t if t is not None and math.isfinite(t) and t < 1e9 else None
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port`` for gRPC, an IPv6 address in brackets (``[fd00::1]:50061``)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
 
 
 def channel(address: str) -> grpc.Channel:

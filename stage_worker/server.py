@@ -4,8 +4,9 @@ It registers with the coordinator and heartbeats; on ``Assign`` it loads only it
 tensors (in the background, reporting bytes loaded), joins the data-plane ring through the
 rendezvous store the coordinator hosts, and serves.  Stage 0 also runs the scheduler and
 answers ``Generate`` (request admission + token stream); activations never touch gRPC.
-Health: ``pipeserve.v1.StageWorker`` is NOT_SERVING until the stage is ready (readiness);
-"" is SERVING while the process runs (liveness).
+Health: ``pipeserve.v1.StageWorker`` is NOT_SERVING until the stage is ready (serving a
+stage); ``pipeserve.worker.registered`` while the coordinator knows the worker (readiness, see
+``lifecycle``); "" is SERVING while the process runs (liveness).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pipeserve import rpc
 from pipeserve.observe import REQUEST_ID, WorkerCollector, new_request_id, serve_metrics
 from pipeserve.v1 import pipeserve_pb2 as pb
 from pipeserve.v1 import pipeserve_pb2_grpc as pbg
+from stage_worker.lifecycle import REGISTERED, heartbeat_until, leave
 from stage_worker.rendezvous import CoordinatorStore
 
 __all__ = ["Worker", "serve"]
@@ -453,11 +455,15 @@ def serve(
     stop: threading.Event | None = None,
     speed_gflops: float = 0.0,
     memory_bytes: int = 0,
+    worker_id: str = "",
+    leave_on_stop: bool = False,
 ) -> None:
     """Run a worker until ``stop`` is set (or forever): serve, register, heartbeat.
 
     ``speed_gflops`` (0: measured now, a matmul on ``device``) and ``memory_bytes`` (0: the
-    device's total) are what the planner gives this worker's stage by.
+    device's total) are what the planner gives this worker's stage by; ``worker_id`` is the id
+    asked for (e.g. the pod name).  ``leave_on_stop`` (SIGTERM): first move the stage to a
+    spare (``lifecycle.leave``), then stop.
     """
     limits = limits or EngineLimits()
     if speed_gflops <= 0:
@@ -467,7 +473,7 @@ def serve(
     control_token = secrets.token_urlsafe(32)
     auth = rpc.BearerAuth(SERVICE, control_token, "StageWorker calls (the coordinator's only)")
     server, port, health, counter = rpc.make_server(
-        f"{host}:{port}", [SERVICE], interceptors=[auth]
+        rpc.host_port(host, port), [SERVICE], interceptors=[auth]
     )
     worker = Worker(device, health, counter, limits)
     pbg.add_StageWorkerServicer_to_server(worker, server)
@@ -475,61 +481,35 @@ def serve(
     registry.register(WorkerCollector(lambda: worker.job.metrics() if worker.job else None))
     serve_metrics(registry, metrics_port, host)
     server.start()
-    health_server = rpc.serve_health_only(health, f"{host}:{health_port}") if health_port else None
+    health.set(REGISTERED, False)
+    health_server = (
+        rpc.serve_health_only(health, rpc.host_port(host, health_port)) if health_port else None
+    )
     token = os.environ.get("PIPESERVE_WORKER_TOKEN", "")
     md = (("authorization", f"Bearer {token}"),) if token else None
     worker.metadata = md
-    address = f"{advertise_host or _advertised(host)}:{port}"
-    registry = pbg.RegistryStub(rpc.channel(coordinator))
-    worker.registry = registry
+    address = rpc.host_port(advertise_host or _advertised(host), port)
+    stub = pbg.RegistryStub(rpc.channel(coordinator))
+    worker.registry = stub
     stop = stop or threading.Event()
-    interval = 1.0
     log.info("worker serving on %s, coordinator %s", address, coordinator)
     print(
         f"worker listening on {address} (device {device}, {speed_gflops:.0f} GFLOP/s)", flush=True
     )
-    last = pb.WorkerStatus(state="idle")
-    while not stop.is_set():
-        try:
-            if not worker.worker_id:
-                r = registry.Register(
-                    pb.RegisterRequest(
-                        address=address,
-                        device=device,
-                        memory_bytes=memory_bytes,
-                        hostname=socket.gethostname(),
-                        speed_gflops=speed_gflops,
-                        device_name=device_name(device),
-                        kv_tokens=limits.max_tokens,
-                        control_token=control_token,
-                    ),
-                    timeout=10,
-                    metadata=md,
-                )
-                worker.worker_id = r.worker_id
-                interval = max(0.05, r.heartbeat_interval_ms / 1000)
-                print(f"registered as {r.worker_id}", flush=True)
-            try:
-                status = last = worker.status_proto()
-            except Exception:  # figures read while the stage runs: never skip a heartbeat
-                log.warning("status figures unavailable; sending the last ones", exc_info=True)
-                status = last
-            hb = registry.Heartbeat(
-                pb.HeartbeatRequest(worker_id=worker.worker_id, status=status),
-                timeout=10,
-                metadata=md,
-            )
-            if not hb.known:
-                worker.worker_id = ""
-                continue
-        except grpc.RpcError as e:
-            if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-                log.error("the coordinator refused this worker: %s", e.details())
-            else:
-                log.warning("coordinator %s unreachable: %s", coordinator, e.code())
-        except Exception:  # a bug in reporting must not take the worker down
-            log.exception("heartbeat failed")
-        stop.wait(interval)
-    server.stop(grace=2)
+    register = pb.RegisterRequest(
+        address=address,
+        device=device,
+        memory_bytes=memory_bytes,
+        hostname=socket.gethostname(),
+        speed_gflops=speed_gflops,
+        device_name=device_name(device),
+        kv_tokens=limits.max_tokens,
+        worker_id=worker_id,
+        control_token=control_token,
+    )
+    heartbeat_until(worker, stub, register, md, stop)
+    if leave_on_stop:
+        leave(worker, stub, md)
+    server.stop(grace=2).wait()
     if health_server is not None:
-        health_server.stop(grace=1)
+        health_server.stop(grace=1).wait()

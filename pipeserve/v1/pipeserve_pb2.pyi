@@ -411,7 +411,7 @@ class StoreAddResponse(_message.Message):
     def __init__(self, value: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("address", "device", "memory_bytes", "hostname", "speed_gflops", "device_name", "kv_tokens", "control_token")
+    __slots__ = ("address", "device", "memory_bytes", "hostname", "speed_gflops", "device_name", "kv_tokens", "control_token", "worker_id")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -420,6 +420,7 @@ class RegisterRequest(_message.Message):
     DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
     KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CONTROL_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     address: str
     device: str
     memory_bytes: int
@@ -428,7 +429,8 @@ class RegisterRequest(_message.Message):
     device_name: str
     kv_tokens: int
     control_token: str
-    def __init__(self, address: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., hostname: _Optional[str] = ..., speed_gflops: _Optional[float] = ..., device_name: _Optional[str] = ..., kv_tokens: _Optional[int] = ..., control_token: _Optional[str] = ...) -> None: ...
+    worker_id: str
+    def __init__(self, address: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., hostname: _Optional[str] = ..., speed_gflops: _Optional[float] = ..., device_name: _Optional[str] = ..., kv_tokens: _Optional[int] = ..., control_token: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("worker_id", "heartbeat_interval_ms")
@@ -439,18 +441,22 @@ class RegisterResponse(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "status")
+    __slots__ = ("worker_id", "status", "leaving")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    LEAVING_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     status: WorkerStatus
-    def __init__(self, worker_id: _Optional[str] = ..., status: _Optional[_Union[WorkerStatus, _Mapping]] = ...) -> None: ...
+    leaving: bool
+    def __init__(self, worker_id: _Optional[str] = ..., status: _Optional[_Union[WorkerStatus, _Mapping]] = ..., leaving: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("known",)
+    __slots__ = ("known", "may_exit")
     KNOWN_FIELD_NUMBER: _ClassVar[int]
+    MAY_EXIT_FIELD_NUMBER: _ClassVar[int]
     known: bool
-    def __init__(self, known: _Optional[bool] = ...) -> None: ...
+    may_exit: bool
+    def __init__(self, known: _Optional[bool] = ..., may_exit: _Optional[bool] = ...) -> None: ...
 
 class ProfileRequest(_message.Message):
     __slots__ = ("checkpoint", "dtype", "workload")
