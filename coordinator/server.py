@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
 from pipeline_core import ModelSource, Plan, Policy, Workload, make_plan
+from pipeline_core.source import dtype_name, resolve_dtype
 from pipeserve import rpc
 from pipeserve.observe import REQUEST_ID, CoordinatorMetrics, new_request_id, serve_metrics
 from pipeserve.v1 import pipeserve_pb2 as pb
@@ -763,8 +764,9 @@ class AdminServicer(pbg.AdminServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"checkpoint directory {checkpoint!r} does not exist on the coordinator",
             )
-        dtype = dtype or "float32"
         try:
+            # one dtype for the plan and the worker that profiles: the checkpoint's by default
+            dtype = dtype_name(resolve_dtype(ModelSource(checkpoint=checkpoint), dtype or None))
             pol = policy_from_proto(policy)
             wl = rpc.workload_from_proto(workload or pb.Workload())
             wl.check()

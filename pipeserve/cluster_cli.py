@@ -422,7 +422,11 @@ def add_commands(sub: Any) -> None:
         help="N stages balanced by time (the default; 0: one per idle worker)",
     )
     add_workload_flags(p, "(0: the workers' --max-kv-tokens, for generation)")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument(
+        "--dtype",
+        default="",
+        help="float32, bfloat16, float16 (default: the checkpoint's, as from_pretrained)",
+    )
     p.add_argument("--device", help="cpu or cuda (default: each worker's own)")
     p.add_argument(
         "--mode", choices=["generate", "forward"], help="default: generate if the model can"
