@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) -m bench.bench_generate
 	$(PY) -m bench.bench_grpc
 	$(PY) -m bench.bench_reliability
+	$(PY) -m bench.bench_scale
 	$(PY) -m bench.report
 
 clean:

@@ -16,7 +16,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 OUT = ROOT / "BENCHMARKS.md"
-ORDER = ["core", "balance", "generate", "generate_16core", "generate_gpu", "grpc", "reliability"]
+ORDER = [
+    "core",
+    "balance",
+    "generate",
+    "generate_16core",
+    "generate_gpu",
+    "grpc",
+    "reliability",
+    "scale",
+]
 SCRIPTS = {
     "generate_16core": "bench_generate.py --name generate_16core",
     "generate_gpu": "bench_generate.py --device cuda",
@@ -31,6 +40,8 @@ BASELINES = {
     "the model on 1 stage",
     "grpc": "`pipeline_core` called directly on the same local stages",
     "reliability": "the same requests run undisturbed / alone",
+    "scale": "single-process `from_pretrained` + `generate` on the same checkpoint; the disk's "
+    "read bandwidth measured in the same run",
 }
 
 
