@@ -117,6 +117,7 @@ class ModelRecord:
             error=self.error,
             epoch=self.epoch,
             inputs=inputs,
+            dtype=self.plan.dtype,
         )
 
 
@@ -901,7 +902,9 @@ class AdminServicer(pbg.AdminServicer):
             elif time.monotonic() > deadline or not context.is_active():
                 self._fail(m, "loading timed out" if context.is_active() else "load cancelled")
             done = m.state != pb.MODEL_STATE_LOADING
-            yield pb.LoadProgress(model=name, stages=stages, done=done, state=m.state)
+            yield pb.LoadProgress(
+                model=name, stages=stages, done=done, state=m.state, dtype=m.plan.dtype
+            )
             if done:
                 if m.state == pb.MODEL_STATE_FAILED:
                     context.abort(grpc.StatusCode.FAILED_PRECONDITION, m.error)

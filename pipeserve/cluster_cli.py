@@ -163,7 +163,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
             if tty and last is not None:
                 print("\n" * len(last.stages), end="")
             if last is not None:
-                print(f"model {last.model}: {pb.ModelState.Name(last.state)}")
+                print(f"model {last.model}: {pb.ModelState.Name(last.state)} ({last.dtype})")
         elif args.action == "unload":
             admin.UnloadModel(pb.UnloadModelRequest(name=args.target))
             print(f"unloaded {args.target}")
@@ -255,10 +255,12 @@ def _print_status(r: Any, _human: Any, pb: Any) -> None:
             f"{_human(w.kv_bytes):>10} {w.seconds_since_heartbeat:>8.1f}s"
         )
     print()
-    print(f"{'model':<16} {'state':<8} {'stages':>6} {'epoch':>5}  checkpoint")
+    print(f"{'model':<16} {'state':<8} {'dtype':<9} {'stages':>6} {'epoch':>5}  checkpoint")
     for m in r.models:
         state = pb.ModelState.Name(m.state).removeprefix("MODEL_STATE_")
-        print(f"{m.name:<16} {state:<8} {m.num_stages:>6} {m.epoch:>5}  {m.checkpoint}")
+        print(
+            f"{m.name:<16} {state:<8} {m.dtype:<9} {m.num_stages:>6} {m.epoch:>5}  {m.checkpoint}"
+        )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
