@@ -396,18 +396,27 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--out", default=str(RESULTS / "scale.json"))
+    ap.add_argument("--keep", action="store_true", help="keep other models' rows in --out")
+    ap.add_argument("--skip-70b", action="store_true", help="keep --out's 70B plan row")
     args = ap.parse_args()
     root = Path(args.dir)
-    rows = [bench_model(m, root, args.stages, args.tokens) for m in args.models.split(",") if m]
-    cfg70 = root / "llama-2-70b"
-    cfg70.mkdir(parents=True, exist_ok=True)
-    config_of(SHAPES["llama-2-70b"]).save_pretrained(cfg70)
-    plan70 = plan_once(cfg70, args.stages)
-    print(f"70B plan: {plan70['seconds']:.1f} s {plan70['peak'] / 2**30:.2f} GiB")
+    out = Path(args.out)
+    # a run of some models keeps the other models' rows of an earlier run
+    old = json.loads(out.read_text()) if out.is_file() and args.keep else {}
+    rows = {r["model"]: r for r in old.get("models", [])}
+    for m in [m for m in args.models.split(",") if m]:
+        rows[m] = bench_model(m, root, args.stages, args.tokens)
+    plan70 = old.get("plan_70b")
+    if not args.skip_70b or plan70 is None:
+        cfg70 = root / "llama-2-70b"
+        cfg70.mkdir(parents=True, exist_ok=True)
+        config_of(SHAPES["llama-2-70b"]).save_pretrained(cfg70)
+        plan70 = plan_once(cfg70, args.stages)
+        print(f"70B plan: {plan70['seconds']:.1f} s {plan70['peak'] / 2**30:.2f} GiB")
     result = {
         "host": {"cpus": os.cpu_count(), "cpu": cpu_name(), "date": time.strftime("%F %T")},
         "tokens": args.tokens,
-        "models": rows,
+        "models": [rows[m] for m in SHAPES if m in rows],
         "plan_70b": plan70,
     }
     Path(args.out).write_text(json.dumps(result, indent=1))
