@@ -322,12 +322,14 @@ def run_pipeline(path: Path, stages: int, tokens: int) -> dict[str, Any]:
     }
 
 
-def plan_once(path: Path, stages: int, worker_memory: str = "24GiB") -> dict[str, Any]:
+def plan_once(
+    path: Path, stages: int, worker_memory: str = "24GiB", trace: bool = True
+) -> dict[str, Any]:
     """``pipeserve plan DIR --stages N`` (default policy: balanced, profiled; traced) with a
     cold profile cache, in its own process: seconds, peak RSS, workers of a size needed."""
     env = {**os.environ, "PIPESERVE_PROFILE_CACHE": tempfile.mktemp(suffix=".json")}
     cmd = [sys.executable, "-m", "pipeserve", "plan", str(path), "--stages", str(stages)]
-    cmd += ["--worker-memory", worker_memory]
+    cmd += ["--worker-memory", worker_memory] + ([] if trace else ["--no-trace"])
     cmd = ["/usr/bin/time", "-f", "%M %e", *cmd]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -386,6 +388,7 @@ def bench_model(name: str, root: Path, stages: int, tokens: int) -> dict[str, An
     print(f"  pipeserve run: {row['run']}", flush=True)
     row["plan"] = plan_once(path, stages)
     print(f"  plan: {row['plan']['seconds']:.1f} s {row['plan']['peak'] / 2**30:.2f} GiB")
+    row["plan_untraced"] = plan_once(path, stages, trace=False)
     return row
 
 
@@ -412,6 +415,7 @@ def main() -> None:
         cfg70.mkdir(parents=True, exist_ok=True)
         config_of(SHAPES["llama-2-70b"]).save_pretrained(cfg70)
         plan70 = plan_once(cfg70, args.stages)
+        plan70["untraced"] = plan_once(cfg70, args.stages, trace=False)
         print(f"70B plan: {plan70['seconds']:.1f} s {plan70['peak'] / 2**30:.2f} GiB")
     result = {
         "host": {"cpus": os.cpu_count(), "cpu": cpu_name(), "date": time.strftime("%F %T")},

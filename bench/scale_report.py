@@ -94,6 +94,17 @@ def report(res: dict[str, Any]) -> str:
             "-",
             p["seconds"] < 15 and p["peak"] < 2**30 and p["dtype"] == m["dtype"],
         )
+        u = m.get("plan_untraced")
+        if u:
+            row(
+                f"{name}: `pipeserve plan DIR --stages 4 --no-trace` (as `run` and `admin load` "
+                "plan generation; cold profile cache)",
+                "< 15 s, < 1 GiB",
+                f"{u['seconds']:.1f} s, {_gib(u['peak'])}",
+                "-",
+                "-",
+                u["seconds"] < 15 and u["peak"] < 2**30,
+            )
     p = res["plan_70b"]
     row(
         "Llama-2-70B config (hidden 8192, 80 layers, 64 heads, 8 KV heads, bf16): "
@@ -104,6 +115,16 @@ def report(res: dict[str, Any]) -> str:
         "-",
         p["seconds"] < 30 and p["peak"] < 2**30 and bool(p["workers_needed"]),
     )
+    u = p.get("untraced")
+    if u:
+        row(
+            "Llama-2-70B config: the same with `--no-trace`",
+            "< 30 s, < 1 GiB",
+            f"{u['seconds']:.1f} s, {_gib(u['peak'])}; '{u['workers_needed']}'",
+            "-",
+            "-",
+            u["seconds"] < 30 and u["peak"] < 2**30,
+        )
     h = res["host"]
     return "\n".join(
         [
