@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) -m bench.bench_grpc
 	$(PY) -m bench.bench_gateway
 	$(PY) -m bench.bench_reliability
+	$(PY) -m bench.bench_scale
 	$(PY) -m bench.report
 
 clean:

@@ -26,6 +26,7 @@ ORDER = [
     "gateway",
     "reliability",
     "container",
+    "scale",
 ]
 SCRIPTS = {
     "generate_16core": "bench_generate.py --name generate_16core",
@@ -44,6 +45,8 @@ BASELINES = {
     "gateway": "the `pipeserve.v1` gRPC client on the same cluster",
     "reliability": "the same requests run undisturbed / alone",
     "container": "single-process `generate`; the CI budget for the container test",
+    "scale": "single-process `from_pretrained` + `generate` on the same checkpoint; the disk's "
+    "read bandwidth measured in the same run",
 }
 
 

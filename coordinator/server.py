@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
 from pipeline_core import ModelSource, Plan, Policy, RequestError, Workload, make_plan
+from pipeline_core.source import dtype_name, resolve_dtype
 from pipeserve import rpc
 from pipeserve.observe import REQUEST_ID, CoordinatorMetrics, new_request_id, serve_metrics
 from pipeserve.v1 import pipeserve_pb2 as pb
@@ -131,6 +132,7 @@ class ModelRecord:
             error=self.error,
             epoch=self.epoch,
             inputs=inputs,
+            dtype=self.plan.dtype,
         )
 
 
@@ -612,8 +614,9 @@ class AdminServicer(pbg.AdminServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"checkpoint directory {rpc.clip(checkpoint)} does not exist on the coordinator",
             )
-        dtype = dtype or "float32"
         try:
+            # one dtype for the plan and the worker that profiles: the checkpoint's by default
+            dtype = dtype_name(resolve_dtype(ModelSource(checkpoint=checkpoint), dtype or None))
             pol = policy_from_proto(policy)
             wl = rpc.workload_from_proto(workload or pb.Workload())
             wl.check()
@@ -754,7 +757,9 @@ class AdminServicer(pbg.AdminServicer):
             elif time.monotonic() > deadline or not context.is_active():
                 self._fail(m, "loading timed out" if context.is_active() else "load cancelled")
             done = m.state != pb.MODEL_STATE_LOADING
-            yield pb.LoadProgress(model=name, stages=stages, done=done, state=m.state)
+            yield pb.LoadProgress(
+                model=name, stages=stages, done=done, state=m.state, dtype=m.plan.dtype
+            )
             if done:
                 if m.state == pb.MODEL_STATE_FAILED:
                     context.abort(grpc.StatusCode.FAILED_PRECONDITION, m.error)

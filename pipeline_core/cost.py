@@ -46,6 +46,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import PlanError
 from .source import InputSpec, ModelSource, build_skeleton
+from .split import _human
 from .trace import ArgSpec, _fake_parameters, call_order
 from .units import Unit
 
@@ -65,6 +66,17 @@ PROFILE_CACHE_ENV = "PIPESERVE_PROFILE_CACHE"
 _REPS, _MIN_S = 5, 0.3
 MAX_PROFILE_TOKENS = 65536
 """Largest microbatch (rows x seq) a unit is profiled at: bounds the profiler's memory."""
+PROFILE_MAX_BYTES = 512 * 2**20
+"""Largest unit (weights in the plan's dtype) built to be timed; a larger one is estimated
+from FLOPs, so planning a 70B model stays under 1 GiB of memory."""
+PROFILE_MAX_SECONDS = 0.5
+"""Longest a unit's run may be expected to take (FLOPs / the device's measured rate) to be
+timed; a slower one is estimated from FLOPs (bf16 layers of a 7B model on a CPU without bf16
+matmuls: ~100 s a run)."""
+TABLE_ROWS = 4096
+"""Rows of the stand-in table an embedding lookup is timed on (a lookup's cost does not grow
+with the table), and the most output rows a vocabulary-sized linear head is timed on (its time
+is then scaled by its rows)."""
 
 
 @dataclass(kw_only=True)
@@ -227,7 +239,7 @@ def device_flops(
     """Measured matmul FLOP/s of ``device`` (cached): the speed figure a worker reports, and
     the rate that turns FLOPs into seconds where a unit is not profiled."""
     dev = torch.device(device)
-    n = 2048 if dev.type == "cuda" else 768
+    n = 2048 if dev.type == "cuda" else 768 if dtype == torch.float32 else 384
     key = _key(str(dev), dtype, threads, f"matmul{n}")
     cached = _cache_get(key)
     if cached is not None:
@@ -270,9 +282,30 @@ def _materialize(module: nn.Module, device: torch.device, dtype: torch.dtype) ->
     return mod.eval()
 
 
+def _stand_in(module: nn.Module, dtype: torch.dtype) -> tuple[nn.Module, float] | None:
+    """A smaller module timed in place of a vocabulary-sized one, and the factor its time is
+    scaled by (see :data:`TABLE_ROWS`); None: time the module itself."""
+    if isinstance(module, nn.Embedding) and module.num_embeddings > TABLE_ROWS:
+        return nn.Embedding(TABLE_ROWS, module.embedding_dim, device="meta", dtype=dtype), 1.0
+    if isinstance(module, nn.Linear) and module.out_features > TABLE_ROWS:
+        bias = module.bias is not None
+        sliced = nn.Linear(module.in_features, TABLE_ROWS, bias, device="meta", dtype=dtype)
+        return sliced, module.out_features / TABLE_ROWS
+    return None
+
+
+def _nbytes(module: nn.Module) -> int:
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def _profile_kind(
     module: nn.Module, call: Any, device: torch.device, dtype: torch.dtype, threads: int
 ) -> float:
+    scale = 1.0
+    small = _stand_in(module, dtype)
+    if small is not None:
+        module, scale = small
     mod = _materialize(module, device, dtype)
 
     def real(v: Any) -> Any:
@@ -283,7 +316,21 @@ def _profile_kind(
 
     args, kwargs = tree_map(real, call)
     with _threads(threads), torch.no_grad():
-        return _time(lambda: mod(*args, **kwargs), device)
+        seconds = _time(lambda: mod(*args, **kwargs), device)
+    return seconds * scale
+
+
+def _too_big(module: nn.Module, flops: int, rate: float, dtype: torch.dtype) -> str:
+    """Why ``module`` is estimated from FLOPs instead of timed (empty: time it)."""
+    small = _stand_in(module, dtype)
+    if small is not None:
+        module, scale = small
+        flops = int(flops / scale)
+    if _nbytes(module) > PROFILE_MAX_BYTES:
+        return f"larger than {_human(PROFILE_MAX_BYTES)}"
+    if rate and flops / rate > PROFILE_MAX_SECONDS:
+        return f"a run would take ~{flops / rate:.0f} s"
+    return ""
 
 
 def _profile(
@@ -293,11 +340,17 @@ def _profile(
     counts: dict[str, int],
     workload: Workload,
     dtype: torch.dtype,
-) -> dict[str, tuple[float, str]]:
-    """Seconds per unit (and where they came from) for every unit whose modules all ran alone."""
+    flops: dict[str, int],
+    rate: float,
+) -> tuple[dict[str, tuple[float, str]], dict[str, str]]:
+    """Seconds per unit (and where they came from) for every unit whose modules all ran alone,
+    and for the units left to FLOPs because a module is too large or slow to time, why.
+
+    One module is built at a time (random weights, in ``dtype``) and freed before the next."""
     device = torch.device(workload.device)
     by_kind: dict[str, tuple[float, str] | None] = {}
     out: dict[str, tuple[float, str]] = {}
+    notes: dict[str, str] = {}
     for u in units:
         total, source = 0.0, "cache"
         for name in u.modules:
@@ -308,8 +361,14 @@ def _profile(
             if kind not in by_kind:
                 key = _key(str(device), dtype, workload.threads, kind)
                 cached = _cache_get(key)
+                why = (
+                    "" if cached is not None else _too_big(module, flops.get(name, 0), rate, dtype)
+                )
                 if cached is not None:
                     by_kind[kind] = (cached, "cache")
+                elif why:
+                    by_kind[kind] = None
+                    notes[u.name] = f"{type(module).__name__} not timed: {why}"
                 else:
                     try:
                         s = _profile_kind(module, calls[name], device, dtype, workload.threads)
@@ -326,7 +385,7 @@ def _profile(
                 source = "profile"
         else:
             out[u.name] = (total, source)
-    return out
+    return out, notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,15 +472,20 @@ def estimate_units(
         build_skeleton(source, dtype), shaped, names, is_hf=source.is_hf, capture=calls
     )
     timed: dict[str, tuple[float, str]] = {}
+    notes: dict[str, str] = {}
+    # the FLOP rate (a small matmul benchmark unless cached): for units left to FLOPs, and to
+    # leave out of profiling a unit whose run would take too long
+    rate = device_flops(workload.device, dtype, workload.threads)
     if workload.profile:
-        timed = _profile(build_skeleton(source, dtype), units, calls, counts, workload, dtype)
-    # the FLOP rate (a matmul benchmark unless cached) only for units without a time
-    rate = device_flops(workload.device, dtype, workload.threads) if len(timed) < len(units) else 0
+        model = build_skeleton(source, dtype)  # call_order made the other one's tensors fake
+        timed, notes = _profile(model, units, calls, counts, workload, dtype, flops, rate)
     kv = kv_bytes_per_token(source, dtype, inputs, units)
     out = []
     for u in units:
         f = sum(flops.get(m, 0) for m in u.modules)
         seconds, src = timed[u.name] if u.name in timed else (f / rate, "flops")
+        if u.name in notes:
+            src = f"flops ({notes[u.name]})"
         out.append(
             UnitCost(
                 name=u.name,
@@ -434,7 +498,7 @@ def estimate_units(
     return out
 
 
-def unit_seconds(source: ModelSource, dtype: str, workload: Workload) -> dict[str, float]:
+def unit_seconds(source: ModelSource, dtype: str | None, workload: Workload) -> dict[str, float]:
     """Seconds per microbatch of each of the model's units (a plan's unit names), estimated
     on this machine's ``workload.device``: what a worker answers the planner with."""
     from .plan import Policy, make_plan

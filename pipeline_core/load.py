@@ -5,11 +5,11 @@ Supported layouts (the ones ``save_pretrained`` writes):
 * ``model.safetensors.index.json`` + shards, or a single ``model.safetensors``;
 * ``pytorch_model.bin.index.json`` + shards, or a single ``pytorch_model.bin``.
 
-safetensors files are read directly: the JSON header gives each tensor's byte range, and only
-the stage's ranges are read (``readinto`` a buffer the stage then owns -- no mmap of the whole
+Files are read directly: a safetensors JSON header, or a ``.bin`` zip's pickle unpickled on the
+meta device (``weights_only=True``: never code), gives each tensor's byte range, and only the
+stage's ranges are read (``readinto`` a buffer the stage then owns -- no mmap of the whole
 file, no page-cache pages held, no second copy; a truncated or corrupt file is an error here,
-not a crash mid-request).  ``.bin`` files are opened with ``torch.load(weights_only=True,
-mmap=True)`` -- never unpickling code -- and only the stage's tensors are copied out.  Only the
+not a crash mid-request).  Only the
 files that hold the stage's tensors are opened.  Every byte read is counted in
 :class:`ReadStats`, which tests use to prove a stage read nothing but its own tensors.
 """
@@ -111,6 +111,18 @@ class CheckpointIndex:
     def files_for(self, names: Iterable[str]) -> set[str]:
         return {self.weight_map[n] for n in names}
 
+    def stored_dtype(self) -> torch.dtype | None:
+        """The dtype of the first floating tensor stored (as ``from_pretrained(dtype="auto")``
+        finds it when the config names none), read from one file's header; None: no float."""
+        for fname in sorted(set(self.weight_map.values())):
+            path = self.root / fname
+            if not path.is_file():
+                continue
+            for dtype in _stored_dtypes(path, self.format):
+                if dtype.is_floating_point:
+                    return dtype
+        return None
+
 
 def _single_file_map(path: Path, fmt: str) -> dict[str, str]:
     if fmt == "safetensors":
@@ -122,9 +134,25 @@ def _single_file_map(path: Path, fmt: str) -> dict[str, str]:
     return dict.fromkeys(keys, path.name)
 
 
+def _stored_dtypes(path: Path, fmt: str) -> Iterator[torch.dtype]:
+    if fmt == "safetensors":
+        with open(path, "rb") as f:
+            header, _ = _safetensors_header(f, path, path.stat().st_size)
+        for name, meta in header.items():
+            code = meta.get("dtype") if isinstance(meta, dict) else None
+            if name != "__metadata__" and code in _ST_DTYPES:
+                yield _ST_DTYPES[code]
+    else:
+        for t in _torch_load(path).values():
+            if isinstance(t, torch.Tensor):
+                yield t.dtype
+
+
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    """A ``.bin`` file's tensors on the meta device: each storage remembers its byte offset in
+    the file (``_checkpoint_offset``); nothing is read but the pickle."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="meta", weights_only=True)
     except Exception as e:
         raise CheckpointError(
             f"cannot read {path}: {type(e).__name__}: {e}. .bin checkpoints are loaded with "
@@ -183,8 +211,7 @@ def read_tensors(
                 )
             stats.bytes_by_file[fname] += tensor.numel() * tensor.element_size()
             stats.tensors.append(stored)
-            owned = index.format == "safetensors"  # .bin tensors are mmap views: copy out
-            tensor = _cast(tensor, dtype, device, not owned, f"tensor {stored!r} in {fname}")
+            tensor = _cast(tensor, dtype, device, False, f"tensor {stored!r} in {fname}")
             for alias in same[stored]:  # tied names share one tensor, read once
                 out[alias] = tensor
     return out
@@ -286,26 +313,63 @@ def _read_safetensors(path: Path, names: list[str]) -> Iterator[torch.Tensor]:
                     f"cannot read {path}: tensor {name!r} has an inconsistent byte range "
                     "(truncated or corrupt file)"
                 )
-            buf = torch.empty(nbytes, dtype=torch.uint8)
-            view, done = memoryview(buf.numpy()), 0
-            f.seek(start + begin)
-            while done < nbytes:
-                got = f.readinto(view[done:])
-                if not got:
-                    raise CheckpointError(f"cannot read {path}: file ended inside {name!r}")
-                done += got
+            buf = _read_range(f, path, start + begin, nbytes, name)
             yield buf.view(dtype).reshape(shape)
 
 
-def _read_file(path, fmt, targets, wanted):  # type: ignore[no-untyped-def]
-    if fmt == "safetensors":
-        stored = [wanted[t][0] for t in targets]
-        yield from zip(targets, _read_safetensors(path, stored), strict=False)
-    else:
-        state = _torch_load(path)
-        for target in targets:
-            stored = wanted[target][0]
-            if stored not in state:
-                raise CheckpointError(f"tensor {stored!r} is listed for {path.name} but absent")
-            yield target, state[stored]
+def _read_range(f: Any, path: Path, offset: int, nbytes: int, name: str) -> torch.Tensor:
+    """``nbytes`` at ``offset`` of an open file, read into a new buffer (``readinto``: no
+    mapping, no page of the file counted in this process's memory, no second copy)."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    view, done = memoryview(buf.numpy()), 0
+    f.seek(offset)
+    while done < nbytes:
+        got = f.readinto(view[done:])
+        if not got:
+            raise CheckpointError(f"cannot read {path}: file ended inside {name!r}")
+        done += got
+    return buf
+
+
+def _read_bin(path: Path, names: list[str]) -> Iterator[torch.Tensor]:
+    """The named tensors of a ``torch.save`` zip file, each read from its byte range.
+
+    [Note: .bin shards without mmap]
+    ``torch.load(mmap=True)`` then copying the stage's tensors out kept the touched pages of
+    the mapped shard resident in the process beside the copies: stages of a Bloom-7b1 ``.bin``
+    checkpoint peaked at 1.37-1.55x their bytes.  Loading on the meta device unpickles only
+    the structure (``weights_only``) and records where each storage starts in the file; each
+    wanted tensor is then read from there like a safetensors range.
+    """
+    state = _torch_load(path)
+    size = path.stat().st_size
+    with open(path, "rb", buffering=0) as f:
+        for name in names:
+            t = state.get(name)
+            if not isinstance(t, torch.Tensor):
+                raise CheckpointError(f"tensor {name!r} is listed for {path.name} but absent")
+            base = getattr(t.untyped_storage(), "_checkpoint_offset", None)
+            if base is None:
+                raise CheckpointError(
+                    f"cannot read {path}: no byte offset for {name!r}; .bin checkpoints must be "
+                    "torch.save zip files (re-save it with a current torch)"
+                )
+            item = t.element_size()
+            span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+            span = span if t.numel() else 0
+            begin = base + t.storage_offset() * item
+            if begin + span * item > size:
+                raise CheckpointError(
+                    f"cannot read {path}: tensor {name!r} lies past the end of the file "
+                    "(truncated or corrupt file)"
+                )
+            flat = _read_range(f, path, begin, span * item, name).view(t.dtype)
+            out = flat.as_strided(t.shape, t.stride())
+            yield out if span == t.numel() and out.is_contiguous() else out.clone()
         del state
+
+
+def _read_file(path, fmt, targets, wanted):  # type: ignore[no-untyped-def]
+    stored = [wanted[t][0] for t in targets]
+    reader = _read_safetensors if fmt == "safetensors" else _read_bin
+    yield from zip(targets, reader(path, stored), strict=False)

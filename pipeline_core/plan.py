@@ -21,12 +21,20 @@ from .source import (
     bound_sequences,
     build_skeleton,
     default_inputs,
-    parse_dtype,
+    resolve_dtype,
 )
 from .trace import WHOLE, TracedPipeline, Wire, call_order, model_name_of, trace_pipeline
 from .units import TensorInfo, Unit, find_units, stage_nbytes, tensor_table
 
-__all__ = ["PLAN_VERSION", "Plan", "Policy", "StagePlan", "make_plan", "predict"]
+__all__ = [
+    "PLAN_VERSION",
+    "Plan",
+    "Policy",
+    "StagePlan",
+    "make_plan",
+    "predict",
+    "workers_needed",
+]
 
 PLAN_VERSION = 1
 
@@ -127,6 +135,9 @@ class Plan:
     """Non-empty (the reason) when the batch must not be cut into microbatches."""
     output_tree: str = ""
     """The model's output structure (a dumped pytree spec; empty: a value or a tuple)."""
+    loaded_twice: list[dict[str, Any]] = field(default_factory=list)
+    """Tied tensors loaded by more than one stage: ``tensor``, ``aliases``, ``stages``,
+    ``extra_bytes`` (the copies beyond the first)."""
 
     @property
     def num_stages(self) -> int:
@@ -255,7 +266,7 @@ def make_plan(
     policy: Policy,
     *,
     inputs: list[InputSpec] | None = None,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype | None = None,
     trace: bool = True,
     workload: Workload | None = None,
     unit_seconds: dict[str, float] | None = None,
@@ -267,9 +278,10 @@ def make_plan(
     ``workload`` (always for ``balanced``) every unit's time and KV bytes are estimated
     (:mod:`.cost`) and the plan predicts per-stage time, throughput and bubble;
     ``unit_seconds`` (unit name -> seconds per microbatch, e.g. profiled by a worker on its own
-    device) replaces the local estimate.
+    device) replaces the local estimate.  ``dtype`` None (or ``"auto"``): the checkpoint's
+    (:func:`~pipeline_core.source.resolve_dtype`).
     """
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = resolve_dtype(source, dtype)
     model = build_skeleton(source, torch_dtype)
     units = find_units(model)
     if not units:
@@ -348,7 +360,40 @@ def make_plan(
     if traced is not None:
         attach_wiring(plan, traced)
         _owners_from_graphs(plan, traced, model_tensors, infos)
+    plan.loaded_twice = _loaded_twice(plan, model_tensors)
     return plan
+
+
+def workers_needed(plan: Plan, memory: int | str, kv_tokens: int = 0) -> int:
+    """The fewest workers of ``memory`` bytes each that can hold the plan's units in order
+    (weights, plus KV cache for ``kv_tokens`` tokens where the plan measured it); 0 when one
+    unit alone is larger than ``memory``."""
+    cap = policies.parse_size(memory)
+    sizes = [int(u["nbytes"]) + int(u.get("kv_bytes_per_token", 0)) * kv_tokens for u in plan.units]
+    starts = policies._greedy_starts(sizes, cap)
+    return 0 if starts is None else len(starts)
+
+
+def _loaded_twice(plan: Plan, tensors: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """Tied tensors that more than one stage loads (an embedding tied to a head at the other
+    end of the model): each such stage holds its own copy."""
+    out = []
+    for name, aliases in plan.tied.items():
+        if any(a < name for a in aliases):
+            continue  # one row per tied group, under its first name
+        group = {name, *aliases}
+        stages = [s.index for s in plan.stages if group.intersection(s.tensors)]
+        if len(stages) > 1:
+            t = tensors[name]
+            out.append(
+                {
+                    "tensor": name,
+                    "aliases": sorted(aliases),
+                    "stages": stages,
+                    "extra_bytes": (len(stages) - 1) * t.numel() * t.element_size(),
+                }
+            )
+    return out
 
 
 def _owners_from_graphs(

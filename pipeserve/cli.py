@@ -82,6 +82,11 @@ def format_plan(plan) -> str:  # type: ignore[no-untyped-def]
         f"policy  {plan.policy.describe()}   dtype {plan.dtype}   "
         f"total {_human(plan.total_bytes)} in {len(plan.units)} units",
     ]
+    for t in plan.loaded_twice:
+        lines.append(
+            f"tied    {' = '.join([t['tensor'], *t['aliases']])} is loaded by stages "
+            f"{', '.join(map(str, t['stages']))}: {_human(t['extra_bytes'])} more memory"
+        )
     timed = bool(plan.estimate)
     if timed:
         w = plan.workload
@@ -139,6 +144,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"{_human(u['nbytes']):>12}  {u['name']}")
     else:
         print(format_plan(plan))
+    if args.worker_memory and not args.json:
+        from pipeline_core.plan import workers_needed
+
+        n = workers_needed(plan, args.worker_memory, args.kv_tokens)
+        kv = f" + KV cache for {args.kv_tokens} tokens" if args.kv_tokens else ""
+        print(
+            f"\nworkers of {args.worker_memory}: {n} needed for the weights{kv}"
+            if n
+            else f"\nworkers of {args.worker_memory}: a single unit is larger; none fits"
+        )
     return 0
 
 
@@ -178,7 +193,12 @@ def cmd_local(args: argparse.Namespace) -> int:
     if args.check_forward and not check_forward(model_dir, args.stages):
         return 1
     return run_local(
-        model_dir, stages=args.stages, port=args.port, once=args.once, http_port=args.http_port
+        model_dir,
+        stages=args.stages,
+        port=args.port,
+        once=args.once,
+        http_port=args.http_port,
+        dtype=args.dtype or "",
     )
 
 
@@ -215,6 +235,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         SamplingParams,
         make_plan,
     )
+    from pipeline_core.host_memory import check_host_fits
     from pipeline_core.source import hf_tokenizer
 
     if (args.prompt is None) == (args.prompt_ids is None):
@@ -241,6 +262,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if tok is not None
         else [int(x) for x in args.prompt_ids.split(",") if x.strip()]
     )
+    try:  # every stage on this host: refuse now rather than be OOM-killed while loading
+        check_host_fits(plan, len(ids) + args.max_new_tokens)
+    except PlanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -399,7 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-profile", action="store_true", help="estimate times from FLOPs, run nothing"
     )
     p.add_argument("--factory", help="package.module:function building a plain nn.Module")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument(
+        "--dtype", help="float32, bfloat16, float16 (default: the checkpoint's, as from_pretrained)"
+    )
+    p.add_argument(
+        "--worker-memory", metavar="SIZE", help="also say how many workers of SIZE it needs"
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--units", action="store_true", help="list the model's units and sizes")
     p.add_argument("--no-trace", action="store_true", help="skip recording stage I/O")
@@ -419,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--check-forward", action="store_true", help="also check the pipelined forward first"
     )
+    p.add_argument(
+        "--dtype", help="float32, bfloat16, float16 (default: the checkpoint's, as from_pretrained)"
+    )
     p.set_defaults(func=cmd_local)
 
     p = sub.add_parser("run", help="one-shot pipelined generation on local stage processes")
@@ -432,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument(
+        "--dtype", help="float32, bfloat16, float16 (default: the checkpoint's, as from_pretrained)"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per stage")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.add_argument("--debug", action="store_true", help="on failure, show the tracebacks")

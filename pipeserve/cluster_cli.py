@@ -171,7 +171,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
             if tty and last is not None:
                 print("\n" * len(last.stages), end="")
             if last is not None:
-                print(f"model {last.model}: {pb.ModelState.Name(last.state)}")
+                print(f"model {last.model}: {pb.ModelState.Name(last.state)} ({last.dtype})")
         elif args.action == "unload":
             admin.UnloadModel(pb.UnloadModelRequest(name=args.target))
             print(f"unloaded {args.target}")
@@ -263,10 +263,12 @@ def _print_status(r: Any, _human: Any, pb: Any) -> None:
             f"{_human(w.kv_bytes):>10} {w.seconds_since_heartbeat:>8.1f}s"
         )
     print()
-    print(f"{'model':<16} {'state':<8} {'stages':>6} {'epoch':>5}  checkpoint")
+    print(f"{'model':<16} {'state':<8} {'dtype':<9} {'stages':>6} {'epoch':>5}  checkpoint")
     for m in r.models:
         state = pb.ModelState.Name(m.state).removeprefix("MODEL_STATE_")
-        print(f"{m.name:<16} {state:<8} {m.num_stages:>6} {m.epoch:>5}  {m.checkpoint}")
+        print(
+            f"{m.name:<16} {state:<8} {m.dtype:<9} {m.num_stages:>6} {m.epoch:>5}  {m.checkpoint}"
+        )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -454,7 +456,11 @@ def add_commands(sub: Any) -> None:
         help="N stages balanced by time (the default; 0: one per idle worker)",
     )
     add_workload_flags(p, "(0: the workers' --max-kv-tokens, for generation)")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument(
+        "--dtype",
+        default="",
+        help="float32, bfloat16, float16 (default: the checkpoint's, as from_pretrained)",
+    )
     p.add_argument("--device", help="cpu or cuda (default: each worker's own)")
     p.add_argument(
         "--mode", choices=["generate", "forward"], help="default: generate if the model can"

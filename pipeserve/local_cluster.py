@@ -45,14 +45,47 @@ def hf_greedy(model: Any, prompt: list[int], new: int) -> list[int]:
     return out[0, start:].tolist()
 
 
+def _host_refusal(model_dir: Path, stages: int, dtype: str) -> str:
+    """Why the stages cannot all load on this host (empty: they fit), known before any worker
+    starts: a plan by bytes gives the weights and KV bytes per token of the model."""
+    from pipeline_core import ModelSource, PlanError, Policy, Workload, make_plan
+    from pipeline_core.host_memory import check_host_fits
+
+    try:
+        plan = make_plan(
+            ModelSource(checkpoint=str(model_dir)),
+            Policy.equal_size(stages),
+            dtype=dtype or None,
+            trace=False,
+            workload=Workload(profile=False),
+        )
+        kv_tokens = sum(len(p) + NEW_TOKENS for p in PROMPTS)
+        check_host_fits(plan, kv_tokens, processes=stages + 1)  # + the coordinator
+    except (PlanError, FileNotFoundError) as e:
+        return str(e)
+    return ""
+
+
 def run_local(
-    model_dir: Path, *, stages: int = 3, port: int = 50051, once: bool = False, http_port: int = 0
+    model_dir: Path,
+    *,
+    stages: int = 3,
+    port: int = 50051,
+    once: bool = False,
+    http_port: int = 0,
+    dtype: str = "",
 ) -> int:
+    """``dtype`` empty: the checkpoint's (the coordinator resolves it, as the reference's
+    ``from_pretrained(dtype="auto")`` does)."""
     import grpc
 
     from pipeserve import rpc
     from pipeserve.v1 import pipeserve_pb2 as pb
 
+    refusal = _host_refusal(model_dir, stages, dtype)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
     port = _free(port)
     address = f"127.0.0.1:{port}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -89,7 +122,10 @@ def run_local(
         print(f"coordinator {address} and {stages} workers started (logs in {log_dir})")
         name = model_dir.name
         req = pb.LoadModelRequest(
-            name=name, checkpoint=str(model_dir.resolve()), policy=pb.SplitPolicy(balanced=stages)
+            name=name,
+            checkpoint=str(model_dir.resolve()),
+            policy=pb.SplitPolicy(balanced=stages),
+            dtype=dtype,
         )
         for p in admin.LoadModel(req, timeout=900):
             if p.done:
@@ -99,7 +135,7 @@ def run_local(
         from pipeline_core.source import _hf_model_class, hf_config
 
         config = hf_config(model_dir)
-        reference = _hf_model_class(config).from_pretrained(model_dir).eval()
+        reference = _hf_model_class(config).from_pretrained(model_dir, dtype=dtype or "auto").eval()
         vocab = config.get_text_config(decoder=True).vocab_size
         prompts = [[t % vocab for t in p] for p in PROMPTS]
         ok = True

@@ -295,7 +295,7 @@ class Worker(pbg.StageWorkerServicer):
         try:
             with self.lock:
                 seconds = unit_seconds(
-                    ModelSource(checkpoint=request.checkpoint), request.dtype or "float32", workload
+                    ModelSource(checkpoint=request.checkpoint), request.dtype or None, workload
                 )
         except Exception as e:
             rpc.abort_for(context, e)

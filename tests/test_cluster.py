@@ -196,12 +196,12 @@ def test_load_then_generate_with_three_clients(cluster):
     assert not any(cluster.serving_before)  # NOT_SERVING before the model was loaded
     r = cluster.load_cli
     assert r.returncode == 0, r.stderr
-    assert "MODEL_STATE_READY" in r.stdout and r.stdout.count("ready") >= 3
+    assert "MODEL_STATE_READY (float32)" in r.stdout and r.stdout.count("ready") >= 3
     assert all(cluster.health(a, "pipeserve.v1.StageWorker") == SERVING for a in workers)
     assert cluster.health(cluster.address, "pipeserve.model.small") == SERVING
     st = cluster.status()
     assert sorted(w.stage for w in st.workers) == [0, 1, 2]
-    assert [(m.name, m.num_stages) for m in st.models] == [("small", 3)]
+    assert [(m.name, m.num_stages, m.dtype) for m in st.models] == [("small", 3, "float32")]
 
     ref = _greedy(cluster.small, PROMPT, 24)
     # (a) the generated Python client

@@ -129,7 +129,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "state", "checkpoint", "num_stages", "capabilities", "error", "epoch", "inputs")
+    __slots__ = ("name", "state", "checkpoint", "num_stages", "capabilities", "error", "epoch", "inputs", "dtype")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +138,7 @@ class ModelInfo(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: ModelState
     checkpoint: str
@@ -146,7 +147,8 @@ class ModelInfo(_message.Message):
     error: str
     epoch: int
     inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., checkpoint: _Optional[str] = ..., num_stages: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., epoch: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+    dtype: str
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., checkpoint: _Optional[str] = ..., num_stages: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., epoch: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -249,16 +251,18 @@ class StageProgress(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., worker_id: _Optional[str] = ..., bytes_loaded: _Optional[int] = ..., bytes_total: _Optional[int] = ..., state: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class LoadProgress(_message.Message):
-    __slots__ = ("model", "stages", "done", "state")
+    __slots__ = ("model", "stages", "done", "state", "dtype")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     model: str
     stages: _containers.RepeatedCompositeFieldContainer[StageProgress]
     done: bool
     state: ModelState
-    def __init__(self, model: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageProgress, _Mapping]]] = ..., done: _Optional[bool] = ..., state: _Optional[_Union[ModelState, str]] = ...) -> None: ...
+    dtype: str
+    def __init__(self, model: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageProgress, _Mapping]]] = ..., done: _Optional[bool] = ..., state: _Optional[_Union[ModelState, str]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class UnloadModelRequest(_message.Message):
     __slots__ = ("name",)
