@@ -368,15 +368,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import logging
 
+    saved = os.environ.get("PIPESERVE_LOG")
     if args.cmd == "run":
         args.balanced = args.stages
         # a one-shot run reports a failure on one line: the stages' own warnings (a failed step
         # with its traceback) only under --debug; the stage processes read PIPESERVE_LOG
-        level = "DEBUG" if args.debug else os.environ.get("PIPESERVE_LOG", "ERROR")
-    else:
-        level = os.environ.get("PIPESERVE_LOG", "WARNING")
-    saved = os.environ.get("PIPESERVE_LOG")
-    os.environ["PIPESERVE_LOG"] = level
+        level = "DEBUG" if args.debug else (saved or "ERROR")
+        os.environ["PIPESERVE_LOG"] = level
+    else:  # servers choose their own default level (INFO) from PIPESERVE_LOG when unset
+        level = saved or "WARNING"
     logging.basicConfig(level=level.upper())
     try:
         return int(args.func(args))
@@ -385,10 +385,11 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout
         return 141  # 128 + SIGPIPE, as a shell reports it
     finally:
-        if saved is None:
-            os.environ.pop("PIPESERVE_LOG", None)
-        else:
-            os.environ["PIPESERVE_LOG"] = saved
+        if args.cmd == "run":
+            if saved is None:
+                os.environ.pop("PIPESERVE_LOG", None)
+            else:
+                os.environ["PIPESERVE_LOG"] = saved
 
 
 def build_parser() -> argparse.ArgumentParser:
