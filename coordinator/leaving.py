@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -24,14 +25,16 @@ def leave(c: Coordinator, wid: str) -> bool:
         if w is None:
             return True
         w.draining = True  # never a spare again
-        started: set[str] = c.__dict__.setdefault("leaving", set())
+        w.last_seen = time.monotonic()  # alive while its stage moves: not lost meanwhile
         m = c.models.get(w.model) if w.model else None
         if m is None or wid not in m.workers:  # serves nothing (any more): forget it
             del c.workers[wid]
-            started.discard(wid)
             log.info("worker %s left", wid)
             return True
-        if m.mode != "generate" or not c.idle():
+        if (w.leaving and not m.waiting) or m.recovering:
+            return False  # the move is under way
+        if w.leaving or m.mode != "generate" or not c.idle():
+            # no spare (or the move found none and the model waits for one): give it up
             w.last_seen = float("-inf")  # lost now: the monitor gives the stage up
             log.warning(
                 "worker %s leaves stage %d of %s with no idle spare to take it",
@@ -40,9 +43,7 @@ def leave(c: Coordinator, wid: str) -> bool:
                 m.name,
             )
             return True
-        if wid in started or m.recovering:
-            return False  # the move is under way
-        started.add(wid)
+        w.leaving = True
     log.info("worker %s is leaving: moving its stage of %s to a spare", wid, m.name)
     threading.Thread(target=_move, args=(c, m, wid), name=f"leave-{wid}", daemon=True).start()
     return False

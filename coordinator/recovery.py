@@ -183,7 +183,12 @@ class Recovery:
                 log.warning("abandon on %s failed: %s", wid, e.code())
         with self.changed:
             spares = self.idle()
-            replace = [k for k, wid in enumerate(m.workers) if wid in lost or self._lost(wid)]
+            # lost workers, and draining or leaving ones: a re-formed ring never keeps them
+            replace = [
+                k
+                for k, wid in enumerate(m.workers)
+                if wid in lost or self._lost(wid) or self.workers[wid].draining
+            ]
             if len(spares) < len(replace):
                 m.waiting = (
                     f"model {m.name!r} needs {len(replace)} more worker(s) and "

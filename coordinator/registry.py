@@ -111,9 +111,10 @@ class RegistryServicer(pbg.RegistryServicer):
             seq = next(self.c._ids)
             # unique across coordinator restarts: a worker heartbeating with an id from the
             # previous coordinator must not be mistaken for a new one
-            wid = f"w{seq}-{self.c.instance}"
-            if name := request.worker_id:  # a stable name (a StatefulSet pod's) if free
-                wid = name if name not in self.c.workers else f"{name}-{seq}"
+            wid = request.worker_id or f"w{seq}-{self.c.instance}"  # a pod's stable name
+            while wid in self.c.workers:  # taken (never overwrite a live record)
+                seq = next(self.c._ids)
+                wid = f"{request.worker_id or 'w'}-{seq}-{self.c.instance}"
             self.c.workers[wid] = WorkerRecord(
                 wid,
                 request.address,

@@ -77,6 +77,8 @@ class WorkerRecord:
     status: pb.WorkerStatus = field(default_factory=pb.WorkerStatus)
     last_seen: float = field(default_factory=time.monotonic)
     draining: bool = False
+    leaving: bool = False
+    """Sent a leaving heartbeat (SIGTERM): its stage is moving to a spare; it exits after."""
     model: str = ""
     lost_after: float = LOST_AFTER_S
     seq: int = 0

@@ -75,10 +75,12 @@ def leave(worker: Any, registry: Any, md: Any, timeout: float = DRAIN_TIMEOUT_S)
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         try:
+            status = worker.status_proto()
+        except Exception:  # figures read while the stage runs: leaving needs none of them
+            status = pb.WorkerStatus(worker_id=worker.worker_id)
+        try:
             r = registry.Heartbeat(
-                pb.HeartbeatRequest(
-                    worker_id=worker.worker_id, status=worker.status_proto(), leaving=True
-                ),
+                pb.HeartbeatRequest(worker_id=worker.worker_id, status=status, leaving=True),
                 timeout=5,
                 metadata=md,
             )

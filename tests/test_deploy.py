@@ -238,6 +238,7 @@ def test_secrets_are_readable_by_the_pods_user_only(overlay):
         ("Deployment", "pipeserve-coordinator"),
         ("StatefulSet", "pipeserve-worker"),
         ("Job", "pipeserve-load-model"),
+        ("Deployment", "pipeserve-gateway"),
     ]:
         spec = _pod(_one(docs, kind, name))
         sc = spec["securityContext"]
@@ -248,13 +249,15 @@ def test_secrets_are_readable_by_the_pods_user_only(overlay):
                 mode = v["secret"]["defaultMode"]
                 assert mode & 0o040 and not mode & 0o007, (name, oct(mode))
     job = _pod(_one(docs, "Job", "pipeserve-load-model"))
-    vols = {v["name"]: v for v in job["volumes"]}
-    assert "models" not in vols  # it sends a path; the coordinator reads the checkpoint
-    files = {i["path"] for i in vols["tls"]["secret"]["items"]}
-    assert files == {"ca.pem", "client.pem", "client.key"}  # never the servers' key
-    env = _env(_container(_one(docs, "Job", "pipeserve-load-model")))
-    for var in ("PIPESERVE_TLS_CA", "PIPESERVE_TLS_CERT", "PIPESERVE_TLS_KEY"):
-        assert env[var]["value"].rsplit("/", 1)[1] in files, var
+    assert "models" not in {v["name"] for v in job["volumes"]}  # the coordinator reads it
+    for kind, name in [("Job", "pipeserve-load-model"), ("Deployment", "pipeserve-gateway")]:
+        client = _one(docs, kind, name)
+        vols = {v["name"]: v for v in _pod(client)["volumes"]}
+        files = {i["path"] for i in vols["tls"]["secret"]["items"]}
+        assert files == {"ca.pem", "client.pem", "client.key"}, name  # never the servers' key
+        env = _env(_container(client))
+        for var in ("PIPESERVE_TLS_CA", "PIPESERVE_TLS_CERT", "PIPESERVE_TLS_KEY"):
+            assert env[var]["value"].rsplit("/", 1)[1] in files, (name, var)
     for kind, name in [
         ("Deployment", "pipeserve-coordinator"),
         ("StatefulSet", "pipeserve-worker"),
