@@ -238,6 +238,9 @@ class Coordinator(Recovery):
         self.kv: dict[str, bytes] = {}
         """The data-plane rendezvous records (Registry.Store*; bounded in registry.py)."""
         self.kv_bytes = 0
+        self.max_streams_per_client = 0
+        """Generate calls one client address may have in flight, over every API (0: any)."""
+        self.client_streams: Counter[str] = Counter()
         self.state: StateStore | None = None
         self.recoveries: list[dict[str, Any]] = []
         """Completed recoveries: model, lost workers, seconds from detection to ready."""
@@ -315,7 +318,31 @@ class Coordinator(Recovery):
     ) -> Iterator[pb.GenerateResponse]:
         """Relay a Generate call to the stage-0 worker.  If the pipeline loses a worker
         mid-stream, wait for it to be re-formed and replay the request with the tokens
-        already streamed (``resume_token_ids``): the client sees one uninterrupted stream."""
+        already streamed (``resume_token_ids``): the client sees one uninterrupted stream.
+        ``max_streams_per_client`` bounds the calls one client address has in flight, whichever
+        API (pipeserve.v1, KServe) they came by; an HTTP gateway is one client."""
+        peer = context.peer().rsplit(":", 1)[0]  # the client's address, without its port
+        with self.lock:
+            if self.max_streams_per_client and (
+                self.client_streams[peer] >= self.max_streams_per_client
+            ):
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{rpc.clip(peer)} already has {self.client_streams[peer]} requests in "
+                    "flight (the limit per client); wait for one to finish",
+                )
+            self.client_streams[peer] += 1
+        try:
+            yield from self._relay(request, context, method)
+        finally:
+            with self.lock:
+                self.client_streams[peer] -= 1
+                if not self.client_streams[peer]:
+                    del self.client_streams[peer]  # bounded by the clients in flight
+
+    def _relay(
+        self, request: pb.GenerateRequest, context: grpc.ServicerContext, method: str
+    ) -> Iterator[pb.GenerateResponse]:
         rid = new_request_id(context.invocation_metadata())
         REQUEST_ID.set(rid)
         context.send_initial_metadata((("x-request-id", rid),))
@@ -464,33 +491,17 @@ class Coordinator(Recovery):
 
 
 class InferenceServicer(pbg.InferenceServicer):
-    """The client API.  With ``PIPESERVE_CLIENT_TOKEN`` set, calls need it as a bearer token;
-    ``max_streams_per_client`` bounds the Generate calls one client address has in flight."""
+    """The client API.  With ``PIPESERVE_CLIENT_TOKEN`` set, calls need it as a bearer token."""
 
-    def __init__(self, c: Coordinator, max_streams_per_client: int = 0) -> None:
+    def __init__(self, c: Coordinator) -> None:
         self.c = c
-        self.max_streams = max_streams_per_client
-        self.streams: Counter[str] = Counter()
 
     def _authorize(self, context: grpc.ServicerContext) -> None:
         self.c.authorize_client(context)
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Any:
         self._authorize(context)
-        peer = context.peer().rsplit(":", 1)[0]  # the client's address, without its port
-        with self.c.lock:
-            if self.max_streams and self.streams[peer] >= self.max_streams:
-                context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"{peer} already has {self.streams[peer]} requests in flight (the limit "
-                    "per client); wait for one to finish",
-                )
-            self.streams[peer] += 1
-        try:
-            yield from self.c.relay_generate(request, context)
-        finally:
-            with self.c.lock:
-                self.streams[peer] -= 1
+        yield from self.c.relay_generate(request, context)
 
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> Any:
         self._authorize(context)
@@ -931,7 +942,8 @@ def serve(
         if c.models:
             print(f"restored {len(c.models)} model(s) from {state_db}", flush=True)
     serve_metrics(c.registry, metrics_port, host if host not in ("", "::") else "0.0.0.0")
-    pbg.add_InferenceServicer_to_server(InferenceServicer(c, max_streams_per_client), server)
+    c.max_streams_per_client = max_streams_per_client
+    pbg.add_InferenceServicer_to_server(InferenceServicer(c), server)
     pbg.add_AdminServicer_to_server(AdminServicer(c), server)
     pbg.add_RegistryServicer_to_server(RegistryServicer(c), server)
     kg.add_GRPCInferenceServiceServicer_to_server(KServeServicer(c), server)

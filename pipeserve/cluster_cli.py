@@ -397,7 +397,8 @@ def add_commands(sub: Any) -> None:
         "--max-streams-per-client",
         type=int,
         default=0,
-        help="Generate calls one client address may have in flight (0: no limit)",
+        help="generations one client address may have in flight, by pipeserve.v1 or KServe "
+        "(0: no limit); an HTTP gateway is one client: size it for the gateway's users",
     )
     p.add_argument(
         "--state-db",

@@ -176,20 +176,25 @@ def test_load_paths_are_confined_to_model_roots(tmp_path):
 
 def test_per_client_stream_limit():
     """--max-streams-per-client: the third concurrent Generate from one address is refused
-    with RESOURCE_EXHAUSTED; another address and a freed slot are served."""
+    with RESOURCE_EXHAUSTED, also when it comes by KServe (which relays through the same
+    Coordinator.relay_generate); another address and a freed slot are served."""
     import threading as th
+    from collections import Counter
 
-    from coordinator.server import InferenceServicer
+    from coordinator.server import Coordinator, InferenceServicer
 
     release = th.Event()
 
     class Coord:
         lock = th.RLock()
+        max_streams_per_client = 2
+        client_streams: Counter = Counter()
+        relay_generate = Coordinator.relay_generate  # the limit under test
 
         def authorize_client(self, context):
             pass  # no client token in this test
 
-        def relay_generate(self, request, context):
+        def _relay(self, request, context, method):
             yield pb.GenerateResponse(token_ids=[1])
             release.wait(30)
 
@@ -209,13 +214,19 @@ def test_per_client_stream_limit():
         def abort(self, code, message):
             raise Aborted(code, message)
 
-    svc = InferenceServicer(Coord(), max_streams_per_client=2)
+    coord = Coord()
+    svc = InferenceServicer(coord)
     a = [svc.Generate(pb.GenerateRequest(), Ctx("ipv4:10.0.0.1:1000")) for _ in range(2)]
     for g in a:
         next(g)  # two streams in flight from 10.0.0.1
-    with pytest.raises(Aborted) as e:
-        next(svc.Generate(pb.GenerateRequest(), Ctx("ipv4:10.0.0.1:2000")))
-    assert e.value.args[0] == grpc.StatusCode.RESOURCE_EXHAUSTED and "in flight" in e.value.args[1]
+    for call in (
+        svc.Generate(pb.GenerateRequest(), Ctx("ipv4:10.0.0.1:2000")),
+        coord.relay_generate(pb.GenerateRequest(), Ctx("ipv4:10.0.0.1:2001"), "ModelInfer"),
+    ):
+        with pytest.raises(Aborted) as e:
+            next(call)
+        code, message = e.value.args
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "in flight" in message
     other = svc.Generate(pb.GenerateRequest(), Ctx("ipv4:10.0.0.2:1000"))
     assert next(other).token_ids == [1]  # another client is not affected
     release.set()
@@ -224,6 +235,7 @@ def test_per_client_stream_limit():
     again = svc.Generate(pb.GenerateRequest(), Ctx("ipv4:10.0.0.1:3000"))
     assert next(again).token_ids == [1]
     list(again)
+    assert not coord.client_streams  # every slot freed, no address kept
 
 
 def test_dev_certs_name_loopback_by_ip(tmp_path):
