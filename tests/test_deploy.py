@@ -355,7 +355,9 @@ def test_metrics_are_served_discovered_and_admitted(overlay):
         (pm,) = render(DEPLOY / "k8s" / "monitoring")
         assert pm["kind"] == "PodMonitor" and pm["apiVersion"] == "monitoring.coreos.com/v1"
         assert pm["spec"]["selector"]["matchLabels"].items() <= labels.items()
-        assert {e["port"] for e in pm["spec"]["podMetricsEndpoints"]} == {"metrics"}
+        assert {e["port"] for e in pm["spec"]["podMetricsEndpoints"]} == {"metrics", "http"}
+    gateway = _container(_one(docs, "Deployment", "pipeserve-gateway"))
+    assert {p["name"] for p in gateway["ports"]} == {"http"}  # /metrics rides on the API port
 
 
 def test_gpu_overlay_places_and_images():
