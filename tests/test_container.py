@@ -40,7 +40,7 @@ from .container_engine import (
 )
 from .models import hf_greedy_batch, lm_model, save_hf
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.container]
 
 ROOT = Path(__file__).resolve().parent.parent
 TAG = "pipeserve:container-test"
