@@ -12,6 +12,7 @@ from pipeline_core import Policy, RequestError, SamplingParams, Workload
 
 __all__ = [
     "check_generate",
+    "generate_request",
     "policy_from_proto",
     "policy_to_proto",
     "sampling_from_proto",
@@ -71,6 +72,34 @@ def sampling_from_proto(req: Any) -> SamplingParams:
         ignore_eos=s.ignore_eos,
         timeout_s=req.timeout_s or None,
     )
+
+
+def generate_request(
+    model: str,
+    params: SamplingParams,
+    *,
+    token_ids: list[int] | None = None,
+    text: str | None = None,
+) -> Any:
+    """A ``pipeserve.v1.GenerateRequest`` for ``model`` (the inverse of
+    :func:`sampling_from_proto`): a prompt of ``token_ids`` or ``text``, decoded by ``params``."""
+    from pipeserve.v1 import pipeserve_pb2 as pb
+
+    req = pb.GenerateRequest(model=model, max_new_tokens=params.max_new_tokens)
+    if text is not None:
+        req.text = text
+    else:
+        req.token_ids.ids.extend(token_ids or [])
+    s = req.sampling
+    s.temperature, s.top_k, s.top_p = params.temperature, params.top_k, params.top_p
+    s.repetition_penalty = params.repetition_penalty
+    if params.seed is not None:
+        s.seed = params.seed
+    s.stop_token_ids.extend(params.stop_token_ids)
+    s.ignore_eos = params.ignore_eos
+    if params.timeout_s:
+        req.timeout_s = params.timeout_s
+    return req
 
 
 def workload_to_proto(w: Workload) -> Any:
