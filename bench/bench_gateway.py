@@ -283,7 +283,7 @@ def main() -> None:
             stderr=subprocess.STDOUT,
         )
         try:
-            from pipeserve.local_cluster import wait_gateway
+            from pipeserve.launch import wait_gateway
 
             url = wait_gateway(port, Path(d)) + "/v1"
             res["overhead"] = overhead(cluster, url, gateway.pid, args.rounds, 4 * args.rounds)

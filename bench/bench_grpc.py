@@ -22,11 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,17 +32,12 @@ import grpc
 import torch
 
 from bench.bench_core import _jsonable, code_state, machine
+from tests.cluster import Cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 NEW = 256
 STREAMS = [250, 1000]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build(path: Path) -> Path:
@@ -65,68 +56,26 @@ def build(path: Path) -> Path:
     return path
 
 
-class Cluster:
-    def __init__(self, ckpt: Path, logs: Path) -> None:
-        from pipeserve.v1 import pipeserve_pb2 as pb
-        from pipeserve.v1 import pipeserve_pb2_grpc as pbg
+def start_cluster(ckpt: Path, logs: Path) -> Cluster:
+    """A coordinator and 2 workers (1 torch thread each) with ``ckpt`` loaded as "m" over
+    2 stages (equal_size), started by the tests' harness."""
+    cluster = Cluster(
+        logs, workers=[[], []], env={"OMP_NUM_THREADS": "1"}, kv_budget=0, metrics=False
+    )
+    try:
+        cluster.ckpt = ckpt.parent
+        cluster.load("m", ckpt.name, stages=2)
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster
 
-        self.address = f"127.0.0.1:{_port()}"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        common = ["--host", "127.0.0.1", "--advertise-host", "127.0.0.1"]
-        port = self.address.rsplit(":", 1)[1]
-        self.procs = [
-            self._start(logs / "coordinator.log", env, "coordinator", "--port", port, *common)
-        ]
-        ch = grpc.insecure_channel(self.address)
-        grpc.channel_ready_future(ch).result(timeout=120)
-        for k in range(2):
-            self.procs.append(
-                self._start(
-                    logs / f"worker{k}.log", env, "worker", "--coordinator", self.address, *common
-                )
-            )
-        admin = pbg.AdminStub(ch)
-        while len(admin.ClusterStatus(pb.ClusterStatusRequest()).workers) < 2:
-            time.sleep(0.2)
-        list(
-            admin.LoadModel(
-                pb.LoadModelRequest(
-                    name="m", checkpoint=str(ckpt), policy=pb.SplitPolicy(equal_size=2)
-                ),
-                timeout=300,
-            )
-        )
-        self.stub = pbg.InferenceStub(ch)
 
-    @staticmethod
-    def _start(log: Path, env: dict, *args: str) -> subprocess.Popen:
-        return subprocess.Popen(
-            [sys.executable, "-m", "pipeserve", *args],
-            cwd=ROOT,
-            env=env,
-            stdout=open(log, "w"),
-            stderr=subprocess.STDOUT,
-        )
+def generate(cluster: Cluster, prompt: list[int], new: int) -> list[int]:
+    from pipeserve.v1 import pipeserve_pb2 as pb
 
-    def generate(self, prompt: list[int], new: int) -> list[int]:
-        from pipeserve.v1 import pipeserve_pb2 as pb
-
-        req = pb.GenerateRequest(
-            model="m",
-            token_ids=pb.TokenIds(ids=prompt),
-            max_new_tokens=new,
-            sampling=pb.SamplingParameters(ignore_eos=True),
-        )
-        out: list[int] = []
-        for r in self.stub.Generate(req, timeout=600):
-            out += list(r.token_ids)
-        return out
-
-    def close(self) -> None:
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            p.wait(timeout=20)
+    ignore_eos = pb.SamplingParameters(ignore_eos=True)
+    return cluster.generate("m", prompt, new, timeout=600, sampling=ignore_eos)
 
 
 def overhead(cluster: Cluster, ckpt: Path, rounds: int = 5) -> dict[str, Any]:
@@ -137,13 +86,13 @@ def overhead(cluster: Cluster, ckpt: Path, rounds: int = 5) -> dict[str, Any]:
     grpc_t, direct_t = [], []
     with LocalGenerator(plan) as gen:
         params = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
-        same = gen.generate([prompt], params)[0] == cluster.generate(prompt, NEW)
+        same = gen.generate([prompt], params)[0] == generate(cluster, prompt, NEW)
         for _ in range(rounds):
             t0 = time.perf_counter()
             gen.generate([prompt], params)
             direct_t.append((time.perf_counter() - t0) / NEW)
             t0 = time.perf_counter()
-            cluster.generate(prompt, NEW)
+            generate(cluster, prompt, NEW)
             grpc_t.append((time.perf_counter() - t0) / NEW)
     g, d = statistics.median(grpc_t), statistics.median(direct_t)
     return {
@@ -246,7 +195,7 @@ def main() -> None:
     res: dict[str, Any] = {"machine": machine(), "code": code_state()}
     with tempfile.TemporaryDirectory(prefix="bench_grpc_") as d:
         ckpt = build(Path(d) / "llama")
-        cluster = Cluster(ckpt, Path(d))
+        cluster = start_cluster(ckpt, Path(d))
         try:
             res["overhead"] = overhead(cluster, ckpt)
             print("[overhead]", res["overhead"], flush=True)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from bench.bench_core import _jsonable, code_state, machine
 from pipeserve.v1 import pipeserve_pb2 as pb
+from tests.cluster import Cluster
 from tests.hostile import siege
 from tests.models import lm_model, save_hf, save_word_tokenizer
-from tests.test_cluster import Cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -41,7 +41,7 @@ def heartbeat_until(
                 r = registry.Register(register, timeout=10, metadata=md)
                 worker.worker_id = r.worker_id
                 interval = max(0.05, r.heartbeat_interval_ms / 1000)
-                print(f"registered as {r.worker_id}", flush=True)
+                log.info("registered as %s", r.worker_id)
             try:
                 status = last = worker.status_proto()
             except Exception:  # figures read while the stage runs: never skip a heartbeat

@@ -11,7 +11,6 @@ stage); ``pipeserve.worker.registered`` while the coordinator knows the worker (
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import secrets
@@ -24,34 +23,23 @@ from typing import Any
 
 import grpc
 import torch
-import torch.distributed as dist
 from prometheus_client import CollectorRegistry
 
-from pipeline_core import GenStage, ModelSource, ReadStats, RequestError
+from pipeline_core import ModelSource
 from pipeline_core.cost import device_flops, device_name, unit_seconds
-from pipeline_core.detokenize import Detokenizer
-from pipeline_core.engine import EngineLimits, GenerationEngine, serve_generation
-from pipeline_core.local import make_mesh
-from pipeline_core.microbatch import check_chunks
-from pipeline_core.plan import Plan
-from pipeline_core.ring import Ring
-from pipeline_core.runtime import DRIVER, Driver, RankMap, serve_stage
-from pipeline_core.source import hf_tokenizer
-from pipeline_core.stage import build_stage
+from pipeline_core.engine import EngineLimits
 from pipeserve import rpc
 from pipeserve.observe import REQUEST_ID, WorkerCollector, new_request_id, serve_metrics
 from pipeserve.v1 import pipeserve_pb2 as pb
 from pipeserve.v1 import pipeserve_pb2_grpc as pbg
+from stage_worker.job import DATAPLANE_TIMEOUT_S, StageJob
 from stage_worker.lifecycle import REGISTERED, heartbeat_until, leave
-from stage_worker.rendezvous import CoordinatorStore
 
 __all__ = ["Worker", "serve"]
 
 log = logging.getLogger(__name__)
 
 SERVICE = "pipeserve.v1.StageWorker"
-TIMEOUT_S = float(os.environ.get("PIPESERVE_DATAPLANE_TIMEOUT", "60"))
-"""Data-plane (gloo/NCCL) timeout: a peer stuck this long fails the operation."""
 FINISH = {
     "stop": pb.FINISH_REASON_STOP,
     "length": pb.FINISH_REASON_LENGTH,
@@ -60,172 +48,26 @@ FINISH = {
 }
 
 
-class _Job:
-    """One assignment: the stage, its ring, and (stage 0) the scheduler."""
+class Worker(pbg.StageWorkerServicer):
+    """The ``StageWorker`` servicer: a few lines per call over the assigned ``StageJob``."""
 
     def __init__(
         self,
-        req: pb.AssignRequest,
         device: str,
+        health: rpc.Health,
+        counter: rpc.ByteCounter,
         limits: EngineLimits,
-        on_ready: Any,
-        registry: Any = None,
-        metadata: Any = None,
-    ) -> None:
-        self.req = req
-        self.registry, self.metadata = registry, metadata
-        self.limits = limits
-        self.on_ready = on_ready
-        self.device = req.device or device
-        self.plan = Plan.from_json(req.plan_json)
-        self.stats = ReadStats()
-        self.bytes_total = self.plan.stages[req.stage].nbytes
-        self.state = "loading"
-        self.error = ""
-        self.stage: Any = None  # GenStage (generate) or Stage (forward)
-        self.engine: GenerationEngine | None = None
-        self.driver: Driver | None = None
-        self.ring: Ring | None = None
-        self.forward_lock = threading.Lock()
-        self.tokenizer: Any = None
-        self.thread = threading.Thread(target=self._run, name="stage-job", daemon=True)
-        self.done = threading.Event()
-
-    def _store(self) -> dist.Store:
-        if self.req.rendezvous:  # a TCPStore somewhere
-            host, port = self.req.rendezvous.rsplit(":", 1)
-            timeout = datetime.timedelta(seconds=TIMEOUT_S)
-            store: dist.Store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
-            return dist.PrefixStore(f"{self.req.model}/{self.req.epoch}", store)
-        # the coordinator's Registry store (default)
-        store = CoordinatorStore(self.registry, self.metadata, TIMEOUT_S)
-        return store.prefixed(f"{self.req.model}/{self.req.epoch}")
-
-    def _run(self) -> None:
-        try:
-            if self.req.mode == "forward":
-                self._run_forward()
-            else:
-                self._run_generate()
-        except Exception as e:  # reported through Status and health
-            log.exception("stage job failed")
-            self.state, self.error = "failed", f"{type(e).__name__}: {e}"
-        finally:
-            self.done.set()
-
-    def _run_forward(self) -> None:
-        """Traced stage of any model; the last stage hosts the driver (fill-drain)."""
-        req, n = self.req, self.req.world_size
-        self.stage = build_stage(self.plan, req.stage, self.device, stats=self.stats)
-        self.state = "joining"
-        ranks = RankMap(n, driver_hosts_last=True)
-        if req.stage == n - 1:
-            mesh = make_mesh(self._store(), ranks, DRIVER, self.device, TIMEOUT_S)
-            self.driver = Driver(mesh, self.stage.args, self.stage.outputs, hosted=self.stage)
-            self.state = "ready"
-            self.on_ready()
-        else:
-            mesh = make_mesh(self._store(), ranks, req.stage, self.device, TIMEOUT_S)
-            self.state = "ready"
-            self.on_ready()
-            serve_stage(self.stage, mesh)  # until the driver sends STOP
-
-    def forward(self, inputs: dict[str, torch.Tensor], chunks: int) -> Any:
-        assert self.driver is not None
-        names = [s.name for s in self.plan.inputs]
-        unknown = sorted(set(inputs) - set(names))
-        missing = [n for n in self.driver.input_names if n not in inputs]
-        if unknown or missing:
-            raise ValueError(f"inputs {unknown or missing} do not match the model's {names}")
-        for spec in self.plan.inputs:
-            if spec.name in inputs:
-                spec.check(inputs[spec.name])
-        mixed = self.plan.rows_mixed
-        chunks = chunks or (1 if mixed else self.req.world_size)
-        check_chunks(chunks, mixed)
-        with self.forward_lock:  # one fill-drain pass at a time
-            return self.driver.run(inputs, chunks)
-
-    def _run_generate(self) -> None:
-        req = self.req
-        self.stage = GenStage(self.plan, req.stage, self.device, stats=self.stats)
-        self.state = "joining"
-        ring = Ring(self._store(), req.stage, req.world_size, self.device, TIMEOUT_S)
-        self.ring = ring
-        if req.stage == 0:
-            ring_ = ring if req.world_size > 1 else None
-            self.engine = GenerationEngine(self.stage, ring_, self.limits)
-            self.tokenizer = hf_tokenizer(self.plan.source.checkpoint)
-            self.state = "ready"
-            self.on_ready()
-        else:
-            self.state = "ready"
-            self.on_ready()
-            serve_generation(self.stage, ring)  # until stage 0 sends STOP
-
-    def status(self) -> dict[str, Any]:
-        kv = {}
-        if isinstance(self.stage, GenStage) and self.state == "ready":
-            kv = self.stage.cache_stats()
-        return {
-            "state": self.state,
-            "model": self.req.model,
-            "stage": self.req.stage,
-            "bytes_loaded": self.stats.total_bytes,
-            "bytes_total": self.bytes_total,
-            "error": self.error,
-            "epoch": self.req.epoch,
-            "kv_sequences": kv.get("sequences", 0),
-            "kv_bytes": kv.get("bytes", 0),
-        }
-
-    def metrics(self) -> dict[str, Any] | None:
-        st = self.stage
-        if not isinstance(st, GenStage):
-            return None
-        kv = st.cache_stats()
-        return {
-            "model": self.req.model,
-            "stage": self.req.stage,
-            "queue": self.engine.queue_depth if self.engine is not None else 0,
-            "sequences": kv["sequences"],
-            "kv": kv["bytes"],
-            "kv_tokens": kv["tokens"],
-            "compute": st.busy_s,
-            "wait": st.wait_s,
-            "send": st.send_s,
-            "steps": st.steps,
-            "bytes_sent": self.ring.bytes_sent if self.ring is not None else 0,
-        }
-
-    def abandon(self) -> None:
-        """Drop the stage at once (a peer is gone): fail this stage's requests, send nothing.
-        Threads blocked on the dead data plane end at its timeout."""
-        if self.engine is not None:
-            self.engine.abandon("the pipeline lost a worker; the coordinator replays requests")
-        self.stage = self.engine = self.driver = None
-
-    def release(self) -> None:
-        if self.engine is not None:
-            self.engine.close()  # STOP goes round the ring; other stages' loops end
-        if self.driver is not None:
-            self.driver.stop()  # the forward stages' loops end
-        self.done.wait(timeout=30)
-        self.stage = self.engine = self.driver = None
-
-
-class Worker(pbg.StageWorkerServicer):
-    def __init__(
-        self, device: str, health: rpc.Health, counter: rpc.ByteCounter, limits: EngineLimits
+        dataplane_timeout: float = DATAPLANE_TIMEOUT_S,
     ) -> None:
         self.device = device
+        self.dataplane_timeout = dataplane_timeout
         self.health = health
         self.counter = counter
         self.limits = limits
         self.registry: Any = None  # the coordinator's Registry stub (rendezvous store)
         self.metadata: Any = None
         self.worker_id = ""
-        self.job: _Job | None = None
+        self.job: StageJob | None = None
         self.lock = threading.Lock()
         self._set_health(False)
 
@@ -254,18 +96,17 @@ class Worker(pbg.StageWorkerServicer):
                     f"{self.job.req.model!r}; release it first",
                 )
             try:
-                job = _Job(
+                job = StageJob(
                     request,
                     self.device,
                     self.limits,
                     lambda: self._set_health(True),
                     self.registry,
                     self.metadata,
+                    self.dataplane_timeout,
                 )
             except Exception as e:
                 rpc.abort_for(context, e)
-            if not 0 <= request.stage < job.plan.num_stages:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "stage index out of range")
             self.job = job
             job.thread.start()
         return pb.AssignResponse()
@@ -333,23 +174,11 @@ class Worker(pbg.StageWorkerServicer):
             )
         assert job is not None and job.engine is not None
         REQUEST_ID.set(new_request_id(context.invocation_metadata()))
-        tok = job.tokenizer
         try:
-            params = rpc.sampling_from_proto(request)
-            if request.HasField("text"):
-                if tok is None:
-                    raise ValueError("the model has no tokenizer; send token_ids instead of text")
-                _check_text_size(request.text, job.engine)  # before the tokenizer sees it
-                prompt = tok(request.text)["input_ids"]
-            else:
-                prompt = list(request.token_ids.ids)
-            # a replay after a lost worker continues after what was streamed
-            handle = job.engine.submit(prompt, params, resume=list(request.resume_token_ids))
+            handle, detok = job.submit(request)
         except Exception as e:
             rpc.abort_for(context, e)
         context.add_callback(handle.cancel)  # client gone / deadline: free the KV everywhere
-        log.info("request %d admitted: %d prompt tokens", handle.id, len(prompt))
-        detok = Detokenizer(tok) if tok is not None else None
         sent = 0
         for _ in handle:
             tokens = handle.tokens[sent:]
@@ -377,24 +206,6 @@ class Worker(pbg.StageWorkerServicer):
         )
 
 
-BYTES_PER_TOKEN = 32
-"""A text prompt may have this many UTF-8 bytes per token the model could take: far more
-than any tokenizer's tokens hold on average, and it bounds the tokenizer's time and memory."""
-
-
-def _check_text_size(text: str, engine: GenerationEngine) -> None:
-    """Refuse a text prompt too long for the model before it is tokenized (a 20 MB text took
-    30 s and 2.6 GB to tokenize just to be refused)."""
-    tokens = min(engine.context_limit, engine.limits.max_tokens)
-    limit = max(4096, int(tokens) * BYTES_PER_TOKEN)
-    size = len(text.encode("utf-8", "surrogatepass"))
-    if size > limit:
-        raise RequestError(
-            f"the text prompt is {size} bytes; this model takes at most {limit} "
-            f"({BYTES_PER_TOKEN} per token of its {int(tokens)}-token limit): shorten it"
-        )
-
-
 def _forward(worker: Worker, request: pb.ForwardRequest, context: grpc.ServicerContext) -> Any:
     job = worker.job
     if job is None or job.driver is None or job.state != "ready":
@@ -406,10 +217,8 @@ def _forward(worker: Worker, request: pb.ForwardRequest, context: grpc.ServicerC
     try:
         inputs = {t.name: rpc.tensor_from_proto(t) for t in request.inputs}
         out = job.forward(inputs, request.chunks)
-    except (ValueError, TypeError) as e:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-    except RuntimeError as e:  # a stage's forward raised on this input: it failed alone
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the model rejected the input: {e}")
+    except Exception as e:  # bad inputs, or the model rejected them: INVALID_ARGUMENT
+        rpc.abort_for(context, e)
     outs = out if isinstance(out, tuple | list) else [out]
     return pb.ForwardResponse(
         outputs=[rpc.tensor_to_proto(f"output_{i}", t) for i, t in enumerate(outs)]
@@ -457,13 +266,17 @@ def serve(
     memory_bytes: int = 0,
     worker_id: str = "",
     leave_on_stop: bool = False,
+    worker_token: str = "",
+    dataplane_timeout: float = DATAPLANE_TIMEOUT_S,
 ) -> None:
     """Run a worker until ``stop`` is set (or forever): serve, register, heartbeat.
 
     ``speed_gflops`` (0: measured now, a matmul on ``device``) and ``memory_bytes`` (0: the
     device's total) are what the planner gives this worker's stage by; ``worker_id`` is the id
     asked for (e.g. the pod name).  ``leave_on_stop`` (SIGTERM): first move the stage to a
-    spare (``lifecycle.leave``), then stop.
+    spare (``lifecycle.leave``), then stop.  ``worker_token``: presented to the coordinator
+    when it requires one; ``dataplane_timeout``: seconds before a stuck gloo/NCCL operation
+    fails (the command line reads both from the environment).
     """
     limits = limits or EngineLimits()
     if speed_gflops <= 0:
@@ -475,7 +288,7 @@ def serve(
     server, port, health, counter = rpc.make_server(
         rpc.host_port(host, port), [SERVICE], interceptors=[auth]
     )
-    worker = Worker(device, health, counter, limits)
+    worker = Worker(device, health, counter, limits, dataplane_timeout)
     pbg.add_StageWorkerServicer_to_server(worker, server)
     registry = CollectorRegistry()
     registry.register(WorkerCollector(lambda: worker.job.metrics() if worker.job else None))
@@ -485,16 +298,18 @@ def serve(
     health_server = (
         rpc.serve_health_only(health, rpc.host_port(host, health_port)) if health_port else None
     )
-    token = os.environ.get("PIPESERVE_WORKER_TOKEN", "")
-    md = (("authorization", f"Bearer {token}"),) if token else None
+    md = (("authorization", f"Bearer {worker_token}"),) if worker_token else None
     worker.metadata = md
     address = rpc.host_port(advertise_host or _advertised(host), port)
     stub = pbg.RegistryStub(rpc.channel(coordinator))
     worker.registry = stub
     stop = stop or threading.Event()
-    log.info("worker serving on %s, coordinator %s", address, coordinator)
-    print(
-        f"worker listening on {address} (device {device}, {speed_gflops:.0f} GFLOP/s)", flush=True
+    log.info(
+        "worker listening on %s (device %s, %.0f GFLOP/s), coordinator %s",
+        address,
+        device,
+        speed_gflops,
+        coordinator,
     )
     register = pb.RegisterRequest(
         address=address,

@@ -265,7 +265,7 @@ def rss_bytes(pid: int) -> int:
 
 
 def siege(cluster: Any, n: int, seed: int = 0) -> dict[str, Any]:
-    """``n`` hostile calls at ``cluster`` (``tests.test_cluster.Cluster`` with model "m"
+    """``n`` hostile calls at ``cluster`` (``tests.cluster.Cluster`` with model "m"
     loaded) while good requests run; the figures the hardening test and bench check."""
     import time
 

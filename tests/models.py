@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pipeline_core import pipe_split
-from pipeserve.local_cluster import hf_greedy  # noqa: F401 -- the tests' reference
+from pipeserve.reference import hf_greedy  # noqa: F401 -- the tests' reference
 
 VOCAB = 96
 

@@ -7,7 +7,18 @@ import re
 
 import pytest
 
-from pipeserve.cli import main
+from pipeline_core import ModelSource, Policy, SamplingParams, Workload, make_plan
+from pipeserve.cli import build_parser, main
+from pipeserve.cli.flags import policy_from_args, sampling_from_args, workload_from_args
+from pipeserve.codec import (
+    generate_request,
+    policy_from_proto,
+    policy_to_proto,
+    sampling_from_proto,
+    workload_from_proto,
+    workload_to_proto,
+)
+from pipeserve.plan_table import format_plan, stage_shares
 
 from .models import hf_greedy, hf_model, save_hf
 
@@ -55,6 +66,72 @@ def test_plan_errors_are_clear(gpt2_dir, tmp_path, capsys):
     assert "config.json not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["plan", str(gpt2_dir), "--equal-size", "2", "--threshold", "1MB"])
+
+
+def test_policy_flags_map_once_to_the_policy_and_its_proto():
+    """The same flags give the same Policy for `plan` and `admin`; a policy survives the trip
+    to the coordinator's proto and back; two policies at once are refused."""
+    parser = build_parser()
+    cases = [
+        (["--equal-size", "3"], Policy.equal_size(3)),
+        (["--threshold", "1MB"], Policy.threshold(10**6)),
+        (["--split-at", "a.0,b.1"], Policy.manual(["a.0", "b.1"])),
+        (["--stages", "2"], Policy.balanced(2)),
+    ]
+    for flags, want in cases:
+        admin = policy_from_args(parser.parse_args(["admin", "load", "ckpt", *flags]), 0)
+        plan = policy_from_args(parser.parse_args(["plan", "ckpt", *flags]), 2)
+        assert admin == plan == want, flags
+        assert policy_from_proto(policy_to_proto(want)) == want
+    # no policy flag: balanced over the command's default (admin: one stage per idle worker)
+    assert policy_from_args(parser.parse_args(["admin", "load", "ckpt"]), 0) == Policy.balanced(0)
+    assert policy_from_args(parser.parse_args(["plan", "ckpt"]), 2) == Policy.balanced(2)
+    args = parser.parse_args(["plan", "ckpt", "--stages", "2", "--stage-speed", "1,3"])
+    assert policy_from_args(args, 2).speeds == [1.0, 3.0]
+    with pytest.raises(SystemExit):
+        policy_from_args(
+            parser.parse_args(["admin", "load", "x", "--equal-size", "2", "--stages", "2"]), 0
+        )
+    with pytest.raises(ValueError, match="markers"):
+        policy_to_proto(Policy.markers())
+
+
+def test_sampling_and_workload_defaults_are_the_domain_objects():
+    parser = build_parser()
+    for argv in (
+        ["generate", "--model", "m", "--prompt-ids", "1"],
+        ["run", "ckpt", "--prompt-ids", "1"],
+    ):
+        assert sampling_from_args(parser.parse_args(argv)) == SamplingParams(), argv
+    w = workload_from_args(parser.parse_args(["plan", "ckpt"]))
+    assert w == Workload()
+    assert workload_from_proto(workload_to_proto(w)) == Workload(profile=True)
+    args = parser.parse_args(
+        ["generate", "--model", "m", "--prompt-ids", "4,5", "--max-new-tokens", "7",
+         "--temperature", "0.5", "--top-k", "3", "--top-p", "0.5", "--seed", "11"]
+    )  # fmt: skip
+    params = sampling_from_args(args)
+    req = generate_request("m", params, token_ids=[4, 5])
+    assert list(req.token_ids.ids) == [4, 5] and sampling_from_proto(req) == params
+    # an unset max_new_tokens on the wire is SamplingParams' default
+    req.max_new_tokens = 0
+    assert sampling_from_proto(req).max_new_tokens == SamplingParams().max_new_tokens
+
+
+def test_one_plan_formatter_with_workers_and_shares(gpt2_dir):
+    plan = make_plan(
+        ModelSource(checkpoint=str(gpt2_dir)),
+        Policy.equal_size(2),
+        trace=False,
+        workload=Workload(profile=False),
+    )
+    shares = stage_shares(plan)
+    assert len(shares) == 2 and abs(sum(shares) - 1) < 1e-9 and min(shares) > 0
+    text = format_plan(plan, workers=["w7", ""], times_from="worker w7 (cpu)")
+    assert "times from worker w7 (cpu)" in text and "worker" in text.split("\n\n")[1]
+    rows = text.split("send  units\n", 1)[1].split("\n\n")[0].splitlines()
+    assert [r.split()[:2] for r in rows] == [["0", "w7"], ["1", "-"]]
+    assert f"{100 * shares[0]:.1f}%" in rows[0]
 
 
 _greedy = hf_greedy
@@ -145,7 +222,6 @@ def _error_lines(err: str) -> list[str]:
     return [ln for ln in err.splitlines() if ln.startswith("error:")]
 
 
-@pytest.mark.slow
 def test_run_failure_in_a_unit_is_one_clear_line(tmp_path, capfd, monkeypatch):
     """A step that fails inside a layer: one line naming the stage and the unit, exit 1, no
     traceback (and no JSON result); ``--debug`` shows the traceback.  Stages in this process

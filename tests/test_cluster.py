@@ -8,9 +8,7 @@ and generation through the generated Python client, `tritonclient.grpc` and the 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,34 +18,16 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from pipeserve.v1 import pipeserve_pb2 as pb
-from pipeserve.v1 import pipeserve_pb2_grpc as pbg
 
-from .models import hf_greedy, lm_model, save_hf
+from .cluster import KV_BUDGET, Cluster, cli, code, greedy, running_cluster
+from .models import lm_model, save_hf
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPT = [5, 6, 7, 8, 9]
-KV_BUDGET = 1000
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeserve", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
 
 
 def _grpcurl() -> str:
@@ -57,137 +37,9 @@ def _grpcurl() -> str:
     return exe
 
 
-_greedy = hf_greedy
-
-
-class Cluster:
-    def __init__(self, tmp: Path, workers: list[list[str]] | None = None) -> None:
-        """A coordinator and one worker per entry of ``workers`` (extra CLI args; default:
-        3 plain workers)."""
-        workers = workers if workers is not None else [[], [], []]
-        self.port = _port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.logs = tmp
-        self.procs: list[subprocess.Popen] = []
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.metrics_ports = [_port() for _ in range(1 + len(workers))]  # coordinator, workers
-        self._start(
-            "coordinator",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--advertise-host",
-            "127.0.0.1",
-            "--metrics-port",
-            str(self.metrics_ports[0]),
-            env=env,
-        )
-        self.channel = grpc.insecure_channel(self.address)
-        grpc.channel_ready_future(self.channel).result(timeout=120)
-        for k, extra in enumerate(workers):
-            self._start(
-                "worker",
-                "--coordinator",
-                self.address,
-                "--host",
-                "127.0.0.1",
-                "--advertise-host",
-                "127.0.0.1",
-                "--max-kv-tokens",
-                str(KV_BUDGET),
-                "--metrics-port",
-                str(self.metrics_ports[k + 1]),
-                *extra,
-                env=env,
-            )
-        self.admin = pbg.AdminStub(self.channel)
-        self.inference = pbg.InferenceStub(self.channel)
-        deadline = time.monotonic() + 120
-        while len(self.status().workers) < len(workers):
-            assert time.monotonic() < deadline, "workers did not register"
-            time.sleep(0.2)
-
-    def _start(self, *args: str, env: dict) -> None:
-        log = open(self.logs / f"{args[0]}-{len(self.procs)}.log", "w")  # noqa: SIM115
-        self.procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "pipeserve", *args],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                env=env,
-            )
-        )
-
-    def status(self) -> pb.ClusterStatusResponse:
-        return self.admin.ClusterStatus(pb.ClusterStatusRequest(), timeout=10)
-
-    def health(self, address: str, service: str = "") -> int:
-        stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
-        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
-
-    def load(self, name: str, directory: str) -> list[pb.LoadProgress]:
-        """Load ``self.ckpt / directory`` as ``name`` over 3 stages (equal_size) and wait."""
-        req = pb.LoadModelRequest(
-            name=name,
-            checkpoint=str(self.ckpt / directory),
-            policy=pb.SplitPolicy(equal_size=3),
-        )
-        return list(self.admin.LoadModel(req, timeout=300))
-
-    def generate(self, model: str, prompt: list[int], new: int, **kw) -> list[int]:
-        req = pb.GenerateRequest(
-            model=model, token_ids=pb.TokenIds(ids=prompt), max_new_tokens=new, **kw
-        )
-        out: list[int] = []
-        for r in self.inference.Generate(req, timeout=120):
-            out += list(r.token_ids)
-        return out
-
-    def close(self) -> None:
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     yield from running_cluster(tmp_path_factory)
-
-
-def running_cluster(tmp_path_factory):
-    """A coordinator + 3 workers with "small" loaded (for module fixtures: each test module
-    defines its own, so modules interleaved on one xdist worker keep separate clusters)."""
-    tmp = tmp_path_factory.mktemp("cluster")
-    small = lm_model("llama")
-    save_hf(small, tmp / "small")
-    c = Cluster(tmp)
-    c.small = small
-    c.ckpt = tmp
-    try:
-        SERVING = health_pb2.HealthCheckResponse.SERVING
-        c.workers = [w.address for w in c.status().workers]
-        c.serving_before = [c.health(a, "pipeserve.v1.StageWorker") == SERVING for a in c.workers]
-        assert all(c.health(a) == SERVING for a in c.workers)  # liveness: "" always
-        c.load_cli = _cli(
-            "admin",
-            "load",
-            str(tmp / "small"),
-            "--name",
-            "small",
-            "--stages",  # balanced by time: units profiled on a worker
-            "3",
-            "--coordinator",
-            c.address,
-        )
-        yield c
-    finally:
-        c.close()
 
 
 def test_load_then_generate_with_three_clients(cluster):
@@ -203,7 +55,7 @@ def test_load_then_generate_with_three_clients(cluster):
     assert sorted(w.stage for w in st.workers) == [0, 1, 2]
     assert [(m.name, m.num_stages, m.dtype) for m in st.models] == [("small", 3, "float32")]
 
-    ref = _greedy(cluster.small, PROMPT, 24)
+    ref = greedy(cluster.small, PROMPT, 24)
     # (a) the generated Python client
     assert cluster.generate("small", PROMPT, 24) == ref
     # (b) tritonclient.grpc from PyPI (KServe v2 protocol)
@@ -238,7 +90,7 @@ def test_load_then_generate_with_three_clients(cluster):
     )
     assert '"SERVING"' in health.stdout
     # the CLI client
-    r = _cli(
+    r = cli(
         "generate",
         "--coordinator",
         cluster.address,
@@ -266,38 +118,32 @@ def test_streaming_first_token_arrives_early(cluster):
     assert times[0] < times[-1] / 4
 
 
-def _code(fn) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as e:
-        fn()
-    return e.value.code(), e.value.details()
-
-
 def test_errors_have_status_codes_and_leave_others_unharmed(cluster):
     C = grpc.StatusCode
     gen = cluster.generate
-    ref = _greedy(cluster.small, PROMPT, 16)
+    ref = greedy(cluster.small, PROMPT, 16)
     stream = cluster.inference.Generate(
         pb.GenerateRequest(model="small", token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=16),
         timeout=120,
     )
     first = next(stream)  # a request in flight while bad ones arrive
 
-    assert _code(lambda: gen("nope", PROMPT, 4))[0] == C.NOT_FOUND
-    code, msg = _code(lambda: gen("small", [], 4))
-    assert code == C.INVALID_ARGUMENT and "empty" in msg
-    code, msg = _code(lambda: gen("small", [1, 10_000], 4))
-    assert code == C.INVALID_ARGUMENT and "vocabulary" in msg
-    code, msg = _code(
+    assert code(lambda: gen("nope", PROMPT, 4))[0] == C.NOT_FOUND
+    status, msg = code(lambda: gen("small", [], 4))
+    assert status == C.INVALID_ARGUMENT and "empty" in msg
+    status, msg = code(lambda: gen("small", [1, 10_000], 4))
+    assert status == C.INVALID_ARGUMENT and "vocabulary" in msg
+    status, msg = code(
         lambda: gen("small", PROMPT, 4, sampling=pb.SamplingParameters(temperature=-1))
     )
-    assert code == C.INVALID_ARGUMENT and "temperature" in msg
-    code, msg = _code(lambda: gen("small", PROMPT, 4, sampling=pb.SamplingParameters(top_p=1.5)))
-    assert code == C.INVALID_ARGUMENT and "top_p" in msg
-    code, msg = _code(lambda: gen("small", PROMPT, 5000))
-    assert code == C.INVALID_ARGUMENT and "context" in msg
-    code, msg = _code(lambda: gen("small", PROMPT, KV_BUDGET + 10))
-    assert code == C.RESOURCE_EXHAUSTED and "KV budget" in msg
-    code, msg = _code(
+    assert status == C.INVALID_ARGUMENT and "temperature" in msg
+    status, msg = code(lambda: gen("small", PROMPT, 4, sampling=pb.SamplingParameters(top_p=1.5)))
+    assert status == C.INVALID_ARGUMENT and "top_p" in msg
+    status, msg = code(lambda: gen("small", PROMPT, 5000))
+    assert status == C.INVALID_ARGUMENT and "context" in msg
+    status, msg = code(lambda: gen("small", PROMPT, KV_BUDGET + 10))
+    assert status == C.RESOURCE_EXHAUSTED and "KV budget" in msg
+    status, msg = code(
         lambda: list(
             cluster.admin.LoadModel(
                 pb.LoadModelRequest(
@@ -308,15 +154,15 @@ def test_errors_have_status_codes_and_leave_others_unharmed(cluster):
             )
         )
     )
-    assert code == C.FAILED_PRECONDITION and "idle workers" in msg
-    code, msg = _code(
+    assert status == C.FAILED_PRECONDITION and "idle workers" in msg
+    status, msg = code(
         lambda: list(
             cluster.admin.LoadModel(pb.LoadModelRequest(name="x", checkpoint="/does/not/exist"))
         )
     )
-    assert code == C.INVALID_ARGUMENT and "does not exist" in msg
+    assert status == C.INVALID_ARGUMENT and "does not exist" in msg
     req = pb.GenerateRequest(model="small", token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=900)
-    assert _code(lambda: list(cluster.inference.Generate(req, timeout=0.3)))[0] == (
+    assert code(lambda: list(cluster.inference.Generate(req, timeout=0.3)))[0] == (
         C.DEADLINE_EXCEEDED
     )
 
@@ -424,7 +270,7 @@ def test_forward_any_model_over_the_cluster(cluster):
                 pb.Tensor(name="pixel_values", dtype="float32", shape=[1, 3, 32], data=b"\0" * 384)
             ],
         )
-        assert _code(lambda: cluster.inference.Forward(bad, timeout=60))[0] == (
+        assert code(lambda: cluster.inference.Forward(bad, timeout=60))[0] == (
             grpc.StatusCode.INVALID_ARGUMENT
         )
         (out2,) = cluster.inference.Forward(req, timeout=120).outputs  # still serving
@@ -451,8 +297,8 @@ def _clip_rows_mixed(cluster) -> None:
     ]
     bad = [specs[0], InputSpec(name="pixel_values", shape=[2, 4, 32, 32])]  # 4 channels
     (path / "inputs.json").write_text(json.dumps([s.to_json() for s in bad]))
-    code, details = _code(lambda: cluster.load("clip", "clip"))  # the model's fault, not ours
-    assert code == grpc.StatusCode.FAILED_PRECONDITION and "example inputs" in details, details
+    status, details = code(lambda: cluster.load("clip", "clip"))  # the model's fault, not ours
+    assert status == grpc.StatusCode.FAILED_PRECONDITION and "example inputs" in details, details
     # no "max" stated for the sequence: the text model's position table bounds it
     (path / "inputs.json").write_text(json.dumps([s.to_json() for s in specs]))
     assert cluster.load("clip", "clip")[-1].state == pb.MODEL_STATE_READY
@@ -485,8 +331,8 @@ def _clip_rows_mixed(cluster) -> None:
         for o in outs
     ]
     assert any(t.shape == ref.shape and (t - ref).abs().max() <= 1e-5 for t in got)
-    code, details = _code(lambda: cluster.inference.Forward(request(2), timeout=60))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "chunks=2" in details, details
+    status, details = code(lambda: cluster.inference.Forward(request(2), timeout=60))
+    assert status == grpc.StatusCode.INVALID_ARGUMENT and "chunks=2" in details, details
     cluster.admin.UnloadModel(pb.UnloadModelRequest(name="clip"), timeout=120)
 
 
@@ -498,48 +344,13 @@ def test_text_in_text_out_and_unavailable_worker(tmp_path):
     model = lm_model("gpt2")
     save_hf(model, tmp_path / "gpt2")
     tok = save_word_tokenizer(tmp_path / "gpt2")
-    port = _port()
-    address = f"127.0.0.1:{port}"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "pipeserve", *args],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for args in (
-            [
-                "coordinator",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--advertise-host",
-                "127.0.0.1",
-            ],
-            [
-                "worker",
-                "--coordinator",
-                address,
-                "--host",
-                "127.0.0.1",
-                "--advertise-host",
-                "127.0.0.1",
-            ],
-        )
-    ]
+    one = Cluster(tmp_path, workers=[[]], kv_budget=0, metrics=False)
     try:
-        ch = grpc.insecure_channel(address)
-        grpc.channel_ready_future(ch).result(timeout=120)
-        admin, inference = pbg.AdminStub(ch), pbg.InferenceStub(ch)
-        deadline = time.monotonic() + 120
-        while not admin.ClusterStatus(pb.ClusterStatusRequest()).workers:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        admin, inference = one.admin, one.inference
         list(admin.LoadModel(pb.LoadModelRequest(checkpoint=str(tmp_path / "gpt2")), timeout=300))
         prompt = "w5 w6 w7 w8"
         ids = tok(prompt)["input_ids"]
-        ref = _greedy(model, ids, 12)
+        ref = greedy(model, ids, 12)
         req = pb.GenerateRequest(
             model="gpt2",
             text=prompt,
@@ -550,14 +361,12 @@ def test_text_in_text_out_and_unavailable_worker(tmp_path):
         assert [t for c in chunks for t in c.token_ids] == ref
         assert "".join(c.text for c in chunks) == tok.decode(ref, skip_special_tokens=True)
         assert sum(bool(c.text) for c in chunks) > 1  # text arrives as deltas
-        procs[1].kill()
-        procs[1].wait(timeout=30)
-        code, msg = _code(lambda: list(inference.Generate(req, timeout=60)))
-        assert code == grpc.StatusCode.UNAVAILABLE, msg
+        one.procs[1].kill()
+        one.procs[1].wait(timeout=30)
+        status, msg = code(lambda: list(inference.Generate(req, timeout=60)))
+        assert status == grpc.StatusCode.UNAVAILABLE, msg
     finally:
-        for p in procs:
-            p.kill()
-            p.wait(timeout=30)
+        one.close()
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -606,7 +415,7 @@ def test_metrics_move_and_timeline_renders(cluster, tmp_path):
     r = cluster.admin.Timeline(pb.TimelineRequest(model="small", seconds=60), timeout=30)
     assert {e.stage for e in r.events if e.kind == "compute"} == {0, 1, 2}
     png = tmp_path / "timeline.png"
-    out = _cli(
+    out = cli(
         "admin",
         "timeline",
         "small",
@@ -669,4 +478,4 @@ def test_200_concurrent_mixed_requests(cluster):
         t.join(300)
     assert all(o is not None and len(o) == new for o, (_, new) in zip(outs, jobs, strict=True))
     for i in range(0, 200, 25):  # a sample against single-process transformers
-        assert outs[i] == _greedy(cluster.small, *jobs[i]), i
+        assert outs[i] == greedy(cluster.small, *jobs[i]), i

@@ -38,6 +38,7 @@ def llama_bf16(tmp_path_factory):
     return save_hf(model, tmp_path_factory.mktemp("llama") / "bf16")
 
 
+@pytest.mark.slow  # stage processes (LocalGenerator)
 def test_bf16_config_plans_loads_and_generates_in_bf16(llama_bf16):
     """config.json says bfloat16: the plan, each stage's tensors and the KV budget are
     bfloat16 (half the float32 bytes), and greedy tokens equal from_pretrained's (auto)."""

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from pipeserve.v1 import pipeserve_pb2 as pb
 
+from .cluster import greedy as _greedy
+from .cluster import running_cluster
 from .models import VOCAB
-from .test_cluster import _greedy, running_cluster
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pipeserve.v1 import pipeserve_pb2 as pb
 from pipeserve.v1 import pipeserve_pb2_grpc as pbg
 
+from .cluster import Cluster
+from .cluster import code as _code
+from .cluster import greedy as _greedy
 from .models import lm_model, save_hf, save_word_tokenizer
-from .test_cluster import Cluster, _code, _greedy
 
 pytestmark = pytest.mark.slow
 
@@ -204,7 +206,7 @@ def test_admin_status_into_a_closed_pipe(cluster):
     import subprocess
     import sys
 
-    from .test_cluster import ROOT
+    from .cluster import ROOT
 
     cmd = (
         f"{sys.executable} -m pipeserve admin status --watch 0.05 --coordinator "

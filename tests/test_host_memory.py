@@ -9,7 +9,8 @@ import pipeline_core
 from pipeline_core import ModelSource, Policy, Workload, make_plan
 from pipeline_core import host_memory as hm
 from pipeline_core.errors import DoesNotFit
-from pipeserve import cli, local_cluster
+from pipeserve import cli, launch
+from pipeserve.cli import local as local_cluster
 
 from .models import lm_model, save_hf
 
@@ -61,7 +62,7 @@ def test_run_refuses_in_one_line_before_loading(ckpt, monkeypatch, capsys):
 
 def test_local_refuses_before_starting_workers(ckpt, monkeypatch, capsys):
     monkeypatch.setattr(hm, "available_memory", lambda: (2**20, "left under the cgroup"))
-    monkeypatch.setattr(local_cluster.subprocess, "Popen", _never)
+    monkeypatch.setattr(launch.subprocess, "Popen", _never)
     assert local_cluster.run_local(ckpt, stages=2, once=True) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: the 2 stages need") and "cgroup" in err

@@ -10,22 +10,19 @@ import os
 import random
 import shutil
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import grpc
 import pytest
 
+from pipeserve.launch import Processes, wait_status
 from pipeserve.v1 import pipeserve_pb2 as pb
 from pipeserve.v1 import pipeserve_pb2_grpc as pbg
 
+from .cluster import ROOT, greedy
 from .models import lm_model, save_hf
-from .test_cluster import _greedy
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
 HOSTS = 4  # coordinator + 3 workers
 
 
@@ -79,31 +76,12 @@ def test_pipeline_across_network_namespaces(hosts, tmp_path):
     model = lm_model("llama")
     ckpt = save_hf(model, tmp_path / "llama")
     (cns, caddr, cif), *workers = hosts
-    procs: list[subprocess.Popen] = []
-    logs = []
+    procs = Processes(tmp_path, cwd=ROOT)
 
     def start(ns: str, ifname: str, *args: str) -> None:
-        log = open(tmp_path / f"{ns}.log", "w")  # noqa: SIM115
-        logs.append(tmp_path / f"{ns}.log")
-        procs.append(
-            subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    ns,
-                    "env",
-                    f"GLOO_SOCKET_IFNAME={ifname}",
-                    "PYTHONUNBUFFERED=1",
-                    sys.executable,
-                    "-m",
-                    "pipeserve",
-                    *args,
-                ],
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        """``python -m pipeserve ARGS`` inside namespace ``ns``, gloo bound to ``ifname``."""
+        procs.start(
+            ns, *args, prefix=["ip", "netns", "exec", ns, "env", f"GLOO_SOCKET_IFNAME={ifname}"]
         )
 
     try:
@@ -136,11 +114,9 @@ def test_pipeline_across_network_namespaces(hosts, tmp_path):
                 addr,
             )
         admin, inference = pbg.AdminStub(ch), pbg.InferenceStub(ch)
-        deadline = time.monotonic() + 120
-        while len(admin.ClusterStatus(pb.ClusterStatusRequest()).workers) < 3:
-            assert time.monotonic() < deadline, "workers did not register"
-            time.sleep(0.2)
-        status = admin.ClusterStatus(pb.ClusterStatusRequest())
+        status = wait_status(
+            admin, lambda st: len(st.workers) >= 3, what="workers did not register"
+        )
         assert sorted(w.address for w in status.workers) == sorted(
             f"{addr}:50061" for _, addr, _ in workers
         )
@@ -161,16 +137,10 @@ def test_pipeline_across_network_namespaces(hosts, tmp_path):
             sampling=pb.SamplingParameters(ignore_eos=True),
         )
         tokens = [t for r in inference.Generate(req, timeout=120) for t in r.token_ids]
-        assert tokens == _greedy(model, prompt, 24)
+        assert tokens == greedy(model, prompt, 24)
     except BaseException:
-        for f in logs:
-            print(f"--- {f.name}\n{f.read_text()[-3000:]}")
+        for name in procs.names:
+            print(f"--- {name}\n{procs.log(name, tail=3000)}")
         raise
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        procs.stop(timeout=15)

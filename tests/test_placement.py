@@ -18,8 +18,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeserve.v1 import pipeserve_pb2 as pb
 
+from .cluster import Cluster
+from .cluster import cli as _cli
 from .models import hf_greedy, save_hf
-from .test_cluster import Cluster, _cli
 
 pytestmark = pytest.mark.slow
 

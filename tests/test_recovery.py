@@ -21,8 +21,9 @@ import pytest
 from pipeserve.v1 import pipeserve_pb2 as pb
 from pipeserve.v1 import pipeserve_pb2_grpc as pbg
 
+from .cluster import code as _code
+from .cluster import port as _port
 from .models import hf_greedy, lm_model, save_hf
-from .test_cluster import _code, _port
 
 pytestmark = pytest.mark.slow
 

@@ -20,8 +20,10 @@ from pipeserve.certs import make_certs
 from pipeserve.v1 import pipeserve_pb2 as pb
 from pipeserve.v1 import pipeserve_pb2_grpc as pbg
 
+from .cluster import code as _code
+from .cluster import greedy as _greedy
+from .cluster import port as _port
 from .models import lm_model, save_hf
-from .test_cluster import _code, _greedy, _port
 
 ROOT = Path(__file__).resolve().parent.parent
 

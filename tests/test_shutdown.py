@@ -17,8 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pipeserve.v1 import pipeserve_pb2 as pb
 from stage_worker.lifecycle import REGISTERED
 
+from .cluster import port as _port
 from .models import lm_model, save_hf
-from .test_cluster import _port
 from .test_recovery import Fleet, _many
 
 pytestmark = pytest.mark.slow

@@ -1,48 +1,95 @@
 """``pipeserve local``: a coordinator and N stage workers on this machine, as separate
-processes talking gRPC (control) and gloo (activations) exactly as on a real cluster."""
+processes talking gRPC (control) and gloo (activations) exactly as on a real cluster; a model
+loaded (by default a small demo Llama with random weights), its generation checked against
+single-process ``transformers``, then served (optionally with the OpenAI HTTP gateway)."""
 
 from __future__ import annotations
 
-import os
+import argparse
 import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["hf_greedy", "run_local"]
+from pipeserve.cli.connect import stubs
+from pipeserve.cli.flags import DTYPE_HELP
+from pipeserve.launch import LOOPBACK, Processes, free_port, wait_gateway, wait_status
+from pipeserve.plan_table import format_plan
+from pipeserve.reference import hf_greedy
+
+__all__ = ["add_local_command", "check_forward", "cmd_local", "run_local"]
 
 PROMPTS = [[11, 12, 13, 14, 15], [101, 102, 103], [7, 8, 9, 10, 11, 12, 13]]
 NEW_TOKENS = 16
 
 
-def _free(port: int) -> int:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _tiny_model(path: Path) -> Path:
+    """A small random-init Llama saved as sharded safetensors, with a byte-level tokenizer
+    and a chat template (built offline, once, then reused)."""
+    from pipeserve.demo_tokenizer import save_demo_tokenizer
 
-
-def hf_greedy(model: Any, prompt: list[int], new: int) -> list[int]:
-    """The ``new`` tokens single-process ``transformers`` ``generate`` picks greedily (the
-    reference pipelined generation must equal; also used by the tests)."""
+    if not (path / "tokenizer.json").is_file():  # also added to a cache built before it
+        save_demo_tokenizer(path, vocab_size=1000)
+    if (path / "model.safetensors.index.json").is_file():
+        return path
     import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    LlamaForCausalLM(config).save_pretrained(path, max_shard_size="300KB")
+    return path
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    """Coordinator + N workers on this machine, a model loaded, checked, then served."""
+    model_dir = Path(args.model_dir) if args.model_dir else None
+    if model_dir is None:
+        model_dir = _tiny_model(Path(args.cache))
+        print(f"demo model: {model_dir} (a small Llama with RANDOM weights: tokens are noise)")
+    if args.check_forward and not check_forward(model_dir, args.stages):
+        return 1
+    return run_local(
+        model_dir,
+        stages=args.stages,
+        port=args.port,
+        once=args.once,
+        http_port=args.http_port,
+        dtype=args.dtype or "",
+    )
+
+
+def check_forward(model_dir: Path, stages: int, batch: int = 6, seq: int = 32) -> bool:
+    """pipeline_core's pipelined forward on local processes vs the single-process model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline_core import LocalPipeline, ModelSource, Policy, make_plan
+
+    plan = make_plan(ModelSource(checkpoint=str(model_dir)), Policy.balanced(stages))
+    print(format_plan(plan), "\n")
+    torch.manual_seed(1)
+    ids = torch.randint(0, 1000, (batch, seq))
+    mask = torch.ones_like(ids)
+    with LocalPipeline(plan) as pipe:
+        logits = pipe(input_ids=ids, attention_mask=mask, chunks=4)
+    ref = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with torch.no_grad():
-        out = model.generate(
-            input_ids=torch.tensor([prompt]),
-            do_sample=False,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    start = 1 if model.config.is_encoder_decoder else len(prompt)
-    return out[0, start:].tolist()
+        expected = ref(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    diff = (logits - expected).abs().max().item()
+    print(
+        f"pipelined forward ({stages} stages, batch {batch}x{seq}, 4 microbatches): "
+        f"max |pipelined - single process| = {diff:.3g}"
+    )
+    return diff == 0
 
 
 def _host_refusal(model_dir: Path, stages: int, dtype: str) -> str:
@@ -86,39 +133,21 @@ def run_local(
     if refusal:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
-    port = _free(port)
+    port = free_port(port)
     address = f"127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log_dir = Path(".pipeserve-cache") / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    procs: list[subprocess.Popen] = []
-
-    def start(name: str, *args: str) -> None:
-        log = open(log_dir / f"{name}.log", "w")  # noqa: SIM115 -- lives as long as the child
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "pipeserve", *args],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        )
-
+    procs = Processes(log_dir)
     try:
-        common = ["--host", "127.0.0.1", "--advertise-host", "127.0.0.1"]
-        start("coordinator", "coordinator", "--port", str(port), *common)
-        ch = rpc.channel(address)
-        grpc.channel_ready_future(ch).result(timeout=120)
+        procs.start("coordinator", "coordinator", "--port", str(port), *LOOPBACK)
+        grpc.channel_ready_future(rpc.channel(address)).result(timeout=120)
         for k in range(stages):
-            start(f"worker{k}", "worker", "--coordinator", address, *common)
-        from pipeserve.cluster_cli import _stubs
-
-        admin, inference = _stubs(address)  # with PIPESERVE_ADMIN/CLIENT_TOKEN when set
-        deadline = time.monotonic() + 120
-        while len(admin.ClusterStatus(pb.ClusterStatusRequest()).workers) < stages:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"workers did not register; see {log_dir}")
-            time.sleep(0.2)
+            procs.start(f"worker{k}", "worker", "--coordinator", address, *LOOPBACK)
+        admin, inference = stubs(address)  # with PIPESERVE_ADMIN/CLIENT_TOKEN when set
+        wait_status(
+            admin,
+            lambda st: len(st.workers) >= stages,
+            what=f"workers did not register; see {log_dir}",
+        )
         print(f"coordinator {address} and {stages} workers started (logs in {log_dir})")
         name = model_dir.name
         req = pb.LoadModelRequest(
@@ -166,8 +195,8 @@ def run_local(
             "pipeserve.v1.Inference/Generate"
         )
         if http_port:
-            http_port = _free(http_port)  # the port asked for, or any free one
-            start(
+            http_port = free_port(http_port)  # the port asked for, or any free one
+            procs.start(
                 "gateway",
                 "gateway",
                 "--coordinator",
@@ -187,31 +216,7 @@ def run_local(
     except KeyboardInterrupt:
         return 0
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
-
-def wait_gateway(port: int, log_dir: Path, timeout: float = 120) -> str:
-    """The gateway's base URL once its ``/ready`` answers 200 (raises TimeoutError)."""
-    import urllib.request
-
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/ready", timeout=5) as r:
-                if r.status == 200:
-                    return url
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the gateway did not start on port {port}; see {log_dir}")
-        time.sleep(0.2)
+        procs.stop()
 
 
 def print_gateway(url: str, model: str) -> None:
@@ -227,3 +232,22 @@ def print_gateway(url: str, model: str) -> None:
         f"print(c.completions.create(model='{model}', prompt='Hello', max_tokens=16)"
         '.choices[0].text)"'
     )
+
+
+def add_local_command(sub: Any) -> None:
+    p = sub.add_parser(
+        "local", help="coordinator + workers on this machine: load, self-check, serve"
+    )
+    p.add_argument("model_dir", nargs="?", help="checkpoint (default: a small demo Llama)")
+    p.add_argument("--cache", default=".pipeserve-cache/tiny-llama")
+    p.add_argument("--stages", type=int, default=3)
+    p.add_argument("--port", type=int, default=50051, help="coordinator port (0: any free)")
+    p.add_argument("--once", action="store_true", help="exit after the self-check")
+    p.add_argument(
+        "--http-port", type=int, default=0, help="also start the OpenAI HTTP gateway here"
+    )
+    p.add_argument(
+        "--check-forward", action="store_true", help="also check the pipelined forward first"
+    )
+    p.add_argument("--dtype", help=DTYPE_HELP)
+    p.set_defaults(func=cmd_local)
