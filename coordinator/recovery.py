@@ -63,6 +63,7 @@ class Recovery:
     def monitor(self, stop: threading.Event) -> None:
         """Each tick: forget long-lost workers, reclaim stale stages, and start a recovery
         for every generation model that needs one."""
+        self.started = time.monotonic()  # restored models' workers get their time from now
         while not stop.wait(0.25):
             try:
                 self._prune_lost()
@@ -160,6 +161,8 @@ class Recovery:
         with self.changed:
             if m.name not in self.models or m.state == pb.MODEL_STATE_UNLOADING:
                 return
+            if not lost and not m.recovering and self._whole(m):
+                return  # restored: every worker relinked since the monitor looked
             first = not m.recovering
             m.recovering = True
             m.state = pb.MODEL_STATE_LOADING
@@ -226,6 +229,14 @@ class Recovery:
         self.prune_store(m.name, m.epoch)
         self.health.set(f"pipeserve.model.{m.name}", True)
         log.warning("model %s ready again (epoch %d)", m.name, m.epoch)
+
+    def _whole(self, m: ModelRecord) -> bool:
+        """READY with every stage on a live worker that stays (the caller holds the lock)."""
+        return (
+            m.state == pb.MODEL_STATE_READY
+            and all(m.workers)
+            and not any(self._lost(w) or self.workers[w].draining for w in m.workers)
+        )
 
     def _failed(self, m: ModelRecord, error: str) -> None:
         with self.changed:

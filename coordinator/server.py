@@ -418,6 +418,12 @@ class Coordinator(Recovery):
         m = self.models.get(st.model)
         if m is None or st.state != "ready" or st.epoch != m.epoch or w.model:
             return
+        if m.recovering:
+            # [Note: relink during a recovery] an attempt under way owns the model: it may
+            # have dropped this epoch's other stages already (and wait for a spare), so the
+            # ring is not whole.  The worker's stale stage is reclaimed and it serves as a
+            # spare; only the attempt sets READY, after it re-formed the ring.
+            return
         if not (0 <= st.stage < len(m.workers)) or m.workers[st.stage]:
             return
         m.workers[st.stage] = w.id
