@@ -31,24 +31,25 @@ def _rpc_error(e: Any) -> int:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
+    from coordinator.config import CoordinatorConfig
     from coordinator.registry import default_host
     from coordinator.server import serve
     from pipeserve.observe import setup_logging
 
     setup_logging(os.environ.get("PIPESERVE_LOG", "INFO"), args.log_format)
     _apply_tls(args)
-    serve(
-        default_host(args.host, bool(args.tls_ca or os.environ.get("PIPESERVE_TLS_CA"))),
-        args.port,
-        stop=_stop_on_sigterm(),
+    config = CoordinatorConfig.from_env(
+        host=default_host(args.host, bool(args.tls_ca or os.environ.get("PIPESERVE_TLS_CA"))),
+        port=args.port,
         advertise_host=args.advertise_host,
         metrics_port=args.metrics_port,
         health_port=args.health_port,
-        model_roots=args.model_root,
+        model_roots=args.model_root or [],
         worker_timeout=args.worker_timeout,
         state_db=args.state_db,
         max_streams_per_client=args.max_streams_per_client,
     )
+    serve(config, stop=_stop_on_sigterm())
     return 0
 
 
