@@ -367,3 +367,29 @@ def test_balanced_places_the_faster_worker_first(ckpt, plan):
     assert placed is not None and placed.policy.speeds == [1.0, 1.0, 0.25]
     assert placed.unit_seconds == {"layer": 0.01} and placed.times_from == f"worker {ids[1]} (fake)"
     assert place(cl.c.idle(), str(ckpt), Policy.balanced(4), "float32", wl, "generate") is None
+
+
+def test_the_domain_imports_no_grpc():
+    """The core's modules import neither gRPC nor the API's messages (directly; what they
+    import from the project is domain too), so the core runs without a server."""
+    import ast
+
+    domain = [
+        "errors", "records", "client", "store", "placement", "rendezvous",
+        "forming", "recovery", "leaving", "core", "relay",
+    ]  # fmt: skip
+    root = Path(__file__).resolve().parent.parent / "coordinator"
+    for name in domain:
+        tree = ast.parse((root / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                mods = [node.module or ""]
+                if node.level:  # within the package: another domain module
+                    inside = [node.module] if node.module else [a.name for a in node.names]
+                    assert set(inside) <= set(domain), (name, inside)
+            else:
+                continue
+            for mod in mods:
+                assert not mod.startswith(("grpc", "pipeserve.v1", "pipeserve.rpc")), (name, mod)
