@@ -84,7 +84,7 @@ class Forming:
                     st = WorkerStatus(state="failed", error="lost")
                 else:
                     try:
-                        st = w.client.status(timeout=10)
+                        st = w.status = w.client.status(timeout=10)  # fresher than a heartbeat
                     except WorkerCallFailed as e:
                         st = WorkerStatus(state="failed", error=str(e))
                     if st.state == "failed":

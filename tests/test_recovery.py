@@ -261,6 +261,8 @@ def test_kserve_stream_survives_a_worker_kill_with_request_id_and_metrics(tmp_pa
                 timeout=300,
             )
         )
+        fleet.wait(lambda st: sum(w.model == "m" and w.state == "ready" for w in st.workers) == 2)
+        victim = fleet.process_of_stage(1)
         prompt, new = [3, 1, 4, 1, 5], 3 * NEW
         req = kv2.ModelInferRequest(model_name="m", id="k")
         req.inputs.add(name="input_ids", datatype="INT64", shape=[1, len(prompt)])
@@ -272,7 +274,6 @@ def test_kserve_stream_survives_a_worker_kill_with_request_id_and_metrics(tmp_pa
             iter([req]), timeout=300, metadata=(("x-request-id", "kserve-kill-1"),)
         )
         out: list[int] = []
-        victim = fleet.process_of_stage(1)
         for r in call:
             assert not r.error_message, r.error_message
             out += np.frombuffer(r.infer_response.raw_output_contents[0], dtype="<i8").tolist()
