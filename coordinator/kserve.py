@@ -21,8 +21,12 @@ from pipeserve.inference import grpc_predict_v2_pb2 as kv2
 from pipeserve.inference import grpc_predict_v2_pb2_grpc as kg
 from pipeserve.v1 import pipeserve_pb2 as pb
 
+from . import codec
+from .core import Coordinator
+from .edge import check_token, client_call, edge
+from .errors import CoordinatorError, InvalidRequest
 from .kserve_codec import TORCH_NAMES, encode_bytes, to_forward, to_generate
-from .server import CallError, Coordinator
+from .relay import ClientCall, Relay
 
 __all__ = ["KServeServicer"]
 
@@ -52,8 +56,21 @@ def _response(
 
 
 class KServeServicer(kg.GRPCInferenceServiceServicer):
-    def __init__(self, c: Coordinator) -> None:
-        self.c = c
+    """Inference calls go through the same :class:`Relay` as ``pipeserve.v1`` Generate
+    (request id, metrics, replay after a lost worker, per-client limits); metadata calls
+    are open, as KServe's health and metadata probes expect."""
+
+    def __init__(self, c: Coordinator, relay: Relay, token: str = "") -> None:
+        self.c, self.relay, self.token = c, relay, token
+
+    def add_to(self, server: grpc.Server) -> None:
+        kg.add_GRPCInferenceServiceServicer_to_server(self, server)
+
+    def authorize(self, context: grpc.ServicerContext) -> None:
+        pass  # liveness and metadata: open
+
+    def _authorize_client(self, context: grpc.ServicerContext) -> None:
+        check_token(context, self.token, "client calls", "PIPESERVE_CLIENT_TOKEN")
 
     def ServerLive(self, request: Any, context: Any) -> Any:
         return kv2.ServerLiveResponse(live=True)
@@ -64,16 +81,17 @@ class KServeServicer(kg.GRPCInferenceServiceServicer):
     def ModelReady(self, request: kv2.ModelReadyRequest, context: Any) -> Any:
         with self.c.lock:
             m = self.c.models.get(request.name)
-        return kv2.ModelReadyResponse(ready=m is not None and m.state == pb.MODEL_STATE_READY)
+        return kv2.ModelReadyResponse(ready=m is not None and m.ready)
 
     def ServerMetadata(self, request: Any, context: Any) -> Any:
         return kv2.ServerMetadataResponse(name="pipeserve", version=VERSION, extensions=[])
 
+    @edge
     def ModelMetadata(self, request: kv2.ModelMetadataRequest, context: Any) -> Any:
-        m = self.c.model(request.name, context, ready=False)
+        m = self.c.find(request.name, ready=False)
         T = kv2.ModelMetadataResponse.TensorMetadata
         if m.mode == "forward":
-            info = m.info()
+            info = codec.model_info(m)
             return kv2.ModelMetadataResponse(
                 name=m.name,
                 versions=["1"],
@@ -98,9 +116,11 @@ class KServeServicer(kg.GRPCInferenceServiceServicer):
             ],
         )
 
+    @edge
     def ModelConfig(self, request: kv2.ModelConfigRequest, context: Any) -> Any:
         """Triton's model configuration, from the same facts as :meth:`ModelMetadata`."""
-        meta = self.ModelMetadata(kv2.ModelMetadataRequest(name=request.name), context)
+        m = self.c.find(request.name, ready=False)  # NOT_FOUND before anything else
+        meta = self.ModelMetadata(kv2.ModelMetadataRequest(name=m.name), context)
         types = kv2.DataType.keys()
 
         def dtype(name: str) -> int:
@@ -129,77 +149,57 @@ class KServeServicer(kg.GRPCInferenceServiceServicer):
             )
         )
 
-    def _run(self, gen: pb.GenerateRequest, context: Any, method: str) -> Iterator[Any]:
-        """The pipeserve.v1 relay (validation, request id, metrics, replay after a lost
-        worker) for one KServe request; its errors raise :class:`CallError`."""
-        yield from self.c.relay_generate(gen, _Relayed(context), method=method)
-
     def ModelInfer(self, request: kv2.ModelInferRequest, context: Any) -> Any:
-        self.c.authorize_client(context)
+        self._authorize_client(context)
+        try:
+            return self._infer(request, context)
+        except Exception as e:
+            rpc.abort_for(context, e)
+
+    def _infer(self, request: kv2.ModelInferRequest, context: Any) -> Any:
         with self.c.lock:
             m = self.c.models.get(request.model_name)
         if m is not None and m.mode == "forward":
-            try:
-                fwd = to_forward(request)
-            except ValueError as e:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            try:
-                return from_forward(request, self.c.forward(fwd, rpc.remaining(context)))
-            except CallError as e:
-                context.abort(e.code, e.message)
+            fwd = _checked(to_forward, request)
+            return from_forward(request, self.c.forward(fwd, rpc.remaining(context)))
+        gen, batched = _checked(to_generate, request)
         ids: list[int] = []
         text, has_text = "", False
-        try:
-            gen, batched = _parse(request)
-            for r in self._run(gen, context, "ModelInfer"):
-                ids += list(r.token_ids)
-                text += r.text
-                has_text |= bool(r.text)
-        except CallError as e:
-            context.abort(e.code, e.message)
+        for r in self.relay.generate(gen, client_call(context), "ModelInfer"):
+            ids += list(r.token_ids)
+            text += r.text
+            has_text |= bool(r.text)
         return _response(request.model_name, request.id, ids, text if has_text else None, batched)
 
     def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
-        self.c.authorize_client(context)
+        """One response per new token; a request's error comes back in-band (the stream of
+        requests goes on)."""
+        self._authorize_client(context)
+        call: ClientCall | None = None
         for req in request_iterator:
             try:
-                gen, batched = _parse(req)
-                for r in self._run(gen, context, "ModelStreamInfer"):
-                    last = r.finish_reason != pb.FINISH_REASON_UNSPECIFIED
-                    if not r.token_ids and not last:
-                        continue
-                    ids, text = list(r.token_ids), r.text or None
-                    out = _response(req.model_name, req.id, ids, text, batched)
-                    out.parameters["triton_final_response"].bool_param = last
-                    yield kv2.ModelStreamInferResponse(infer_response=out)
-            except CallError as e:
-                msg = f"{e.code.name}: {e.message}"
-                yield kv2.ModelStreamInferResponse(error_message=msg)
+                gen, batched = _checked(to_generate, req)
+                call = call or client_call(context)  # one request id per stream
+                yield from self._stream(req, gen, batched, call)
+            except CoordinatorError as e:
+                yield kv2.ModelStreamInferResponse(error_message=f"{e.status}: {e}")
+
+    def _stream(
+        self, req: Any, gen: pb.GenerateRequest, batched: bool, call: ClientCall
+    ) -> Iterator[Any]:
+        for r in self.relay.generate(gen, call, "ModelStreamInfer"):
+            last = r.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+            if not r.token_ids and not last:
+                continue
+            ids, text = list(r.token_ids), r.text or None
+            out = _response(req.model_name, req.id, ids, text, batched)
+            out.parameters["triton_final_response"].bool_param = last
+            yield kv2.ModelStreamInferResponse(infer_response=out)
 
 
-def _parse(req: kv2.ModelInferRequest) -> tuple[pb.GenerateRequest, bool]:
+def _checked(parse: Any, req: Any) -> Any:
+    """``parse(req)``; its ValueError is the request's fault (INVALID_ARGUMENT)."""
     try:
-        return to_generate(req)
+        return parse(req)
     except ValueError as e:
-        raise CallError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
-
-
-class _Relayed:
-    """A KServe call's context as :meth:`Coordinator.relay_generate` uses it: an abort raises
-    :class:`CallError` (a stream of KServe requests answers each error in-band), and the
-    request-id metadata goes out once per call."""
-
-    def __init__(self, context: Any) -> None:
-        self.context = context
-        self.sent = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.context, name)
-
-    def send_initial_metadata(self, md: Any) -> None:
-        if not self.sent:
-            self.sent = True
-            self.context.send_initial_metadata(md)
-
-    def abort(self, code: grpc.StatusCode, message: str) -> None:
-        raise CallError(code, message)
+        raise InvalidRequest(str(e)) from e

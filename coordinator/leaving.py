@@ -8,17 +8,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from coordinator.server import Coordinator
+from typing import Any
 
 __all__ = ["leave"]
 
 log = logging.getLogger(__name__)
 
 
-def leave(c: Coordinator, wid: str) -> bool:
+def leave(c: Any, wid: str) -> bool:
+    # c: the coordinator.core.Coordinator (not imported: core imports this module)
     """Handle one ``leaving`` heartbeat of ``wid``; True when the worker may exit now."""
     with c.lock:
         w = c.workers.get(wid)
@@ -49,8 +47,8 @@ def leave(c: Coordinator, wid: str) -> bool:
     return False
 
 
-def _move(c: Coordinator, m: object, wid: str) -> None:
+def _move(c: Any, m: Any, wid: str) -> None:
     try:
-        c.recover(m, [wid], drained=True)  # type: ignore[arg-type]
+        c.recover(m, [wid], drained=True)
     except Exception:
         log.exception("moving the stage of leaving worker %s failed", wid)

@@ -20,20 +20,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import grpc
+from .errors import WorkerCallFailed
+from .placement import spare_for
+from .records import ModelRecord, ModelState, WorkerRecord, WorkerState
 
-from pipeserve.v1 import pipeserve_pb2 as pb
-
-if TYPE_CHECKING:
-    from .server import ModelRecord, WorkerRecord
-
-__all__ = ["LOAD_TIMEOUT_S", "Recovery"]
+__all__ = ["Recovery"]
 
 log = logging.getLogger(__name__)
 
-LOAD_TIMEOUT_S = 900.0
 RETRY_MAX_S = 10.0
 """Longest pause between two recovery attempts of one model (1, 2, 4, ... seconds)."""
 PRUNE_AFTER = 3.0
@@ -41,7 +37,7 @@ PRUNE_AFTER = 3.0
 
 
 class Recovery:
-    """The recovery half of :class:`coordinator.server.Coordinator` (a mixin: it uses the
+    """The recovery half of :class:`coordinator.core.Coordinator` (a mixin: it uses the
     coordinator's ``workers``, ``models``, ``lock``, ``changed``, ``health`` and ``state``)."""
 
     workers: dict[str, WorkerRecord]
@@ -57,27 +53,33 @@ class Recovery:
 
     idle: Any  # the coordinator's methods
     prune_store: Any
+    form: Any
 
     # ------------------------------------------------------------------ the monitor
 
     def monitor(self, stop: threading.Event) -> None:
         """Each tick: forget long-lost workers, reclaim stale stages, and start a recovery
         for every generation model that needs one."""
+        self.started = time.monotonic()  # restored models' workers get their time from here
         while not stop.wait(0.25):
-            try:
-                self._prune_lost()
-                self._reclaim_stale()
-                for m in list(self.models.values()):
-                    self._check(m)
-            except Exception:  # keep monitoring whatever happens
-                log.exception("monitor tick failed")
+            self.tick()
+
+    def tick(self) -> None:
+        """One look at every worker and model (the monitor's; tests call it directly)."""
+        try:
+            self._prune_lost()
+            self._reclaim_stale()
+            for m in list(self.models.values()):
+                self._check(m)
+        except Exception:  # keep monitoring whatever happens
+            log.exception("monitor tick failed")
 
     def _lost(self, wid: str) -> bool:
         w = self.workers.get(wid)
-        return w is None or w.state == "lost"
+        return w is None or w.state == WorkerState.LOST
 
     def _check(self, m: ModelRecord) -> None:
-        if m.mode != "generate" or m.state == pb.MODEL_STATE_UNLOADING:
+        if m.mode != "generate" or m.state is ModelState.UNLOADING:
             return
         now = time.monotonic()
         if not all(m.workers):  # restored after a coordinator restart
@@ -87,7 +89,7 @@ class Recovery:
                 self._start(m, [])
             return
         lost = [w for w in m.workers if self._lost(w)]
-        if lost and m.state == pb.MODEL_STATE_READY:
+        if lost and m.ready:
             self._start(m, lost)  # just detected
         elif m.recovering and now >= m.retry_at:
             # waiting for a spare, heartbeats resumed, or the last attempt failed: again
@@ -129,18 +131,20 @@ class Recovery:
             stale = [
                 w
                 for w in self.workers.values()
-                if not w.model and w.status.model and w.state not in ("lost", "idle")
+                if not w.model
+                and w.status.model
+                and w.state not in (WorkerState.LOST, WorkerState.IDLE)
             ]
         for w in stale:
             log.warning("%s holds a stale stage of %r; releasing it", w.id, w.status.model)
             try:
-                w.stub.Release(pb.ReleaseRequest(model=w.status.model, abandon=True), timeout=2)
-            except grpc.RpcError as e:
-                log.warning("releasing the stale stage on %s failed: %s", w.id, e.code())
+                w.client.release(w.status.model, abandon=True, timeout=2)
+            except WorkerCallFailed as e:
+                log.warning("releasing the stale stage on %s failed: %s", w.id, e)
                 continue
             with self.lock:
                 if not w.model:
-                    w.status = pb.WorkerStatus(worker_id=w.id, state="idle")
+                    w.idle_now()
 
     # ------------------------------------------------------------------ one attempt
 
@@ -158,11 +162,13 @@ class Recovery:
     def _recover(self, m: ModelRecord, lost: list[str], drained: bool = False) -> None:
         t0 = time.monotonic()
         with self.changed:
-            if m.name not in self.models or m.state == pb.MODEL_STATE_UNLOADING:
+            if m.name not in self.models or m.state is ModelState.UNLOADING:
                 return
+            if not lost and not m.recovering and self._whole(m):
+                return  # restored: every worker relinked since the monitor looked
             first = not m.recovering
             m.recovering = True
-            m.state = pb.MODEL_STATE_LOADING
+            m.to(ModelState.LOADING)
             if lost:
                 m.error = f"recovering: worker(s) {', '.join(lost)} lost"
             self.changed.notify_all()
@@ -174,13 +180,13 @@ class Recovery:
         # every reachable worker drops its stage of the broken ring (or of a failed attempt)
         for wid in m.workers:
             w = self.workers.get(wid) if wid else None
-            if w is None or (wid in lost and not drained) or w.state == "lost":
+            if w is None or (wid in lost and not drained) or w.state == WorkerState.LOST:
                 continue
             try:
-                w.stub.Release(pb.ReleaseRequest(model=m.name, abandon=True), timeout=10)
-                w.status = pb.WorkerStatus(worker_id=wid, state="idle")  # before a heartbeat
-            except grpc.RpcError as e:
-                log.warning("abandon on %s failed: %s", wid, e.code())
+                w.client.release(m.name, abandon=True, timeout=10)
+                w.idle_now()  # before a heartbeat says so
+            except WorkerCallFailed as e:
+                log.warning("abandon on %s failed: %s", wid, e)
         with self.changed:
             spares = self.idle()
             # lost workers, and draining or leaving ones: a re-formed ring never keeps them
@@ -200,7 +206,7 @@ class Recovery:
                 return
             workers = list(m.workers)
             for k in replace:
-                spare = _spare_for(m.plan, k, spares)
+                spare = spare_for(m.plan, k, spares)
                 spares.remove(spare)
                 if workers[k] in self.workers:
                     self.workers[workers[k]].model = ""
@@ -209,14 +215,15 @@ class Recovery:
             m.waiting = ""
             m.workers = workers
             m.epoch = next(self._epochs)
-        error = self.assign_and_wait(m)
-        if error is not None:
-            self._failed(m, error)
+        *_, last = self.form(m)  # the polling loop a load reports from
+        if last.error:
+            self._failed(m, last.error)
             return
         with self.changed:
             if m.name not in self.models:
                 return
-            m.state, m.error, m.recovering, m.attempts = pb.MODEL_STATE_READY, "", False, 0
+            m.to(ModelState.READY, "")
+            m.recovering, m.attempts = False, 0
             self.recoveries.append(
                 {"model": m.name, "lost": lost, "seconds": time.monotonic() - t0}
             )
@@ -227,6 +234,14 @@ class Recovery:
         self.health.set(f"pipeserve.model.{m.name}", True)
         log.warning("model %s ready again (epoch %d)", m.name, m.epoch)
 
+    def _whole(self, m: ModelRecord) -> bool:
+        """READY with every stage on a live worker that stays (the caller holds the lock)."""
+        return (
+            m.ready
+            and all(m.workers)
+            and not any(self._lost(w) or self.workers[w].draining for w in m.workers)
+        )
+
     def _failed(self, m: ModelRecord, error: str) -> None:
         with self.changed:
             m.attempts += 1
@@ -235,62 +250,3 @@ class Recovery:
             m.error = f"recovery failed: {error}; retrying in {wait:.0f}s"
             self.changed.notify_all()
         log.warning("model %s: %s", m.name, m.error)
-
-    def assign(self, m: ModelRecord) -> str | None:
-        """Send every stage of ``m`` to its worker (its current workers and epoch); None on
-        success, else the error.  The rendezvous is this coordinator's Registry store."""
-        plan_json = m.plan.dumps()
-        try:
-            for k, wid in enumerate(m.workers):
-                self.workers[wid].stub.Assign(
-                    pb.AssignRequest(
-                        model=m.name,
-                        plan_json=plan_json,
-                        stage=k,
-                        world_size=m.plan.num_stages,
-                        epoch=m.epoch,
-                        device=m.device,
-                        mode=m.mode,
-                    ),
-                    timeout=30,
-                )
-        except grpc.RpcError as e:
-            return f"assigning a stage failed: {e.details()}"
-        except KeyError as e:
-            return f"worker {e} is gone"
-        return None
-
-    def assign_and_wait(self, m: ModelRecord) -> str | None:
-        """:meth:`assign`, then wait until every stage is ready; None on success."""
-        error = self.assign(m)
-        if error is not None:
-            return error
-        deadline = time.monotonic() + LOAD_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if m.name not in self.models:
-                return "unloaded"
-            states = []
-            for wid in m.workers:
-                w = self.workers.get(wid)
-                if w is None or w.state == "lost":
-                    return f"{wid} was lost"
-                try:
-                    st = w.stub.Status(pb.StatusRequest(), timeout=10)
-                except grpc.RpcError as e:
-                    return f"{wid} unreachable: {e.code()}"
-                if st.state == "failed":
-                    return f"{wid}: {st.error}"
-                states.append(st.state)
-            if all(x == "ready" for x in states):
-                return None
-            time.sleep(0.2)
-        return "timed out"
-
-
-def _spare_for(plan: Any, stage: int, spares: list[WorkerRecord]) -> WorkerRecord:
-    """The first spare (by registration) whose memory holds the stage's weights and KV budget;
-    else the one with the most memory."""
-    st = plan.stages[stage]
-    need = st.nbytes + st.kv_bytes_per_token * int(plan.workload.get("kv_tokens", 0))
-    fits = [w for w in spares if w.memory <= 0 or w.memory >= need]
-    return fits[0] if fits else max(spares, key=lambda w: w.memory)

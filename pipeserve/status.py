@@ -26,6 +26,9 @@ def abort_for(context: grpc.ServicerContext, e: BaseException) -> None:
     """End the call with the status code that fits ``e`` (raises)."""
     if isinstance(e, grpc.RpcError) and hasattr(e, "code"):
         context.abort(e.code(), e.details() or str(e))
+    status = getattr(e, "status", None)  # a domain error names its status (coordinator.errors)
+    if isinstance(status, str) and status in grpc.StatusCode.__members__:
+        context.abort(grpc.StatusCode[status], str(e))
     if isinstance(e, DoesNotFit):  # the request is fine; the cluster is too small for it
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
     if isinstance(e, RequestError | ValueError | TypeError):

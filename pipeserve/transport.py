@@ -38,6 +38,9 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.enable_http_proxy", 0),  # cluster-internal traffic never goes through a proxy
+    # a restarted peer (a coordinator its workers heartbeat to) is found within 2 s; gRPC's
+    # default backoff grows to 120 s, and after 10 s down a worker came back 10 s late
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 
 

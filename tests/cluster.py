@@ -35,6 +35,7 @@ __all__ = [
     "greedy",
     "port",
     "running_cluster",
+    "scrape",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,3 +183,16 @@ def running_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluste
         yield c
     finally:
         c.close()
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A process's Prometheus text on ``port`` -> {'name{labels}': value}."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out

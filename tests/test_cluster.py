@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2
 
 from pipeserve.v1 import pipeserve_pb2 as pb
 
-from .cluster import KV_BUDGET, Cluster, cli, code, greedy, running_cluster
+from .cluster import KV_BUDGET, Cluster, cli, code, greedy, running_cluster, scrape
 from .models import lm_model, save_hf
 
 pytestmark = pytest.mark.slow
@@ -369,24 +369,11 @@ def test_text_in_text_out_and_unavailable_worker(tmp_path):
         one.close()
 
 
-def _scrape(port: int) -> dict[str, float]:
-    """Prometheus text -> {'name{labels}': value}."""
-    import urllib.request
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
-
-
 def test_metrics_move_and_timeline_renders(cluster, tmp_path):
     ok = 'pipeserve_requests_total{method="Generate",model="small",status="OK"}'
     tokens = 'pipeserve_generated_tokens_total{model="small"}'
-    before = _scrape(cluster.metrics_ports[0])
-    workers_before = [_scrape(p) for p in cluster.metrics_ports[1:]]
+    before = scrape(cluster.metrics_ports[0])
+    workers_before = [scrape(p) for p in cluster.metrics_ports[1:]]
     import threading
 
     threads = [
@@ -397,13 +384,13 @@ def test_metrics_move_and_timeline_renders(cluster, tmp_path):
         t.start()
     for t in threads:
         t.join(120)
-    after = _scrape(cluster.metrics_ports[0])
+    after = scrape(cluster.metrics_ports[0])
     assert after[ok] - before.get(ok, 0) == 4
     assert after[tokens] - before.get(tokens, 0) == 4 * 24
     assert after['pipeserve_time_to_first_token_seconds_count{model="small"}'] >= 4
     assert any(k.startswith("pipeserve_worker_heartbeat_age_seconds{") for k in after)
     for k, (b, p) in enumerate(zip(workers_before, cluster.metrics_ports[1:], strict=True)):
-        a = _scrape(p)
+        a = scrape(p)
         stage = next(
             key.split('stage="')[1].split('"')[0] for key in a if key.startswith("pipeserve_stage")
         )

@@ -154,8 +154,8 @@ def test_admin_cli_shows_the_plan_and_load_follows_it(hetero):
 
 
 def test_recovery_gives_a_lost_stage_to_a_spare_that_fits(tmp_path):
-    from coordinator.recovery import _spare_for
-    from coordinator.server import WorkerRecord
+    from coordinator.placement import spare_for as _spare_for
+    from coordinator.records import WorkerRecord
     from pipeline_core import ModelSource, Policy, Workload, make_plan
 
     LlamaConfig(

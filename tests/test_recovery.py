@@ -8,6 +8,7 @@ requests fail fast with UNAVAILABLE, and the model recovers by itself once a wor
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from pipeserve.v1 import pipeserve_pb2_grpc as pbg
 
 from .cluster import code as _code
 from .cluster import port as _port
+from .cluster import scrape as _scrape
 from .models import hf_greedy, lm_model, save_hf
 
 pytestmark = pytest.mark.slow
@@ -233,6 +235,68 @@ def test_worker_loss_is_survived(tmp_path):
         assert w1.id not in {w.id for w in st.workers if w.model == "m"}
         # lost workers no model needs are forgotten (no stale KV figures listed forever)
         fleet.wait(lambda st: all(w.state != "lost" for w in st.workers), 60)
+    finally:
+        fleet.close()
+
+
+def test_kserve_stream_survives_a_worker_kill_with_request_id_and_metrics(tmp_path):
+    """A KServe ModelStreamInfer stream (tritonclient's messages) rides through a SIGKILL of
+    a stage worker token-identical, as pipeserve.v1 Generate does: the same relay gives it
+    the caller's request id (initial metadata, coordinator and stage-0 worker logs), the
+    per-model metrics, and a replay onto the re-formed pipeline."""
+    import numpy as np
+    from tritonclient.grpc import service_pb2 as kv2
+    from tritonclient.grpc import service_pb2_grpc as kg
+
+    model = lm_model("llama")
+    save_hf(model, tmp_path / "m")
+    metrics = _port()
+    fleet = Fleet(tmp_path, "--metrics-port", str(metrics))
+    try:
+        for _ in range(3):  # 2 stages + 1 spare
+            fleet.add_worker()
+        list(
+            fleet.admin.LoadModel(
+                pb.LoadModelRequest(
+                    name="m", checkpoint=str(tmp_path / "m"), policy=pb.SplitPolicy(equal_size=2)
+                ),
+                timeout=300,
+            )
+        )
+        fleet.wait(lambda st: sum(w.model == "m" and w.state == "ready" for w in st.workers) == 2)
+        victim = fleet.process_of_stage(1)
+        prompt, new = [3, 1, 4, 1, 5], 3 * NEW
+        req = kv2.ModelInferRequest(model_name="m", id="k")
+        req.inputs.add(name="input_ids", datatype="INT64", shape=[1, len(prompt)])
+        req.raw_input_contents.append(np.asarray(prompt, dtype="<i8").tobytes())
+        req.parameters["max_tokens"].int64_param = new
+        req.parameters["ignore_eos"].bool_param = True
+        stub = kg.GRPCInferenceServiceStub(grpc.insecure_channel(fleet.address))
+        call = stub.ModelStreamInfer(
+            iter([req]), timeout=300, metadata=(("x-request-id", "kserve-kill-1"),)
+        )
+        out: list[int] = []
+        for r in call:
+            assert not r.error_message, r.error_message
+            out += np.frombuffer(r.infer_response.raw_output_contents[0], dtype="<i8").tolist()
+            if len(out) == 4:
+                victim.kill()  # mid-stream: stage 1 dies, its stage moves to the spare
+        assert out == hf_greedy(model, prompt, new)  # token-identical through the kill
+        assert ("x-request-id", "kserve-kill-1") in call.initial_metadata()
+        fleet.wait(lambda st: fleet.model().state == pb.MODEL_STATE_READY)
+        assert fleet.model().epoch > 1  # re-formed on the spare
+        scraped = _scrape(metrics)
+        ok = 'pipeserve_requests_total{method="ModelStreamInfer",model="m",status="OK"}'
+        assert scraped[ok] == 1
+        assert scraped['pipeserve_generated_tokens_total{model="m"}'] == new
+        logs = {p.name: p.read_text() for p in tmp_path.glob("*.log")}
+        coordinator = "".join(t for n, t in logs.items() if n.startswith("coordinator"))
+        assert "[kserve-kill-1] generate on m: OK" in coordinator
+        assert "[kserve-kill-1] replaying after" in coordinator
+        # the stage-0 worker saw it twice: the first try, then the replay
+        stage0 = [t for n, t in logs.items() if n.startswith("worker") and "[kserve-kill-1]" in t]
+        admitted = r"\[kserve-kill-1\] request \d+ admitted"
+        assert len(stage0) == 1 and len(re.findall(admitted, stage0[0])) == 2
     finally:
         fleet.close()
 

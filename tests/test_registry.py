@@ -10,14 +10,9 @@ from concurrent import futures
 import grpc
 import pytest
 
-from coordinator.registry import (
-    MAX_KEYS,
-    MAX_STORE_BYTES,
-    MAX_VALUE_BYTES,
-    RegistryServicer,
-    default_host,
-)
-from coordinator.server import Coordinator
+from coordinator.core import Coordinator
+from coordinator.registry import RegistryServicer, default_host
+from coordinator.rendezvous import MAX_KEYS, MAX_STORE_BYTES, MAX_VALUE_BYTES
 from pipeserve import rpc
 from pipeserve.v1 import pipeserve_pb2 as pb
 
@@ -60,7 +55,7 @@ def test_store_is_bounded(coord):
     reg, ctx = RegistryServicer(coord), Ctx()
     big = pb.StoreSetRequest(key="k", value=b"x" * (MAX_VALUE_BYTES + 1))
     assert _code(lambda: reg.StoreSet(big, ctx)) == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert not coord.kv  # nothing kept
+    assert not coord.store.kv  # nothing kept
     assert _code(lambda: reg.StoreSet(pb.StoreSetRequest(key="x" * 2000), ctx)) == (
         grpc.StatusCode.INVALID_ARGUMENT
     )
@@ -69,19 +64,19 @@ def test_store_is_bounded(coord):
     n = MAX_STORE_BYTES // MAX_VALUE_BYTES
     for i in range(n):
         reg.StoreSet(pb.StoreSetRequest(key=f"m/1/{i}", value=value), ctx)
-    assert coord.kv_bytes == n * MAX_VALUE_BYTES
+    assert coord.store.nbytes == n * MAX_VALUE_BYTES
     assert _code(lambda: reg.StoreSet(pb.StoreSetRequest(key="more", value=value), ctx)) == (
         grpc.StatusCode.RESOURCE_EXHAUSTED
     )
     reg.StoreSet(pb.StoreSetRequest(key="m/1/0", value=b"small"), ctx)
-    assert coord.kv_bytes == (n - 1) * MAX_VALUE_BYTES + 5
+    assert coord.store.nbytes == (n - 1) * MAX_VALUE_BYTES + 5
     # a re-formed model's old epochs are pruned: the bytes come back
     reg.StoreSet(pb.StoreSetRequest(key="m/2/a", value=b"new"), ctx)
     coord.prune_store("m", keep_epoch=2)
-    assert coord.kv == {"m/2/a": b"new"} and coord.kv_bytes == 3
+    assert coord.store.kv == {"m/2/a": b"new"} and coord.store.nbytes == 3
     # number of keys
     for i in range(MAX_KEYS - 1):
-        coord.kv[f"k{i}"] = b""
+        coord.store.kv[f"k{i}"] = b""
     assert _code(lambda: reg.StoreSet(pb.StoreSetRequest(key="last", value=b""), ctx)) == (
         grpc.StatusCode.RESOURCE_EXHAUSTED
     )
@@ -115,9 +110,8 @@ def test_register_needs_control_token_and_bounded_address(coord):
     assert r.worker_id in coord.workers and len(coord.workers) == 1
 
 
-def test_worker_token_guards_every_registry_call(coord, monkeypatch):
-    monkeypatch.setenv("PIPESERVE_WORKER_TOKEN", "s3cret")
-    reg = RegistryServicer(coord)
+def test_worker_token_guards_every_registry_call(coord):
+    reg = RegistryServicer(coord, token="s3cret")
     calls = [
         lambda c: reg.Register(pb.RegisterRequest(address="h:1", control_token="t"), c),
         lambda c: reg.StoreSet(pb.StoreSetRequest(key="k", value=b"1"), c),
@@ -129,7 +123,7 @@ def test_worker_token_guards_every_registry_call(coord, monkeypatch):
     for call in calls:
         assert _code(lambda call=call: call(Ctx())) == grpc.StatusCode.UNAUTHENTICATED
         assert _code(lambda call=call: call(wrong)) == grpc.StatusCode.PERMISSION_DENIED
-    assert not coord.workers and not coord.kv
+    assert not coord.workers and not coord.store.kv
     good = Ctx((("authorization", "Bearer s3cret"),))
     for call in calls:
         assert _code(lambda call=call: call(good)) == grpc.StatusCode.OK

@@ -163,7 +163,7 @@ def test_malicious_pickle_in_bin_checkpoint_is_not_executed(tmp_path):
 
 
 def test_load_paths_are_confined_to_model_roots(tmp_path):
-    from coordinator.server import confined
+    from coordinator.placement import confined
 
     root = tmp_path / "models"
     (root / "llama").mkdir(parents=True)
@@ -179,24 +179,23 @@ def test_load_paths_are_confined_to_model_roots(tmp_path):
 def test_per_client_stream_limit():
     """--max-streams-per-client: the third concurrent Generate from one address is refused
     with RESOURCE_EXHAUSTED, also when it comes by KServe (which relays through the same
-    Coordinator.relay_generate); another address and a freed slot are served."""
+    coordinator.relay.Relay); another address and a freed slot are served."""
     import threading as th
-    from collections import Counter
 
-    from coordinator.server import Coordinator, InferenceServicer
+    from coordinator.core import Coordinator
+    from coordinator.edge import client_call
+    from coordinator.errors import LimitReached
+    from coordinator.relay import Relay
+    from coordinator.server import InferenceServicer
 
     release = th.Event()
 
-    class Coord:
-        lock = th.RLock()
-        max_streams_per_client = 2
-        client_streams: Counter = Counter()
-        relay_generate = Coordinator.relay_generate  # the limit under test
+    class Health:
+        def set(self, service, serving):
+            pass
 
-        def authorize_client(self, context):
-            pass  # no client token in this test
-
-        def _relay(self, request, context, method):
+    class Held(Relay):  # the limit under test; the relaying itself is held
+        def _relay(self, request, call, method):
             yield pb.GenerateResponse(token_ids=[1])
             release.wait(30)
 
@@ -213,22 +212,27 @@ def test_per_client_stream_limit():
         def invocation_metadata(self):
             return ()
 
+        def send_initial_metadata(self, md):
+            pass
+
         def abort(self, code, message):
             raise Aborted(code, message)
 
-    coord = Coord()
-    svc = InferenceServicer(coord)
+    coord = Coordinator(Health(), max_streams_per_client=2)
+    relay = Held(coord, None, lambda r: None)
+    svc = InferenceServicer(coord, relay)
+
     a = [svc.Generate(pb.GenerateRequest(), Ctx("ipv4:10.0.0.1:1000")) for _ in range(2)]
     for g in a:
         next(g)  # two streams in flight from 10.0.0.1
-    for call in (
-        svc.Generate(pb.GenerateRequest(), Ctx("ipv4:10.0.0.1:2000")),
-        coord.relay_generate(pb.GenerateRequest(), Ctx("ipv4:10.0.0.1:2001"), "ModelInfer"),
-    ):
-        with pytest.raises(Aborted) as e:
-            next(call)
-        code, message = e.value.args
-        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "in flight" in message
+    with pytest.raises(Aborted) as e:
+        next(svc.Generate(pb.GenerateRequest(), Ctx("ipv4:10.0.0.1:2000")))
+    code, message = e.value.args
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "in flight" in message
+    kserve_call = client_call(Ctx("ipv4:10.0.0.1:2001"))
+    kserve = relay.generate(pb.GenerateRequest(), kserve_call, "ModelInfer")
+    with pytest.raises(LimitReached, match="in flight"):
+        next(kserve)
     other = svc.Generate(pb.GenerateRequest(), Ctx("ipv4:10.0.0.2:1000"))
     assert next(other).token_ids == [1]  # another client is not affected
     release.set()

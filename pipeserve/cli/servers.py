@@ -17,24 +17,25 @@ __all__ = ["add_server_commands"]
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
+    from coordinator.config import CoordinatorConfig
     from coordinator.registry import default_host
     from coordinator.server import serve
     from pipeserve.observe import setup_logging
 
     setup_logging(log_level("INFO"), args.log_format)
     tls = apply_tls(args)
-    serve(
-        default_host(args.host, bool(tls.ca)),
-        args.port,
-        stop=_stop_on_sigterm(),
+    config = CoordinatorConfig.from_env(
+        host=default_host(args.host, bool(tls.ca)),
+        port=args.port,
         advertise_host=args.advertise_host,
         metrics_port=args.metrics_port,
         health_port=args.health_port,
-        model_roots=args.model_root,
+        model_roots=args.model_root or [],
         worker_timeout=args.worker_timeout,
         state_db=args.state_db,
         max_streams_per_client=args.max_streams_per_client,
     )
+    serve(config, stop=_stop_on_sigterm())
     return 0
 
 
