@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline_core import SamplingParams
 from pipeserve import rpc
 from pipeserve.v1 import pipeserve_pb2 as pb
 
@@ -200,7 +201,9 @@ def to_generate(req: Any) -> tuple[pb.GenerateRequest, bool]:
         raise ValueError("give text_input or input_ids, not both")
     params = {k: _param(v) for k, v in req.parameters.items()}
     try:
-        out.max_new_tokens = _number(params, ("max_tokens", "max_new_tokens"), int, 32)
+        out.max_new_tokens = _number(
+            params, ("max_tokens", "max_new_tokens"), int, SamplingParams().max_new_tokens
+        )
         s = out.sampling
         s.temperature = _number(params, ("temperature",), float, 0.0)
         s.top_k = _number(params, ("top_k",), int, 0)

@@ -9,7 +9,6 @@ and binds to 127.0.0.1 unless ``--host`` says otherwise).
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import grpc
@@ -32,12 +31,11 @@ MAX_ADDRESS = 512
 MAX_WORKER_ID = 253
 
 
-def default_host(host: str | None, mutual_tls: bool) -> str:
+def default_host(host: str | None, *, mutual_tls: bool, worker_token: bool) -> str:
     """The address the coordinator binds: ``host`` if given, else all interfaces when
-    registration is guarded (``PIPESERVE_WORKER_TOKEN`` or mutual TLS), else 127.0.0.1.
-    Open registration is said loudly: anyone who reaches the port can join a pipeline.
-    (Called by the CLI, at the edge: it reads the environment.)"""
-    guarded = bool(os.environ.get("PIPESERVE_WORKER_TOKEN")) or mutual_tls
+    registration is guarded (a worker token or mutual TLS), else 127.0.0.1.  Open
+    registration is said loudly: anyone who reaches the port can join a pipeline."""
+    guarded = worker_token or mutual_tls
     if not guarded:
         log.warning(
             "registration is OPEN: PIPESERVE_WORKER_TOKEN is not set and there is no mutual "

@@ -129,14 +129,12 @@ def test_worker_token_guards_every_registry_call(coord):
         assert _code(lambda call=call: call(good)) == grpc.StatusCode.OK
 
 
-def test_open_registration_binds_loopback_and_says_so(monkeypatch, caplog):
-    monkeypatch.delenv("PIPESERVE_WORKER_TOKEN", raising=False)
+def test_open_registration_binds_loopback_and_says_so(caplog):
     with caplog.at_level(logging.WARNING):
-        assert default_host(None, mutual_tls=False) == "127.0.0.1"
+        assert default_host(None, mutual_tls=False, worker_token=False) == "127.0.0.1"
     assert "registration is OPEN" in caplog.text
-    assert default_host("0.0.0.0", mutual_tls=False) == "0.0.0.0"  # asked for: kept
-    assert default_host(None, mutual_tls=True) == "0.0.0.0"
-    monkeypatch.setenv("PIPESERVE_WORKER_TOKEN", "t")
+    assert default_host("0.0.0.0", mutual_tls=False, worker_token=False) == "0.0.0.0"  # kept
+    assert default_host(None, mutual_tls=True, worker_token=False) == "0.0.0.0"
     caplog.clear()
-    assert default_host(None, mutual_tls=False) == "0.0.0.0"
+    assert default_host(None, mutual_tls=False, worker_token=True) == "0.0.0.0"
     assert "OPEN" not in caplog.text

@@ -25,7 +25,6 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     setup_logging(log_level("INFO"), args.log_format)
     tls = apply_tls(args)
     config = CoordinatorConfig.from_env(
-        host=default_host(args.host, bool(tls.ca)),
         port=args.port,
         advertise_host=args.advertise_host,
         metrics_port=args.metrics_port,
@@ -34,6 +33,9 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         worker_timeout=args.worker_timeout,
         state_db=args.state_db,
         max_streams_per_client=args.max_streams_per_client,
+    )
+    config.host = default_host(
+        args.host, mutual_tls=bool(tls.ca), worker_token=bool(config.worker_token)
     )
     serve(config, stop=_stop_on_sigterm())
     return 0
