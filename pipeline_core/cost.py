@@ -59,7 +59,6 @@ __all__ = [
     "device_name",
     "estimate_units",
     "kv_bytes_per_token",
-    "unit_seconds",
 ]
 
 PROFILE_CACHE_ENV = "PIPESERVE_PROFILE_CACHE"
@@ -496,12 +495,3 @@ def estimate_units(
             )
         )
     return out
-
-
-def unit_seconds(source: ModelSource, dtype: str | None, workload: Workload) -> dict[str, float]:
-    """Seconds per microbatch of each of the model's units (a plan's unit names), estimated
-    on this machine's ``workload.device``: what a worker answers the planner with."""
-    from .plan import Policy, make_plan
-
-    plan = make_plan(source, Policy.equal_size(1), dtype=dtype, trace=False, workload=workload)
-    return {u["name"]: float(u["seconds"]) for u in plan.units}

@@ -26,20 +26,9 @@ from .errors import PlanError
 from .load import ReadStats
 from .microbatch import check_chunks
 from .plan import Plan
-from .runtime import (
-    DRIVER,
-    Driver,
-    Mesh,
-    RankMap,
-    gloo_group,
-    nccl_between,
-    nccl_group,
-    serve_stage,
-    use_device,
-)
+from .runtime import DRIVER, Driver, RankMap, make_mesh, serve_stage
 from .stage import Stage, build_stage, trace_plan
 from .trace import restructure
-from .transport import Channel
 
 __all__ = ["LocalPipeline", "make_mesh", "memory_probe"]
 
@@ -110,27 +99,6 @@ def _stage_main(
     mesh = make_mesh(store, ranks, index, device, timeout_s)
     times = serve_stage(stage, mesh)
     store.set(f"times/{index}", json.dumps(vars(times)))
-
-
-def make_mesh(store: dist.Store, ranks: RankMap, node: int, device: str, timeout_s: float) -> Mesh:
-    """Node ``node``'s (DRIVER or a stage) side of the data plane: the gloo edge group and,
-    on CUDA, the NCCL stage group."""
-    edge_rank = ranks.rank(node)
-    edge = Channel(
-        gloo_group(dist.PrefixStore("edge", store), edge_rank, ranks.world_size, timeout_s)
-    )
-    stages = None
-    # A separate driver only talks over gloo; a driver hosting the last stage is that stage.
-    # NCCL only when every stage has a GPU of its own (all stages agree through the store).
-    joins_nccl = node != DRIVER or ranks.driver_hosts_last
-    if joins_nccl:
-        stage = ranks.num_stages - 1 if node == DRIVER else node
-        use_device(device)
-        nccl_store = dist.PrefixStore("nccl", store)
-        if nccl_between(nccl_store, stage, ranks.num_stages, device):
-            pg = nccl_group(nccl_store, stage, ranks.num_stages, timeout_s)
-            stages = Channel(pg, device)
-    return Mesh(ranks, edge, stages)
 
 
 def wait_ready(

@@ -19,21 +19,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .engine import (
-    EngineLimits,
-    GenerationEngine,
-    RequestHandle,
-    serve_generation,
-    stage_message,
-)
+from .engine import EngineLimits, GenerationEngine, RequestHandle
 from .errors import PlanError
 from .gen_stage import GenStage
 from .load import ReadStats
 from .local import _td, memory_probe, wait_ready
 from .plan import Plan
 from .ring import Ring
+from .ring_messages import RingMessage, decode, encode
 from .sampling import SamplingParams
 from .source import hf_tokenizer
+from .stage_loop import serve_generation, stage_message
 
 __all__ = ["InProcessRing", "LocalGenerator"]
 
@@ -71,14 +67,14 @@ class InProcessRing:
         self.timeout_s = 300.0
         self.bytes_sent = 0
 
-    def send(self, values: list[Any]) -> None:
-        msg: list[Any] | None = values
+    def send(self, msg: RingMessage) -> None:
+        out: RingMessage | None = decode(encode(msg))  # each message as a Ring would carry it
         for stage in self.stages:
-            if msg is None:
+            if out is None:
                 return
-            msg = stage_message(stage, msg)
-        if msg is not None:
-            self.inbox.put(msg)
+            out = stage_message(stage, out)
+        if out is not None:
+            self.inbox.put(out)
 
 
 class LocalGenerator:

@@ -33,6 +33,7 @@ __all__ = [
     "StagePlan",
     "make_plan",
     "predict",
+    "unit_seconds",
     "workers_needed",
 ]
 
@@ -460,3 +461,10 @@ def attach_wiring(plan: Plan, traced: TracedPipeline) -> None:
     plan.outputs = [_describe(w, traced) for w in traced.outputs]
     plan.rows_mixed = traced.rows
     plan.output_tree = traced.output_tree
+
+
+def unit_seconds(source: ModelSource, dtype: str | None, workload: Workload) -> dict[str, float]:
+    """Seconds per microbatch of each of the model's units (a plan's unit names), estimated
+    on this machine's ``workload.device``: what a worker answers the planner with."""
+    plan = make_plan(source, Policy.equal_size(1), dtype=dtype, trace=False, workload=workload)
+    return {u["name"]: float(u["seconds"]) for u in plan.units}

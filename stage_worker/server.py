@@ -28,14 +28,13 @@ import torch.distributed as dist
 from prometheus_client import CollectorRegistry
 
 from pipeline_core import GenStage, ModelSource, ReadStats, RequestError
-from pipeline_core.cost import device_flops, device_name, unit_seconds
+from pipeline_core.cost import device_flops, device_name
 from pipeline_core.detokenize import Detokenizer
 from pipeline_core.engine import EngineLimits, GenerationEngine, serve_generation
-from pipeline_core.local import make_mesh
 from pipeline_core.microbatch import check_chunks
-from pipeline_core.plan import Plan
+from pipeline_core.plan import Plan, unit_seconds
 from pipeline_core.ring import Ring
-from pipeline_core.runtime import DRIVER, Driver, RankMap, serve_stage
+from pipeline_core.runtime import DRIVER, Driver, RankMap, make_mesh, serve_stage
 from pipeline_core.source import hf_tokenizer
 from pipeline_core.stage import build_stage
 from pipeserve import rpc
