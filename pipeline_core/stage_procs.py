@@ -157,9 +157,7 @@ class StageProcesses:
     def start(self, target: Callable[..., None], args: dict[int, tuple[Any, ...]]) -> None:
         """Start one process per stage: ``target(*args[k])`` for stage ``k``."""
         ctx = mp.get_context("spawn")
-        self.procs = {
-            k: ctx.Process(target=target, args=a, daemon=True) for k, a in args.items()
-        }
+        self.procs = {k: ctx.Process(target=target, args=a, daemon=True) for k, a in args.items()}
         for p in self.procs.values():
             p.start()
 

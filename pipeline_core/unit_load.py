@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .hf_keys import hf_checkpoint_keys
 from .load import CheckpointIndex, ReadStats, read_tensors
 from .plan import Plan
-from .source import hf_checkpoint_keys
 
 __all__ = ["load_units"]
 
