@@ -114,7 +114,6 @@ def _plan_summary(plan: Any) -> dict[str, Any]:
 
 def bench(tmp: Path) -> dict[str, Any]:
     from pipeline_core import LocalPipeline, ModelSource, Policy, Workload, make_plan
-    from pipeline_core.cost import PROFILE_CACHE_ENV
 
     ckpt = tmp / "llama-96m"
     t0 = time.perf_counter()
@@ -128,13 +127,13 @@ def bench(tmp: Path) -> dict[str, Any]:
     plans, plan_s = {}, {}
     workload = Workload(batch=BATCH, seq=SEQ, chunks=CHUNKS, threads=1)
     with tempfile.TemporaryDirectory(prefix="profiles_") as cache:
-        os.environ[PROFILE_CACHE_ENV] = str(Path(cache) / "unit-profiles.json")  # fresh
+        fresh = Path(cache) / "unit-profiles.json"
         for name, policy in (
             ("balanced", Policy.balanced(2)),  # first: it pays for the profile
             ("equal_size", Policy.equal_size(2)),
         ):
             t0 = time.perf_counter()
-            plans[name] = make_plan(source, policy, workload=workload)
+            plans[name] = make_plan(source, policy, workload=workload, profile_cache=fresh)
             plan_s[name] = time.perf_counter() - t0
             p = plans[name]
             print(

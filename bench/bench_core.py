@@ -25,12 +25,8 @@ computes runs with ``torch.set_num_threads(1)``; the whole run takes about 2.5 m
    the last stage's compute / wait / concatenation time and every process's CPU and page
    faults per batch.
 
-[Note: peak RSS of spawned processes]
-``ru_maxrss`` of a process started by ``subprocess`` or ``multiprocessing`` "spawn" is *not*
-its own peak on Linux: Python starts children with vfork + exec, and exec folds the parent's
-high-water mark into the child's ``ru_maxrss``.  A child of a 1 GiB parent reports >= 1 GiB.
-So every peak here is ``VmHWM`` from ``/proc/<pid>/status`` (the peak of the process's own
-address space), which ``/proc/self/clear_refs`` can also reset to the current RSS.
+Peaks are ``VmHWM`` from ``/proc`` (see :mod:`bench.harness`'s note).  The throughput part
+lives in :mod:`bench.core_stages`, the report in :mod:`bench.core_report`.
 """
 
 from __future__ import annotations
