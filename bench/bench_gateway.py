@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 
-from bench.bench_core import _jsonable, code_state, machine
 from bench.bench_grpc import Cluster, _port, build
+from bench.harness import code_state, jsonable, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -298,7 +298,7 @@ def main() -> None:
     res["load_average_after"] = os.getloadavg()[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_jsonable(res), indent=2) + "\n"
+    text = json.dumps(jsonable(res), indent=2) + "\n"
     (out / "gateway.json").write_text(text)
     (out / "gateway.md").write_text(markdown(json.loads(text)))
     print(markdown(json.loads(text)))

@@ -43,7 +43,8 @@ from typing import Any
 
 import torch
 
-from bench.bench_core import _jsonable, code_state, machine, parallel_matmul_check
+from bench.baselines import parallel_matmul_check
+from bench.harness import code_state, jsonable, machine
 from pipeline_core import (
     EngineLimits,
     LocalGenerator,
@@ -454,7 +455,7 @@ def main() -> None:
     res["total_s"] = time.perf_counter() - t0
     res["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_jsonable(res), indent=2) + "\n"
+    text = json.dumps(jsonable(res), indent=2) + "\n"
     (out / f"{stem}.json").write_text(text)
     (out / f"{stem}.md").write_text(markdown(json.loads(text)))
     print(markdown(json.loads(text)))

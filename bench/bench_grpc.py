@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 import torch
 
-from bench.bench_core import _jsonable, code_state, machine
+from bench.harness import code_state, jsonable, machine
 from tests.cluster import Cluster
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,7 +208,7 @@ def main() -> None:
     res["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_jsonable(res), indent=2) + "\n"
+    text = json.dumps(jsonable(res), indent=2) + "\n"
     (out / "grpc.json").write_text(text)
     (out / "grpc.md").write_text(markdown(json.loads(text)))
     print(markdown(json.loads(text)))

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.bench_core import _jsonable, code_state, machine
+from bench.harness import code_state, jsonable, machine
 from pipeserve.v1 import pipeserve_pb2 as pb
 from tests.cluster import Cluster
 from tests.hostile import siege
@@ -47,7 +47,7 @@ def main(calls: int = 10_000) -> dict:
             c.close()
     r = {"machine": machine(), "code": code_state(), **r}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "hostile.json").write_text(json.dumps(_jsonable(r), indent=1))
+    (RESULTS / "hostile.json").write_text(json.dumps(jsonable(r), indent=1))
     before, after = r["coordinator_rss_mb"]
     lines = [
         "# Hostile calls (issue 20)",

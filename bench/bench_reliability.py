@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 import torch
 
-from bench.bench_core import _jsonable, code_state, machine, proc_status
+from bench.harness import code_state, jsonable, machine, proc_status
 from pipeserve.v1 import pipeserve_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,7 +204,7 @@ def main() -> None:
         res.update(bench(Path(d)))
     res["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_jsonable(res), indent=2) + "\n"
+    text = json.dumps(jsonable(res), indent=2) + "\n"
     (RESULTS / "reliability.json").write_text(text)
     (RESULTS / "reliability.md").write_text(markdown(json.loads(text)))
     print(markdown(json.loads(text)))

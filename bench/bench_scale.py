@@ -22,7 +22,7 @@ so a token comparison would mean little.  Matrices here are drawn with std 1/sqr
 embeddings with std 1 (activations stay O(1) through the layers and the logits differ by
 position); the report states whether the tokens varied.
 
-Peaks are ``VmHWM`` of each process (``/proc``), not ``ru_maxrss`` (see ``bench_core``'s note).
+Peaks are ``VmHWM`` of each process (``/proc``), not ``ru_maxrss`` (see ``bench.harness``'s note).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from bench.bench_core import proc_status, reset_peak_rss
+from bench.harness import proc_status, reset_peak_rss
 from bench.scale_report import report
 from pipeline_core.cost import cpu_name
 

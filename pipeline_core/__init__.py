@@ -12,13 +12,17 @@
   families.  Export cannot carry a KV cache (``DynamicCache`` is not a pytree), so generation
   builds its stages from the original HF modules of the same units, from the same plan, with the
   same shard loader: the plan's unit boundaries are module boundaries in both forms.
-* Generation (:mod:`.gen_stage`, :mod:`.engine`, :mod:`.ring`): the same units of the original
-  HF modules run with a per-stage KV cache; stage 0 schedules micro-batches of sequences
-  (continuous batching), the last stage samples, token ids go back to stage 0 around a ring.
+* Generation (:mod:`.gen_stage`, :mod:`.stage_loop`, :mod:`.engine`, :mod:`.ring`): the same
+  units of the original HF modules run with a per-stage KV cache; stage 0 schedules
+  micro-batches of sequences (continuous batching, under one :mod:`.kv_budget`), the last stage
+  samples, token ids go back to stage 0 around a ring of typed messages
+  (:mod:`.ring_messages`, the only code that knows their wire layout).
 * Loading reads only the stage's tensors from the checkpoint index (:mod:`.load`).
 * Activations move over ``torch.distributed`` point-to-point with a header per message
   (:mod:`.transport`); the fill-drain schedule is data (:mod:`.schedule`) interpreted by
-  :mod:`.runtime`; :mod:`.local` starts stage processes on this machine.
+  :mod:`.runtime`; :mod:`.stage_procs` starts stage processes on this machine, for
+  :mod:`.local` (forward) and :mod:`.local_generate` alike.  Every exception class is in
+  :mod:`.errors`; nothing here reads the environment (callers pass paths and levels in).
 """
 
 from torch.distributed.pipelining import pipe_split

@@ -10,7 +10,8 @@
   all the decoder layers of a model are one kind) is built alone on the target device with
   random weights of its shape (never the checkpoint), called with random arguments of the
   recorded shapes, and timed (median of a few runs after a warm-up).  Times are cached per
-  (torch, device, dtype, threads, kind) in ``$PIPESERVE_PROFILE_CACHE`` (default
+  (torch, device, dtype, threads, kind) in a :class:`~.profile_cache.ProfileCache` file (the
+  CLI and servers: ``$PIPESERVE_PROFILE_CACHE``; default
   ``~/.cache/pipeserve/unit-profiles.json``), so planning the same model again costs nothing.
 * **Fallback** (``profile=False``, or a unit that cannot run alone): FLOPs divided by the
   device's measured matmul FLOP/s (:func:`device_flops`) -- lookups count 0, linear layers
@@ -28,11 +29,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
-import json
-import os
 import platform
 import statistics
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,6 +43,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import PlanError
+from .profile_cache import PROFILE_CACHE_ENV, ProfileCache
 from .source import InputSpec, ModelSource, build_skeleton
 from .split import _human
 from .trace import ArgSpec, _fake_parameters, call_order
@@ -59,10 +58,8 @@ __all__ = [
     "device_name",
     "estimate_units",
     "kv_bytes_per_token",
-    "unit_seconds",
 ]
 
-PROFILE_CACHE_ENV = "PIPESERVE_PROFILE_CACHE"
 _REPS, _MIN_S = 5, 0.3
 MAX_PROFILE_TOKENS = 65536
 """Largest microbatch (rows x seq) a unit is profiled at: bounds the profiler's memory."""
@@ -143,43 +140,6 @@ class UnitCost:
     """``profile`` (run now), ``cache`` (run before) or ``flops`` (FLOPs / device FLOP/s)."""
 
 
-# ---------------------------------------------------------------------------------------------
-# the profile cache
-
-
-def _cache_path() -> Path:
-    env = os.environ.get(PROFILE_CACHE_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "pipeserve" / "unit-profiles.json"
-
-
-_cache_lock = threading.Lock()
-
-
-def _cache_get(key: str) -> float | None:
-    try:
-        entry = json.loads(_cache_path().read_text()).get(key)
-    except (OSError, ValueError):
-        return None
-    return float(entry["seconds"]) if isinstance(entry, dict) and "seconds" in entry else None
-
-
-def _cache_put(key: str, seconds: float, what: str) -> None:
-    path = _cache_path()
-    with _cache_lock:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            data = {}
-        data[key] = {"seconds": seconds, "what": what, "when": time.strftime("%Y-%m-%d %H:%M")}
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-            tmp.replace(path)
-        except OSError:
-            pass  # a read-only home: profile again next time
-
-
 def device_name(device: str | torch.device) -> str:
     """The device's model, for cache keys and reports (``cuda:0`` -> the GPU's name)."""
     device = torch.device(device)
@@ -234,21 +194,26 @@ def _time(fn: Any, device: torch.device) -> float:
 
 
 def device_flops(
-    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, threads: int = 1
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    threads: int = 1,
+    cache: ProfileCache | None = None,
 ) -> float:
-    """Measured matmul FLOP/s of ``device`` (cached): the speed figure a worker reports, and
-    the rate that turns FLOPs into seconds where a unit is not profiled."""
+    """Measured matmul FLOP/s of ``device`` (kept in ``cache``; None: the default file): the
+    speed figure a worker reports, and the rate that turns FLOPs into seconds where a unit is
+    not profiled."""
+    cache = cache or ProfileCache()
     dev = torch.device(device)
     n = 2048 if dev.type == "cuda" else 768 if dtype == torch.float32 else 384
     key = _key(str(dev), dtype, threads, f"matmul{n}")
-    cached = _cache_get(key)
+    cached = cache.get(key)
     if cached is not None:
         return 2 * n**3 / cached
     with _threads(threads), torch.no_grad():
         a = torch.randn(n, n, device=dev).to(dtype)
         b = torch.randn(n, n, device=dev).to(dtype)
         seconds = _time(lambda: torch.mm(a, b), dev)
-    _cache_put(key, seconds, f"{n}x{n} matmul")
+    cache.put(key, seconds, f"{n}x{n} matmul")
     return 2 * n**3 / seconds
 
 
@@ -342,6 +307,7 @@ def _profile(
     dtype: torch.dtype,
     flops: dict[str, int],
     rate: float,
+    cache: ProfileCache,
 ) -> tuple[dict[str, tuple[float, str]], dict[str, str]]:
     """Seconds per unit (and where they came from) for every unit whose modules all ran alone,
     and for the units left to FLOPs because a module is too large or slow to time, why.
@@ -360,7 +326,7 @@ def _profile(
             kind = _kind(name, module, calls[name])
             if kind not in by_kind:
                 key = _key(str(device), dtype, workload.threads, kind)
-                cached = _cache_get(key)
+                cached = cache.get(key)
                 why = (
                     "" if cached is not None else _too_big(module, flops.get(name, 0), rate, dtype)
                 )
@@ -375,7 +341,7 @@ def _profile(
                     except Exception:  # cannot run alone (needs state from its parent)
                         by_kind[kind] = None
                     else:
-                        _cache_put(key, s, f"{type(module).__qualname__} ({name})")
+                        cache.put(key, s, f"{type(module).__qualname__} ({name})")
                         by_kind[kind] = (s, "profile")
             got = by_kind[kind]
             if got is None:
@@ -462,8 +428,11 @@ def estimate_units(
     inputs: list[InputSpec],
     workload: Workload,
     dtype: torch.dtype,
+    cache: ProfileCache | None = None,
 ) -> list[UnitCost]:
-    """Each unit's cost for one microbatch of ``workload`` (see the module's note)."""
+    """Each unit's cost for one microbatch of ``workload`` (see the module's note); measured
+    times are kept in ``cache`` (None: the default file)."""
+    cache = cache or ProfileCache()
     workload.check()
     shaped = workload.shape(inputs)
     names = [m for u in units for m in u.modules]
@@ -475,10 +444,10 @@ def estimate_units(
     notes: dict[str, str] = {}
     # the FLOP rate (a small matmul benchmark unless cached): for units left to FLOPs, and to
     # leave out of profiling a unit whose run would take too long
-    rate = device_flops(workload.device, dtype, workload.threads)
+    rate = device_flops(workload.device, dtype, workload.threads, cache)
     if workload.profile:
         model = build_skeleton(source, dtype)  # call_order made the other one's tensors fake
-        timed, notes = _profile(model, units, calls, counts, workload, dtype, flops, rate)
+        timed, notes = _profile(model, units, calls, counts, workload, dtype, flops, rate, cache)
     kv = kv_bytes_per_token(source, dtype, inputs, units)
     out = []
     for u in units:
@@ -496,12 +465,3 @@ def estimate_units(
             )
         )
     return out
-
-
-def unit_seconds(source: ModelSource, dtype: str | None, workload: Workload) -> dict[str, float]:
-    """Seconds per microbatch of each of the model's units (a plan's unit names), estimated
-    on this machine's ``workload.device``: what a worker answers the planner with."""
-    from .plan import Policy, make_plan
-
-    plan = make_plan(source, Policy.equal_size(1), dtype=dtype, trace=False, workload=workload)
-    return {u["name"]: float(u["seconds"]) for u in plan.units}

@@ -20,7 +20,6 @@ can never fit or finds the queue full is refused with a clear reason (:class:`Re
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import math
@@ -28,38 +27,37 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
+from .batching import Group, decoder_tokens, group_size, pad_cost, prefill_message
+from .errors import GenerationFailed, RequestError, ResourceExhausted
 from .gen_stage import GenStage
-from .ring import (
-    _CLOSED,
-    OP_DECODE,
-    OP_FAIL,
-    OP_MERGE,
-    OP_PING,
-    OP_PREFILL,
-    OP_RELEASE,
-    OP_STATS,
-    OP_STOP,
-    OP_TOKENS,
-    Ring,
+from .kv_budget import KVBudget
+from .request import GenerationResult, RequestHandle, check_token_ids, resumed
+from .ring import RingClosed
+from .ring_messages import (
+    Decode,
+    Fail,
+    Merge,
+    Ping,
+    Prefill,
+    Release,
+    RingMessage,
+    Stats,
+    Stop,
+    Tokens,
 )
-from .sampling import (
-    RequestError,
-    ResourceExhausted,
-    Sampler,
-    SamplingParams,
-    context_length,
-    encode_rows,
-)
-from .transport import StageFailure
+from .sampling import SamplingParams, context_length
+from .special_tokens import eos_and_pad
+from .stage_loop import STATS_FIELDS, run_step, serve_generation, stage_message, stage_stats
 
 __all__ = [
+    "EngineLimits",
     "GenerationEngine",
     "GenerationFailed",
     "GenerationResult",
@@ -72,221 +70,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-STATS_FIELDS = ("groups", "sequences", "tokens", "bytes", "steps", "busy_ms")
 
+@dataclass(frozen=True, slots=True)
+class _Command:
+    """A request to the scheduler thread from another thread (in its inbox with the ring's
+    messages)."""
 
-class GenerationFailed(RuntimeError):
-    """The request failed inside the pipeline (a stage raised, or the pipeline broke)."""
-
-
-@dataclass
-class GenerationResult:
-    tokens: list[int]
-    finish_reason: str
-    """``stop`` (EOS or a stop id), ``length``, ``cancelled``, ``timeout`` or ``error``."""
-    prompt_tokens: int
-    completion_tokens: int
-    error: str | None = None
-
-
-class RequestHandle:
-    """One request: iterate for tokens as they are produced; :meth:`result` waits for all."""
-
-    def __init__(
-        self, rid: int, prompt: list[int], params: SamplingParams, seed: int, wake: Any
-    ) -> None:
-        self.id, self.prompt, self.params, self.seed = rid, prompt, params, seed
-        self.decoder_prefix: list[int] = []
-        """An encoder-decoder request's tokens from before a replay (decoder-only: in prompt)."""
-        self.tokens: list[int] = []
-        self.finish_reason: str | None = None
-        self.error: str | None = None
-        self.cancelled = False
-        self.submitted = time.monotonic()
-        self.first_token_at: float | None = None
-        self.deadline = self.submitted + params.timeout_s if params.timeout_s else math.inf
-        self._cond = threading.Condition()
-        self._wake = wake
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    def cancel(self) -> None:
-        """Stop generating; the request's KV cache is freed on every stage."""
-        self.cancelled = True
-        self._wake()
-
-    def _push(self, token: int) -> None:
-        with self._cond:
-            if self.first_token_at is None:
-                self.first_token_at = time.monotonic()
-            self.tokens.append(token)
-            self._cond.notify_all()
-
-    def _finish(self, reason: str, error: str | None = None) -> None:
-        with self._cond:
-            if self.finish_reason is None:
-                self.finish_reason, self.error = reason, error
-            self._cond.notify_all()
-
-    def __iter__(self) -> Iterator[int]:
-        i = 0
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda i=i: len(self.tokens) > i or self.done)
-                new, done = self.tokens[i:], self.done  # no token is pushed after finishing
-            yield from new
-            i += len(new)
-            if done:
-                if self.error is not None:
-                    raise GenerationFailed(self.error)
-                return
-
-    def result(self, timeout: float | None = None) -> GenerationResult:
-        with self._cond:
-            if not self._cond.wait_for(lambda: self.done, timeout):
-                raise TimeoutError(f"request {self.id} not finished after {timeout}s")
-        assert self.finish_reason is not None
-        return GenerationResult(
-            list(self.tokens),
-            self.finish_reason,
-            len(self.prompt) + len(self.decoder_prefix),  # a replay's earlier tokens: input
-            len(self.tokens),
-            self.error,
-        )
-
-
-# ---------------------------------------------------------------------------- stage side
-
-
-def run_step(stage: GenStage, msg: list[Any]) -> list[Any]:
-    """Run one PREFILL/DECODE message on ``stage``; returns the message to send on."""
-    op, gid = msg[0], msg[1]
-    t0 = time.perf_counter()
-    w0 = time.time()
-    try:
-        if op == OP_PREFILL:
-            _, _, ids, mask, floats, ints, prefix, payloads = msg
-            payloads, logits = stage.prefill(gid, ids, mask, list(payloads), prefix)
-            if stage.is_last:
-                g = stage.groups[gid]
-                assert stage.rules is not None  # the last stage has them
-                lens = mask.sum(-1).tolist()
-                width = ids.shape[1]
-                # each row's prompt: what generate calls the encoder input ids (decoder-only
-                # models too), and its own history (else the decoder start)
-                prompts = [
-                    ids[r, _prompt_cols(stage.enc_dec, n, width)].tolist()
-                    for r, n in enumerate(lens)
-                ]
-                own = [g.ids.shape[1]] * g.rows if stage.enc_dec else lens
-                g.sampling = Sampler(floats, ints, own, stage.rules, prompts)
-            out = [OP_PREFILL, gid, ids, mask, floats, ints, prefix, tuple(payloads)]
-        else:
-            _, _, keep, tokens, payloads = msg
-            payloads, logits = stage.decode(gid, keep, tokens, list(payloads))
-            out = [OP_DECODE, gid, keep, tokens, tuple(payloads)]
-        if stage.is_last:
-            g = stage.groups[gid]
-            assert logits is not None
-            out = [OP_TOKENS, gid, g.sampling.choose(g.ids, logits)]
-        stage.steps += 1
-        stage.busy_s += time.perf_counter() - t0
-        rows = int(out[2].shape[0]) if out[0] == OP_TOKENS else stage.groups[gid].rows
-        stage.timeline.record("compute", gid, rows, w0, time.time())
-        return out
-    except Exception as e:  # a bad step fails its group, never the stage
-        where = f"stage {stage.index}" + (f", unit {stage.unit}" if stage.unit else "")
-        log.warning("[%s] group %d failed: %s", where, gid, e, exc_info=True)
-        stage.release(gid)
-        return [OP_FAIL, gid, StageFailure(f"{where}: {type(e).__name__}: {e}")]
-
-
-def _stats(stage: GenStage) -> tuple[int, ...]:
-    s = stage.cache_stats()
-    return tuple(s[k] for k in STATS_FIELDS)
-
-
-def stage_message(stage: GenStage, msg: list[Any]) -> list[Any] | None:
-    """What stage ``stage.index >= 1`` does with one ring message: the message it sends on
-    (None: nothing).  Shared by :func:`serve_generation` and the in-process ring."""
-    op = msg[0]
-    if op in (OP_PREFILL, OP_DECODE):
-        return run_step(stage, msg)
-    if op == OP_RELEASE:
-        stage.release(msg[1])
-        return None if stage.is_last else msg
-    if op == OP_MERGE:
-        stage.merge(msg[1], msg[2])
-        return None if stage.is_last else msg
-    if op == OP_FAIL:
-        stage.release(msg[1])
-        return msg
-    if op == OP_STATS:
-        return [OP_STATS, (*msg[1], _stats(stage))]
-    return msg  # PING (the last stage sends it on to stage 0, which drops it), STOP
-
-
-def serve_generation(stage: GenStage, ring: Ring) -> None:
-    """Serve stage ``stage.index >= 1`` until stage 0 sends STOP."""
-    while True:
-        t0 = time.time()
-        msg = ring.recv()
-        op = msg[0]
-        compute = op in (OP_PREFILL, OP_DECODE)
-        if compute:
-            t1 = time.time()
-            stage.timeline.record("wait", msg[1], 0, t0, t1)
-            stage.wait_s += t1 - t0
-        out = stage_message(stage, msg)
-        t2 = time.time()
-        if out is not None:
-            ring.send(out)
-        if compute:
-            t3 = time.time()
-            stage.timeline.record("send", msg[1], 0, t2, t3)
-            stage.send_s += t3 - t2
-        if op == OP_STOP:
-            return
-
-
-# ---------------------------------------------------------------------------- scheduler
-
-
-def _prompt_cols(enc_dec: bool, n: int, width: int) -> slice:
-    """Where a prompt of ``n`` tokens sits in a micro-batch ``width`` wide.  A decoder-only
-    prompt is left-padded (every row's next token follows its last); an encoder's input is
-    right-padded, as its tokenizer pads it, so that absolute positions (BART, Marian, ...) start
-    at 0 in every row, as when run alone."""
-    return slice(0, n) if enc_dec else slice(width - n, width)
-
-
-def _decoder_tokens(h: RequestHandle) -> int:
-    """KV tokens a request adds beyond its prompt (a replayed decoder prefix too)."""
-    return len(h.decoder_prefix) + h.params.max_new_tokens
-
-
-def group_size(pending: int, running: int, groups: int, stages: int, max_rows: int) -> int:
-    """Rows for a new group: the waiting requests spread over the stages without a group,
-    but never more than an even share of all rows (``running`` + ``pending``) per stage, so a
-    burst that arrives while the first group starts does not all land in the second.  Rows left
-    over start a group of their own that then merges into the smallest running group."""
-    free = max(1, stages - groups)
-    share = math.ceil((running + pending) / stages)
-    return max(1, min(math.ceil(pending / free), share, max_rows))
-
-
-@dataclass
-class _Group:
-    gid: int
-    rows: list[RequestHandle]
-    seq: int
-    """Cache length (padded) once the last token returned is appended."""
-    reserved: list[int]
-    busy: bool = True
-    parked_on: int | None = None
-    """Waiting at stage 0 to merge into this (in-flight) group when it comes back."""
+    kind: Literal["wake", "stop", "stats", "abandon"]
+    future: Future[list[dict[str, int]]] | None = None
 
 
 @dataclass
@@ -306,7 +97,7 @@ class RingLike(Protocol):
     inbox: queue.Queue[Any]
     timeout_s: float
 
-    def send(self, values: list[Any]) -> None: ...
+    def send(self, msg: RingMessage) -> None: ...
 
 
 @dataclass
@@ -342,25 +133,14 @@ class GenerationEngine:
         self.context = context_length(cfg)
         self.context_limit = self.context if self.context is not None else math.inf
         self.can_merge = stage.can_merge
-        gen = getattr(stage.model, "generation_config", None)
-        eos = getattr(gen, "eos_token_id", None)
-        if eos is None:
-            eos = getattr(text, "eos_token_id", None)
-        self.eos: set[int] = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        pad = getattr(gen, "pad_token_id", None)
-        if pad is None:
-            pad = getattr(text, "pad_token_id", None)
-        if pad is None:
-            pad = min(self.eos, default=0)
-        self.pad_id = int(pad) if 0 <= int(pad) < self.vocab_size else 0  # masked out anyway
+        self.eos, self.pad_id = eos_and_pad(stage.model)
         self.inbox: queue.Queue[Any] = ring.inbox if ring is not None else queue.Queue()
         self._pending: deque[RequestHandle] = deque()
         self._lock = threading.Lock()
-        self._groups: dict[int, _Group] = {}
+        self._groups: dict[int, Group] = {}
         self._gids = itertools.count()
         self._rids = itertools.count()
-        self._used_tokens = 0
-        self._used_rows = 0
+        self.budget = KVBudget(self.limits.max_tokens, self.limits.max_sequences)
         self._stats_waiters: deque[Future[list[dict[str, int]]]] = deque()
         self._broken: str | None = None
         self._stopped = threading.Event()
@@ -381,29 +161,15 @@ class GenerationEngine:
         ``resume``: tokens this request already generated (a replay after a lost worker); it
         continues after them, its seeded draws included, as if never interrupted."""
         params = params or SamplingParams()
-        prompt = self._check_prompt(prompt_ids)
-        prefix = self._check_prompt(resume, "resume_token_ids") if resume else []
+        prompt = check_token_ids(prompt_ids, self.vocab_size)
+        prefix = check_token_ids(resume, self.vocab_size, "resume_token_ids") if resume else []
         if prefix:
-            if len(prefix) >= params.max_new_tokens:
-                raise RequestError(
-                    f"resume_token_ids ({len(prefix)}) already reach max_new_tokens "
-                    f"({params.max_new_tokens}); nothing is left to generate"
-                )
-            params = dataclasses.replace(
-                params,
-                max_new_tokens=params.max_new_tokens - len(prefix),
-                step_offset=params.step_offset + len(prefix),
-            )
+            params = resumed(params, prefix)
         params.validate(len(prompt) + len(prefix), self.context)
         for t in params.stop_token_ids:
             if not 0 <= t < self.vocab_size:
                 raise RequestError(f"stop token id {t} is outside the vocabulary")
-        need = len(prompt) + params.max_new_tokens
-        if need > self.limits.max_tokens:
-            raise ResourceExhausted(
-                f"the request needs {need} KV tokens (prompt + max_new_tokens) but the KV "
-                f"budget is {self.limits.max_tokens}; ask for fewer tokens"
-            )
+        self.budget.check_request(len(prompt) + params.max_new_tokens)
         if self._broken:
             raise GenerationFailed(f"the pipeline is down: {self._broken}")
         if self._stopped.is_set():
@@ -440,13 +206,13 @@ class GenerationEngine:
     def stats(self, timeout: float = 60.0) -> list[dict[str, int]]:
         """Per stage: groups, sequences, cached tokens and KV bytes (through the ring)."""
         fut: Future[list[dict[str, int]]] = Future()
-        self.inbox.put(("stats", fut))
+        self.inbox.put(_Command("stats", fut))
         return fut.result(timeout)
 
     def close(self, timeout: float = 60.0) -> None:
         if self._stopped.is_set():
             return
-        self.inbox.put(("stop",))
+        self.inbox.put(_Command("stop"))
         self._thread.join(timeout)
 
     def abandon(self, reason: str) -> None:
@@ -461,7 +227,7 @@ class GenerationEngine:
         for g in list(self._groups.values()):
             for h in g.rows:
                 h._finish("error", reason)
-        self.inbox.put(("abandon",))
+        self.inbox.put(_Command("abandon"))
 
     @property
     def queue_depth(self) -> int:
@@ -469,21 +235,7 @@ class GenerationEngine:
         return len(self._pending)
 
     def _wake(self) -> None:
-        self.inbox.put(("wake",))
-
-    def _check_prompt(self, prompt_ids: Sequence[int], what: str = "prompt") -> list[int]:
-        try:
-            prompt = [int(t) for t in prompt_ids]
-        except (TypeError, ValueError) as e:
-            raise RequestError(f"{what} must be a list of token ids: {e}") from e
-        if not prompt:
-            raise RequestError(f"the {what} is empty; give at least one token")
-        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-        if bad:
-            raise RequestError(
-                f"{what}: token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
-            )
-        return prompt
+        self.inbox.put(_Command("wake"))
 
     # ------------------------------------------------------------------ loop
 
@@ -500,65 +252,56 @@ class GenerationEngine:
                 except queue.Empty:
                     item = None
                 if ping is not None and time.monotonic() - last > ping and not self._broken:
-                    self.ring.send([OP_PING])
+                    self.ring.send(Ping())
                     last = time.monotonic()
-                if isinstance(item, list):
-                    last = time.monotonic()
-                if isinstance(item, tuple) and item[0] == "stop":
-                    self._shutdown()
-                    return
-                if isinstance(item, tuple) and item[0] == "abandon":
-                    return
-                self._handle(item)
-                while True:  # drain what else arrived
+                if item is not None and not isinstance(item, _Command | RingClosed):
+                    last = time.monotonic()  # a ring message came round
+                while item is not None:  # this item, then drain what else arrived
+                    if isinstance(item, _Command) and item.kind == "stop":
+                        self._shutdown()
+                        return
+                    if isinstance(item, _Command) and item.kind == "abandon":
+                        return
+                    self._handle(item)
                     try:
                         item = self.inbox.get_nowait()
                     except queue.Empty:
-                        break
-                    if isinstance(item, tuple) and item[0] == "stop":
-                        self._shutdown()
-                        return
-                    if isinstance(item, tuple) and item[0] == "abandon":
-                        return
-                    self._handle(item)
+                        item = None
                 self._expire_pending()
                 self._admit()
             except Exception as e:
                 log.exception("generation engine error")
                 self._fail_all(f"internal error: {type(e).__name__}: {e}")
 
-    def _handle(self, item: Any) -> None:
-        if item is None or (isinstance(item, tuple) and item[0] == "wake"):
-            return
-        if item is _CLOSED:
+    def _handle(self, item: _Command | RingClosed | RingMessage) -> None:
+        if isinstance(item, _Command):
+            if item.kind == "stats":
+                assert item.future is not None
+                self._stats_waiters.append(item.future)
+                self._send(Stats((stage_stats(self.stage),)))
+            return  # "wake": only the admission after handling
+        if isinstance(item, RingClosed):
             self._broken = "a stage process is gone"
             self._fail_all(f"the pipeline broke: {self._broken}")
-            return
-        if isinstance(item, tuple) and item[0] == "stats":
-            self._stats_waiters.append(item[1])
-            self._send([OP_STATS, (_stats(self.stage),)])
-            return
-        op = item[0]
-        if op == OP_PING:
-            return
-        if op == OP_TOKENS:
-            self._on_tokens(item[1], item[2])
-        elif op == OP_FAIL:
-            g = self._groups.pop(item[1], None)
-            self.stage.release(item[1])
+        elif isinstance(item, Tokens):
+            self._on_tokens(item.group, item.tokens)
+        elif isinstance(item, Fail):
+            g = self._groups.pop(item.group, None)
+            self.stage.release(item.group)
             if g is not None:
                 self._free(g, g.rows)
                 for h in g.rows:
-                    h._finish("error", item[2].message)
-            for other in [x for x in self._groups.values() if x.parked_on == item[1]]:
+                    h._finish("error", item.error)
+            for other in [x for x in self._groups.values() if x.parked_on == item.group]:
                 other.parked_on = None
                 self._advance(other)
-        elif op == OP_STATS:
-            stats = [dict(zip(STATS_FIELDS, s, strict=True)) for s in item[1]]
+        elif isinstance(item, Stats):
+            stats = [dict(zip(STATS_FIELDS, s, strict=True)) for s in item.stages]
             if self._stats_waiters:
                 self._stats_waiters.popleft().set_result(stats)
+        # Ping: it only came round; Stop does not come back before _shutdown waits for it
 
-    def _send(self, msg: list[Any]) -> None:
+    def _send(self, msg: RingMessage) -> None:
         """Stage 0's output goes to stage 1, or (one stage) back to the scheduler's inbox, so
         groups interleave there too (and a long generation is a loop, not a recursion)."""
         if self.ring is None:
@@ -568,8 +311,8 @@ class GenerationEngine:
             self.ring.send(msg)
             t1 = time.time()
             self.stage.send_s += t1 - t0
-            if msg[0] in (OP_PREFILL, OP_DECODE):
-                self.stage.timeline.record("send", msg[1], 0, t0, t1)
+            if isinstance(msg, Prefill | Decode):
+                self.stage.timeline.record("send", msg.group, 0, t0, t1)
 
     def _on_tokens(self, gid: int, tokens: torch.Tensor) -> None:
         g = self._groups.get(gid)
@@ -600,7 +343,7 @@ class GenerationEngine:
             return
         self._advance(g)
 
-    def _merge_target(self, g: _Group) -> _Group | None:
+    def _merge_target(self, g: Group) -> Group | None:
         """An in-flight group for ``g`` to join, if enough groups stay in flight without it."""
         if not self.can_merge:
             return None
@@ -611,34 +354,28 @@ class GenerationEngine:
             x
             for x in flying
             if len(x.rows) + len(g.rows) <= self.limits.max_rows_per_group
-            and self._used_tokens + self._pad_cost(x, g) <= self.limits.max_tokens
+            and self.budget.fits(pad_cost(x, g))
         ]
         return min(room, key=lambda x: len(x.rows), default=None)
 
-    @staticmethod
-    def _pad_cost(a: _Group, b: _Group) -> int:
-        """KV tokens that left-padding the shorter group adds when ``a`` and ``b`` merge."""
-        short = b if b.seq < a.seq else a
-        return abs(a.seq - b.seq) * sum(1 for h in short.rows if not h.done)
-
-    def _merge(self, g: _Group, other: _Group) -> None:
+    def _merge(self, g: Group, other: Group) -> None:
         """Append ``other``'s rows to ``g`` on every stage (``g`` is back at stage 0)."""
         pad = abs(g.seq - other.seq)
         short = other if other.seq < g.seq else g
         for i, h in enumerate(short.rows):
             if not h.done:
                 short.reserved[i] += pad
-                self._used_tokens += pad
+                self.budget.grow(pad)
         self.stage.merge(g.gid, other.gid)
         if self.ring is not None:
-            self.ring.send([OP_MERGE, g.gid, other.gid])
+            self.ring.send(Merge(g.gid, other.gid))
         g.rows += other.rows
         g.reserved += other.reserved
         g.seq = max(g.seq, other.seq)
         del self._groups[other.gid]
         self.counters.merges += 1
 
-    def _advance(self, g: _Group) -> None:
+    def _advance(self, g: Group) -> None:
         """Next step of a group whose tokens came back: retire rows, then decode the rest."""
         now = time.monotonic()
         for h in g.rows:
@@ -655,7 +392,7 @@ class GenerationEngine:
             del self._groups[g.gid]
             self.stage.release(g.gid)
             if self.ring is not None:
-                self.ring.send([OP_RELEASE, g.gid])
+                self.ring.send(Release(g.gid))
             return
         keep = None
         if len(stay) < len(g.rows):
@@ -664,14 +401,13 @@ class GenerationEngine:
             g.reserved = [g.reserved[i] for i in stay]
         tokens = torch.tensor([h.tokens[-1] for h in g.rows], dtype=torch.long)
         g.busy = True
-        self._send(run_step(self.stage, [OP_DECODE, g.gid, keep, tokens, (None,)]))
+        self._send(run_step(self.stage, Decode(g.gid, keep, tokens, (None,))))
 
-    def _free(self, g: _Group, rows: list[RequestHandle]) -> None:
+    def _free(self, g: Group, rows: list[RequestHandle]) -> None:
         for h in rows:
             i = g.rows.index(h)
-            self._used_tokens -= g.reserved[i]
+            self.budget.release(g.reserved[i], 1)
             g.reserved[i] = 0
-            self._used_rows -= 1
 
     def _expire_pending(self) -> None:
         now = time.monotonic()
@@ -695,7 +431,7 @@ class GenerationEngine:
             with self._lock:
                 want = group_size(
                     len(self._pending),
-                    self._used_rows,
+                    self.budget.used_rows,
                     len(self._groups),
                     self.num_stages,
                     lim.max_rows_per_group,
@@ -708,11 +444,8 @@ class GenerationEngine:
                     if rows and len(h.decoder_prefix) != len(rows[0].decoder_prefix):
                         break  # encoder-decoder replays share a group with equal prefixes only
                     new_len = max(length, len(h.prompt))
-                    cost = sum(new_len + _decoder_tokens(r) for r in [*rows, h])
-                    if (
-                        self._used_tokens + cost > lim.max_tokens
-                        or self._used_rows + len(rows) + 1 > lim.max_sequences
-                    ):
+                    cost = sum(new_len + decoder_tokens(r) for r in [*rows, h])
+                    if not self.budget.fits(cost, len(rows) + 1):
                         break
                     rows.append(h)
                     length = new_len
@@ -724,23 +457,13 @@ class GenerationEngine:
 
     def _start_group(self, rows: list[RequestHandle], length: int) -> None:
         gid = next(self._gids)
-        reserved = [length + _decoder_tokens(h) for h in rows]
-        g = _Group(gid, rows, length, reserved)
+        reserved = [length + decoder_tokens(h) for h in rows]
+        g = Group(gid, rows, length, reserved)
         self._groups[gid] = g
-        self._used_tokens += sum(reserved)
-        self._used_rows += len(rows)
+        self.budget.reserve(sum(reserved), len(rows))
         self.counters.admitted += len(rows)
         self.counters.groups_max = max(self.counters.groups_max, len(self._groups))
-        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for r, h in enumerate(rows):
-            cols = _prompt_cols(self.stage.enc_dec, len(h.prompt), length)
-            ids[r, cols] = torch.tensor(h.prompt)
-            mask[r, cols] = 1
-        floats, ints = encode_rows([h.params for h in rows], [h.seed for h in rows])
-        npass = 2 if self.stage.enc_dec else 1
-        prefix = torch.tensor([h.decoder_prefix for h in rows]) if rows[0].decoder_prefix else None
-        msg = [OP_PREFILL, gid, ids, mask, floats, ints, prefix, (None,) * npass]
+        msg = prefill_message(gid, rows, length, self.pad_id, self.stage.enc_dec)
         self._send(run_step(self.stage, msg))
 
     def _fail_all(self, message: str) -> None:
@@ -753,9 +476,9 @@ class GenerationEngine:
                 h._finish("error", message)
             self.stage.release(g.gid)
             if self.ring is not None and not self._broken:
-                self.ring.send([OP_RELEASE, g.gid])
+                self.ring.send(Release(g.gid))
         self._groups.clear()
-        self._used_tokens = self._used_rows = 0
+        self.budget.clear()
         while self._stats_waiters:
             self._stats_waiters.popleft().set_exception(GenerationFailed(message))
 
@@ -763,12 +486,12 @@ class GenerationEngine:
         self._stopped.set()
         self._fail_all("the engine is closed")
         if self.ring is not None and not self._broken:
-            self.ring.send([OP_STOP])
+            self.ring.send(Stop())
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:  # wait for STOP to come round
                 try:
                     item = self.inbox.get(timeout=1)
                 except queue.Empty:
                     continue
-                if (isinstance(item, list) and item[0] == OP_STOP) or item is _CLOSED:
+                if isinstance(item, Stop | RingClosed):
                     break

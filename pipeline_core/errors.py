@@ -1,12 +1,28 @@
-"""Exceptions raised by pipeline_core.
+"""Exceptions raised by pipeline_core (every class of the package lives here).
 
 Every error that can reach a user says what was wrong and what to do about it.
 ``ValueError`` subclasses mean bad arguments; ``RuntimeError`` subclasses mean bad state.
+:class:`StageExit` and :class:`StageSkip` never reach a user: they end a generation stage's
+part of a forward pass (:mod:`.gen_stage`).
 """
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "DoesNotFit", "PlanError", "TraceError", "TransportError"]
+from typing import Any
+
+__all__ = [
+    "CheckpointError",
+    "DoesNotFit",
+    "GenerationFailed",
+    "PlanError",
+    "RequestError",
+    "ResourceExhausted",
+    "StageExit",
+    "StageSkip",
+    "TraceError",
+    "TransportError",
+    "UnsupportedModelError",
+]
 
 
 class PlanError(ValueError):
@@ -15,6 +31,10 @@ class PlanError(ValueError):
 
 class DoesNotFit(PlanError):
     """The model does not fit the workers' memory; the message says how much is missing."""
+
+
+class UnsupportedModelError(PlanError):
+    """The model cannot generate over the pipeline (says what is supported)."""
 
 
 class CheckpointError(RuntimeError):
@@ -27,3 +47,32 @@ class TraceError(RuntimeError):
 
 class TransportError(RuntimeError):
     """The data plane received something that does not match what was expected."""
+
+
+class RequestError(ValueError):
+    """A request is invalid; the message says which field and what is allowed."""
+
+
+class ResourceExhausted(RuntimeError):
+    """The queue or the KV budget cannot take this request now (or ever, says which)."""
+
+
+class GenerationFailed(RuntimeError):
+    """The request failed inside the pipeline (a stage raised, or the pipeline broke)."""
+
+
+class StageExit(Exception):
+    """Raised in a hook where this stage's part of a pass ends.
+
+    ``call``: the index of the hooked unit call where the next stage goes on; ``carry``:
+    (parameter position, tensor) pairs of that call (see :class:`~.stage_hooks.Payload`).
+    """
+
+    def __init__(self, call: int, carry: tuple[tuple[int, Any], ...]) -> None:
+        super().__init__(call)
+        self.call = call
+        self.carry = carry
+
+
+class StageSkip(Exception):
+    """This stage owns nothing of the pass at the point where the previous stage stopped."""

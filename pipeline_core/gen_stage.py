@@ -28,22 +28,35 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from .errors import CheckpointError, PlanError
+from .errors import PlanError, StageExit, StageSkip, UnsupportedModelError
+from .gen_group import GroupState, cache_layers, merge_groups
 from .kv_cache import grow_in_place
-from .load import CheckpointIndex, ReadStats, read_tensors
+from .load import ReadStats
 from .logits_rules import LogitsRules
 from .plan import Plan
-from .source import build_skeleton, hf_checkpoint_keys, parse_dtype
+from .source import build_skeleton, parse_dtype
+from .special_tokens import decoder_start_id
+from .stage_hooks import (
+    PassCtx,
+    Payload,
+    bind,
+    capture,
+    inject,
+    meta_buffers,
+    meta_experts,
+    out_tensors,
+    to_meta,
+    unwrap,
+)
 from .timeline import Timeline
+from .unit_load import load_units
 
 __all__ = ["SUPPORTED_FAMILIES", "GenStage", "GroupState", "StageExit", "UnsupportedModelError"]
 
@@ -69,92 +82,6 @@ SUPPORTED_FAMILIES = (
 )
 """Families tested token-for-token against ``transformers`` ``generate``; other causal-LM and
 encoder-decoder families with a per-layer ``DynamicCache`` use the same runner."""
-
-
-class UnsupportedModelError(PlanError):
-    """The model cannot generate over the pipeline (says what is supported)."""
-
-
-class StageExit(Exception):
-    """Raised in a hook where this stage's part of a pass ends."""
-
-    def __init__(self, call: int, carry: tuple[tuple[int, torch.Tensor], ...]) -> None:
-        super().__init__(call)
-        self.call = call
-        self.carry = carry
-
-
-class _Skip(Exception):
-    """This stage owns nothing of the pass at the point where the previous stage stopped."""
-
-
-@dataclass
-class Payload:
-    """What travels between stages for one pass.
-
-    ``call`` is the index of the hooked unit call where the sender stopped (the receiver
-    injects there); ``carry`` is (parameter position, tensor) for that call -- a negative
-    position ``-1 - k`` instead carries the output of call ``k``, which the model combines
-    later (GPT-2's token embeddings, computed before ``wpe``).  ``call == DONE``
-    means the pass is complete and ``carry[0][1]`` is its output (the encoder output).
-    """
-
-    call: int
-    carry: tuple[tuple[int, torch.Tensor], ...]
-
-    DONE = -1
-
-    def to_wire(self) -> tuple[Any, ...]:
-        return (self.call, tuple(i for i, _ in self.carry), tuple(t for _, t in self.carry))
-
-    @classmethod
-    def from_wire(cls, v: Any, device: torch.device | None = None) -> Payload | None:
-        if v is None:
-            return None
-        call, idx, tensors = v
-        if device is not None:
-            tensors = [t.to(device) for t in tensors]
-        return cls(call, tuple(zip(idx, tensors, strict=True)))
-
-
-@dataclass
-class _PassCtx:
-    payload: Payload | None
-    calls: int = 0
-    entered: bool = False
-    produced: dict[int, torch.Tensor] = field(default_factory=dict)
-    last: tuple[int, torch.Tensor] | None = None
-    """(call, first output tensor) of the last unit this stage ran in this pass."""
-    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
-    """Outputs of earlier stages' units by call (a negative carry position, see _capture)."""
-
-    def __post_init__(self) -> None:
-        if self.payload is not None:
-            self.outputs = {-1 - p: t for p, t in self.payload.carry if p < 0}
-
-
-@dataclass
-class GroupState:
-    """One micro-batch of sequences (rows leave when done; other groups may merge in)."""
-
-    ids: torch.Tensor
-    """Decoder token ids so far, left-padded: ``[rows, length]``."""
-    kwargs: dict[str, Any]
-    """HF ``model_kwargs``: cache, attention_mask, position_ids, encoder outputs, ..."""
-    sampling: Any = None
-    """Last stage only: the rows' :class:`~pipeline_core.sampling.Sampler`."""
-
-    @property
-    def rows(self) -> int:
-        return int(self.ids.shape[0])
-
-
-def _unwrap(mod: nn.Module) -> Callable[..., Any]:
-    return type(mod).forward
-
-
-def _first_param(mod: nn.Module) -> inspect.Signature:
-    return inspect.signature(_unwrap(mod))
 
 
 class GenStage:
@@ -193,7 +120,7 @@ class GenStage:
             unit_mods.setdefault(id(m), m)
             self._names.setdefault(id(m), u["name"])
         self._owned = {id(model.get_submodule(n)) for n in names}
-        self._load(names)
+        load_units(model, plan, names, self.device, self.stats, index)
         self._has_meta: dict[int, bool] = {
             k: any(p.is_meta for p in m.parameters()) for k, m in unit_mods.items()
         }
@@ -205,7 +132,7 @@ class GenStage:
         self._structure: dict[type, int] = {}
         self.unit: str | None = None
         """The unit running now (a failure names it); None between units."""
-        self._ctx: _PassCtx | None = None
+        self._ctx: PassCtx | None = None
         self._call_map: dict[str, dict[int, int]] = {"encoder": {}, "decoder": {}}
         self._pass_name = "decoder"
         self._idle: set[str] = set()  # passes this stage takes no part in
@@ -214,7 +141,7 @@ class GenStage:
             mod.register_forward_hook(self._post_hook)
             if k not in self._owned and self._has_meta[k]:
                 runner = self._passthrough if k in self._layer_ids else self._shadow
-                mod.forward = _bind(runner, mod)
+                mod.forward = bind(runner, mod)
         self.groups: dict[int, GroupState] = {}
         self.timeline = Timeline()
         self.steps = 0
@@ -222,69 +149,16 @@ class GenStage:
         self.wait_s = 0.0
         self.send_s = 0.0
         """Steps run and seconds spent in them (compute + sampling), for utilization."""
-        gen_cfg = getattr(model, "generation_config", None)
         params = inspect.signature(model.forward).parameters
         self.accepts_position_ids = "position_ids" in params
         self.logits_to_keep = "logits_to_keep" in params
         # transformers 5.24 renamed ``past_key_values`` to ``cache`` (models and generate's
         # helpers alike); a cache under the other name would be silently ignored
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        self.decoder_start = None
-        if self.enc_dec:  # as generate: the generation config's, else the config's, else BOS
-            for src, key in (
-                (gen_cfg, "decoder_start_token_id"),
-                (self.config, "decoder_start_token_id"),
-                (gen_cfg, "bos_token_id"),
-                (self.config, "bos_token_id"),
-            ):
-                if self.decoder_start is None:
-                    self.decoder_start = getattr(src, key, None)
-            if isinstance(self.decoder_start, list):
-                self.decoder_start = self.decoder_start[0]
-            if self.decoder_start is None:
-                raise UnsupportedModelError(
-                    "the encoder-decoder model has neither decoder_start_token_id nor "
-                    "bos_token_id in its config or generation_config.json; set one"
-                )
+        self.decoder_start = decoder_start_id(model) if self.enc_dec else None
         self.rules = LogitsRules(model) if self.is_last else None
 
     # ------------------------------------------------------------------ building
-
-    def _load(self, names: list[str]) -> None:
-        model, plan, device = self.model, self.plan, self.device
-        ckpt = CheckpointIndex.open(plan.source.checkpoint)
-        hf_checkpoint_keys(model, ckpt)
-        wanted: dict[str, tuple[str, list[int], torch.dtype]] = {}
-        slots: dict[int, list[tuple[nn.Module, str]]] = {}  # tied: one read, every slot set
-        first: dict[int, str] = {}
-        for unit in names:
-            for mod_name, mod in model.get_submodule(unit).named_modules(prefix=unit):
-                for attr, p in mod._parameters.items():
-                    if p is None:
-                        continue
-                    slots.setdefault(id(p), []).append((mod, attr))
-                    if id(p) not in first:
-                        pname = f"{mod_name}.{attr}"
-                        first[id(p)] = pname
-                        aliases = plan.tied.get(pname, [])
-                        wanted[pname] = (ckpt.resolve(pname, aliases), list(p.shape), p.dtype)
-        loaded = read_tensors(ckpt, wanted, device, self.stats)
-        for pid, pname in first.items():
-            param = nn.Parameter(loaded[pname], requires_grad=False)
-            for mod, attr in slots[pid]:
-                mod._parameters[attr] = param
-        for mod in model.modules():
-            for bname, b in list(mod._buffers.items()):
-                if b is not None and not b.is_meta:
-                    mod._buffers[bname] = b.to(device)
-            for attr, val in list(vars(mod).items()):
-                real = isinstance(val, torch.Tensor) and not val.is_meta
-                if real and not isinstance(val, nn.Parameter):
-                    setattr(mod, attr, val.to(device))
-        for n in names:
-            left = [pn for pn, p in self.model.get_submodule(n).named_parameters() if p.is_meta]
-            if left:
-                raise CheckpointError(f"stage {self.index}: {n} has tensors without values: {left}")
 
     def _find_layers(self) -> list[nn.Module]:
         """The decoder's layer list: cache layer ``i`` belongs to element ``i``."""
@@ -313,9 +187,9 @@ class GenStage:
         owned = id(mod) in self._owned
         if ctx.payload is not None and i == ctx.payload.call:
             if not owned:
-                raise _Skip
+                raise StageSkip
             ctx.entered = True
-            args, kwargs = _inject(mod, args, kwargs, ctx.payload.carry)
+            args, kwargs = inject(mod, args, kwargs, ctx.payload.carry)
             for _, t in ctx.payload.carry:
                 ctx.produced[id(t)] = t
             return args, kwargs
@@ -324,7 +198,7 @@ class GenStage:
                 ctx.entered = True
             return None
         if ctx.entered and self._has_meta.get(id(mod), False):
-            carry = _capture(mod, args, kwargs, ctx.produced)
+            carry = capture(mod, args, kwargs, ctx.produced)
             if ctx.last is not None and all(t is not ctx.last[1] for _, t in carry):
                 # the last unit's output is not an argument of this call (GPT-2's ``wte``
                 # before ``wpe``, BART's ``embed_tokens`` before ``embed_positions``): the
@@ -343,7 +217,7 @@ class GenStage:
         if sent is not None and id(mod) not in self._owned:
             out = sent if isinstance(out, torch.Tensor) else (sent, *tuple(out)[1:])
         if ctx.entered:
-            ts = _tensors(out)
+            ts = out_tensors(out)
             for t in ts:
                 ctx.produced[id(t)] = t
             if id(mod) in self._owned and ts:
@@ -354,12 +228,12 @@ class GenStage:
         """``mod``'s own forward run on the meta device (inputs, and for the run its real buffers
         too: GPT-Neo's causal mask would otherwise meet meta activations); a failure is a clear
         error naming the unit, never a guess."""
-        margs, mkwargs = tree_map(_to_meta, (args, kwargs))
+        margs, mkwargs = tree_map(to_meta, (args, kwargs))
         if "use_cache" in mkwargs:
             mkwargs["use_cache"] = False
         try:
-            with _meta_buffers(mod), _meta_experts(self.model):
-                return _unwrap(mod)(mod, *margs, **mkwargs)
+            with meta_buffers(mod), meta_experts(self.model):
+                return unwrap(mod)(mod, *margs, **mkwargs)
         except Exception as e:
             name = self._names.get(id(mod), type(mod).__name__)
             raise UnsupportedModelError(
@@ -404,14 +278,14 @@ class GenStage:
                 return ("skip",)
         elif name in self._idle:
             return ("skip",)
-        self._ctx = _PassCtx(payload)
+        self._ctx = PassCtx(payload)
         self._pass_name = name
         self.unit = None
         try:
             out = fn()
         except StageExit as e:
             return ("exit", Payload(e.call, e.carry))
-        except _Skip:
+        except StageSkip:
             return ("skip",)
         finally:
             ctx, self._ctx = self._ctx, None
@@ -572,23 +446,7 @@ class GenStage:
         joins a running batch).  The shorter group is left-padded: ids with 0, attention mask
         and position ids with 0, cache entries with zeros that the mask hides."""
         a, b = self.groups[dst], self.groups.pop(src)
-        n = max(a.ids.shape[1], b.ids.shape[1])
-        for key in ("attention_mask", "position_ids"):
-            va, vb = a.kwargs.get(key), b.kwargs.get(key)
-            if key == "position_ids" and va is None and vb is None:
-                continue  # the model takes no position ids
-            va, vb = _rows(va, a), _rows(vb, b)
-            a.kwargs[key] = torch.cat([_lpad(va, n), _lpad(vb, n)])
-        a.ids = torch.cat([_lpad(a.ids, n), _lpad(b.ids, n)])
-        ca, cb = self._self_cache(a), self._self_cache(b)
-        for la, lb in zip(ca.layers, cb.layers, strict=True):
-            if not getattr(la, "is_initialized", False):
-                continue
-            m = max(la.keys.shape[-2], lb.keys.shape[-2])
-            la.keys = torch.cat([_lpad(la.keys, m, -2), _lpad(lb.keys, m, -2)])
-            la.values = torch.cat([_lpad(la.values, m, -2), _lpad(lb.values, m, -2)])
-        if a.sampling is not None and b.sampling is not None:
-            a.sampling.extend(b.sampling)
+        merge_groups(a, b, self._self_cache(a), self._self_cache(b))
 
     def release(self, gid: int) -> None:
         self.groups.pop(gid, None)
@@ -602,7 +460,7 @@ class GenStage:
             tokens = sum(g.rows * (self._cache_len(g) or 0) for g in groups)
         nbytes = 0
         for g in groups:
-            for i, layer in enumerate(_cache_layers(g.kwargs[self.cache_kw])):
+            for i, layer in enumerate(cache_layers(g.kwargs[self.cache_kw])):
                 if i % len(self._layers) in self._phantom_set:
                     continue
                 for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
@@ -616,30 +474,6 @@ class GenStage:
             "steps": self.steps,
             "busy_ms": int(self.busy_s * 1000),
         }
-
-
-def _lpad(t: torch.Tensor, n: int, dim: int = 1) -> torch.Tensor:
-    """Left-pad ``t`` with zeros to length ``n`` along ``dim``."""
-    dim = dim % t.dim()
-    missing = n - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def _rows(v: torch.Tensor | None, g: GroupState) -> torch.Tensor:
-    """A group's attention mask / position ids with one row per sequence (None: no padding)."""
-    if v is None:
-        return torch.ones_like(g.ids)
-    return v.expand(g.rows, -1) if v.shape[0] != g.rows else v
-
-
-def _cache_layers(cache: Any) -> list[Any]:
-    if hasattr(cache, "self_attention_cache"):
-        return [*cache.self_attention_cache.layers, *cache.cross_attention_cache.layers]
-    return list(cache.layers)
 
 
 def _check_supported(model: nn.Module) -> None:
@@ -658,90 +492,3 @@ def _check_supported(model: nn.Module) -> None:
             f"{cfg.model_type} does not use a standard per-layer KV cache; supported "
             f"families: {', '.join(SUPPORTED_FAMILIES)}"
         )
-
-
-def _bind(fn: Callable[..., Any], mod: nn.Module) -> Callable[..., Any]:
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        return fn(mod, *args, **kwargs)
-
-    return forward
-
-
-@contextmanager
-def _meta_buffers(mod: nn.Module) -> Iterator[None]:
-    """For the ``with`` block, every real buffer and plain tensor attribute under ``mod`` is a
-    meta tensor of its shape (a skipped unit's code may combine them with its inputs)."""
-    saved: list[tuple[dict[str, Any], str, torch.Tensor]] = []
-    for m in mod.modules():
-        for table in (m._buffers, vars(m)):
-            for k, v in list(table.items()):
-                real = isinstance(v, torch.Tensor) and not v.is_meta
-                if real and not isinstance(v, nn.Parameter):
-                    saved.append((table, k, v))
-                    table[k] = torch.empty_like(v, device="meta")
-    try:
-        yield
-    finally:
-        for table, k, v in saved:
-            table[k] = v
-
-
-@contextmanager
-def _meta_experts(model: nn.Module) -> Iterator[None]:
-    """Mixture-of-experts layers run ``batched_mm`` for the ``with`` block: ``grouped_mm``
-    (their default) has no meta kernel for float32 (the planner's fake runs switch the same
-    way, see :func:`~pipeline_core.source.build_skeleton`)."""
-    impl = getattr(model.config, "_experts_implementation", None)
-    if impl != "grouped_mm" or not hasattr(model, "set_experts_implementation"):
-        yield
-        return
-    model.set_experts_implementation("batched_mm")
-    try:
-        yield
-    finally:
-        model.set_experts_implementation(impl)
-
-
-def _to_meta(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return torch.empty_like(v, device="meta")
-    if type(v).__name__.endswith("Cache"):
-        return None
-    return v
-
-
-def _tensors(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, tuple | list):
-        return [t for t in out if isinstance(t, torch.Tensor)]
-    if hasattr(out, "to_tuple"):
-        return [t for t in out.to_tuple() if isinstance(t, torch.Tensor)]
-    return []
-
-
-def _capture(
-    mod: nn.Module, args: tuple, kwargs: dict, produced: dict[int, torch.Tensor]
-) -> tuple[tuple[int, torch.Tensor], ...]:
-    """The arguments of this call that earlier units of the pass produced (always the first)."""
-    sig = _first_param(mod)
-    bound = sig.bind(mod, *args, **kwargs)
-    names = list(sig.parameters)
-    out = []
-    for name, v in bound.arguments.items():
-        pos = names.index(name)
-        if isinstance(v, torch.Tensor) and (pos == 1 or id(v) in produced):
-            out.append((pos, v))
-    return tuple(out)
-
-
-def _inject(
-    mod: nn.Module, args: tuple, kwargs: dict, carry: tuple[tuple[int, torch.Tensor], ...]
-) -> tuple[tuple, dict]:
-    sig = _first_param(mod)
-    bound = sig.bind(mod, *args, **kwargs)
-    names = list(sig.parameters)
-    for pos, t in carry:
-        if pos >= 0:  # negative: an earlier unit's output (see _PassCtx.outputs)
-            bound.arguments[names[pos]] = t
-    return tuple(bound.args[1:]), dict(bound.kwargs)

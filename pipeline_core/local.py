@@ -10,80 +10,32 @@ process.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
-import multiprocessing as mp
-import os
-import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from .errors import PlanError
 from .load import ReadStats
 from .microbatch import check_chunks
 from .plan import Plan
-from .runtime import (
-    DRIVER,
-    Driver,
-    Mesh,
-    RankMap,
-    gloo_group,
-    nccl_between,
-    nccl_group,
-    serve_stage,
-    use_device,
-)
+from .runtime import DRIVER, Driver, RankMap, make_mesh, serve_stage
 from .stage import Stage, build_stage, trace_plan
+from .stage_procs import (
+    StageProcesses,
+    build_and_report,
+    connect,
+    memory_probe,
+    root_log_level,
+    stage_setup,
+)
 from .trace import restructure
-from .transport import Channel
 
 __all__ = ["LocalPipeline", "make_mesh", "memory_probe"]
 
 log = logging.getLogger(__name__)
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-class memory_probe:
-    """Peak memory of this process while its checkpoint is read (Linux ``/proc``).
-
-    ``ru_maxrss`` is useless for a spawned child (exec folds the parent's peak into it), so we
-    read ``VmHWM`` and reset it at :meth:`mark` (``/proc/self/clear_refs``).
-    """
-
-    def __init__(self) -> None:
-        self.rss_before = 0
-        self.reset_ok = False
-
-    def mark(self) -> None:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.reset_ok = True
-        except OSError:
-            self.reset_ok = False
-        self.rss_before = _status_kib("VmRSS") * 1024
-
-    def report(self, stats: ReadStats) -> dict[str, Any]:
-        peak = _status_kib("VmHWM") * 1024
-        return {
-            "bytes_read": stats.total_bytes,
-            "files": dict(stats.bytes_by_file),
-            "tensors": len(stats.tensors),
-            "rss_before_load": self.rss_before,
-            "peak_rss_load": peak if self.reset_ok else None,
-            "rss_after_load": _status_kib("VmRSS") * 1024,
-        }
 
 
 def _stage_main(
@@ -94,71 +46,22 @@ def _stage_main(
     threads: int,
     timeout_s: float,
     host_last: bool,
+    log_level: int | str,
 ) -> None:
-    torch.set_num_threads(threads)
-    logging.basicConfig(level=os.environ.get("PIPESERVE_LOG", "WARNING"))
+    stage_setup(threads, log_level)
     plan = Plan.from_json(plan_json)
     ranks = RankMap(plan.num_stages, host_last)
-    store = dist.TCPStore("127.0.0.1", port, ranks.world_size, False, timeout=_td(timeout_s))
-    try:
-        stats, probe = ReadStats(), memory_probe()
-        stage = build_stage(plan, index, device, stats=stats, on_traced=probe.mark)
-        store.set(f"ready/{index}", json.dumps(probe.report(stats)))
-    except Exception as e:  # report any failure to the driver, which raises it
-        store.set(f"error/{index}", f"{type(e).__name__}: {e}")
+    store = connect(port, ranks.world_size, timeout_s)
+
+    def build(stats: ReadStats, probe: memory_probe) -> Stage:
+        return build_stage(plan, index, device, stats=stats, on_traced=probe.mark)
+
+    stage = build_and_report(store, index, build)
+    if stage is None:
         return
     mesh = make_mesh(store, ranks, index, device, timeout_s)
     times = serve_stage(stage, mesh)
     store.set(f"times/{index}", json.dumps(vars(times)))
-
-
-def make_mesh(store: dist.Store, ranks: RankMap, node: int, device: str, timeout_s: float) -> Mesh:
-    """Node ``node``'s (DRIVER or a stage) side of the data plane: the gloo edge group and,
-    on CUDA, the NCCL stage group."""
-    edge_rank = ranks.rank(node)
-    edge = Channel(
-        gloo_group(dist.PrefixStore("edge", store), edge_rank, ranks.world_size, timeout_s)
-    )
-    stages = None
-    # A separate driver only talks over gloo; a driver hosting the last stage is that stage.
-    # NCCL only when every stage has a GPU of its own (all stages agree through the store).
-    joins_nccl = node != DRIVER or ranks.driver_hosts_last
-    if joins_nccl:
-        stage = ranks.num_stages - 1 if node == DRIVER else node
-        use_device(device)
-        nccl_store = dist.PrefixStore("nccl", store)
-        if nccl_between(nccl_store, stage, ranks.num_stages, device):
-            pg = nccl_group(nccl_store, stage, ranks.num_stages, timeout_s)
-            stages = Channel(pg, device)
-    return Mesh(ranks, edge, stages)
-
-
-def wait_ready(
-    store: dist.Store, procs: dict[int, Any], timeout_s: float
-) -> dict[int, dict[str, Any]]:
-    """Wait until every stage process has reported ``ready/<k>`` (its load report) in the
-    store; raise with the stage's own error, or when its process died, or at the timeout."""
-    deadline = time.monotonic() + timeout_s
-    info: dict[int, dict[str, Any]] = {}
-    while len(info) < len(procs):
-        for k, p in procs.items():
-            if k in info:
-                continue
-            if store.check([f"error/{k}"]):
-                err = store.get(f"error/{k}").decode()
-                raise RuntimeError(f"stage {k} failed to start: {err}")
-            if store.check([f"ready/{k}"]):
-                info[k] = json.loads(store.get(f"ready/{k}"))
-            elif not p.is_alive():
-                raise RuntimeError(f"stage {k} process died (exit code {p.exitcode})")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"stages not ready after {timeout_s:.0f}s")
-        time.sleep(0.02)
-    return info
-
-
-def _td(seconds: float) -> datetime.timedelta:
-    return datetime.timedelta(seconds=seconds)
 
 
 class LocalPipeline:
@@ -173,6 +76,7 @@ class LocalPipeline:
             Loading it resets this process's ``VmHWM`` (peak RSS in ``/proc``) to measure the
             load's peak memory.
         timeout_s: start-up and data-plane timeout.
+        log_level: the stage processes' logging level (default: this process's).
     """
 
     def __init__(
@@ -183,8 +87,8 @@ class LocalPipeline:
         threads_per_stage: int = 1,
         host_last_stage: bool = True,
         timeout_s: float = 300.0,
+        log_level: int | str | None = None,
     ) -> None:
-
         self.plan = plan
         self.threads = threads_per_stage
         n = plan.num_stages
@@ -192,29 +96,16 @@ class LocalPipeline:
         if len(devices) != n:
             raise PlanError(f"{n} stages need {n} devices, got {len(devices)}")
         self.ranks = ranks = RankMap(n, host_last_stage)
-        self.store = dist.TCPStore(
-            "127.0.0.1", 0, ranks.world_size, True, timeout=_td(timeout_s), wait_for_workers=False
-        )
-        ctx = mp.get_context("spawn")
+        self.stage_procs = StageProcesses(ranks.world_size, timeout_s)
+        self.store = self.stage_procs.store
         plan_json = json.dumps(plan.to_json())
-        self.procs = {
-            k: ctx.Process(
-                target=_stage_main,
-                args=(
-                    plan_json,
-                    k,
-                    self.store.port,
-                    devices[k],
-                    threads_per_stage,
-                    timeout_s,
-                    host_last_stage,
-                ),
-                daemon=True,
-            )
-            for k in ranks.remote_stages()
-        }
-        for p in self.procs.values():
-            p.start()
+        level = root_log_level() if log_level is None else log_level
+        rest = (threads_per_stage, timeout_s, host_last_stage, level)
+        self.stage_procs.start(
+            _stage_main,
+            {k: (plan_json, k, self.store.port, devices[k], *rest) for k in ranks.remote_stages()},
+        )
+        self.procs = self.stage_procs.procs
         self._closed = True
         try:
             hosted: Stage | None = None
@@ -226,7 +117,7 @@ class LocalPipeline:
                         plan, n - 1, devices[-1], stats=stats, on_traced=probe.mark
                     )
                 local_info = {n - 1: probe.report(stats)}
-            remote = wait_ready(self.store, self.procs, timeout_s)
+            remote = self.stage_procs.wait_ready()
             self.stage_info = [local_info.get(k) or remote[k] for k in range(n)]
             mesh = make_mesh(self.store, ranks, DRIVER, devices[-1], timeout_s)
         except BaseException:
@@ -298,16 +189,11 @@ class LocalPipeline:
         self._closed = True
         try:
             self.driver.stop()
-            for p in self.procs.values():
-                p.join(timeout=30)
         finally:
-            self._kill()
+            self.stage_procs.close()
 
     def _kill(self) -> None:
-        for p in self.procs.values():
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+        self.stage_procs.kill()
 
     def __enter__(self) -> LocalPipeline:
         return self

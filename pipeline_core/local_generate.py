@@ -11,29 +11,30 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
-import os
 import queue
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from .engine import (
-    EngineLimits,
-    GenerationEngine,
-    RequestHandle,
-    serve_generation,
-    stage_message,
-)
+from .engine import EngineLimits, GenerationEngine, RequestHandle
 from .errors import PlanError
 from .gen_stage import GenStage
 from .load import ReadStats
-from .local import _td, memory_probe, wait_ready
 from .plan import Plan
 from .ring import Ring
+from .ring_messages import RingMessage, decode, encode
 from .sampling import SamplingParams
 from .source import hf_tokenizer
+from .stage_loop import serve_generation, stage_message
+from .stage_procs import (
+    StageProcesses,
+    build_and_report,
+    connect,
+    memory_probe,
+    root_log_level,
+    stage_setup,
+)
 
 __all__ = ["InProcessRing", "LocalGenerator"]
 
@@ -41,19 +42,24 @@ log = logging.getLogger(__name__)
 
 
 def _stage_main(
-    plan_json: str, index: int, port: int, device: str, threads: int, timeout_s: float
+    plan_json: str,
+    index: int,
+    port: int,
+    device: str,
+    threads: int,
+    timeout_s: float,
+    log_level: int | str,
 ) -> None:
-    torch.set_num_threads(threads)
-    logging.basicConfig(level=os.environ.get("PIPESERVE_LOG", "WARNING"))
+    stage_setup(threads, log_level)
     plan = Plan.from_json(plan_json)
-    store = dist.TCPStore("127.0.0.1", port, plan.num_stages, False, timeout=_td(timeout_s))
-    try:
-        stats, probe = ReadStats(), memory_probe()
+    store = connect(port, plan.num_stages, timeout_s)
+
+    def build(stats: ReadStats, probe: memory_probe) -> GenStage:
         probe.mark()
-        stage = GenStage(plan, index, device, stats=stats)
-        store.set(f"ready/{index}", json.dumps(probe.report(stats)))
-    except Exception as e:  # report any failure to the caller, which raises it
-        store.set(f"error/{index}", f"{type(e).__name__}: {e}")
+        return GenStage(plan, index, device, stats=stats)
+
+    stage = build_and_report(store, index, build)
+    if stage is None:
         return
     ring = Ring(store, index, plan.num_stages, device, timeout_s)
     serve_generation(stage, ring)
@@ -71,14 +77,14 @@ class InProcessRing:
         self.timeout_s = 300.0
         self.bytes_sent = 0
 
-    def send(self, values: list[Any]) -> None:
-        msg: list[Any] | None = values
+    def send(self, msg: RingMessage) -> None:
+        out: RingMessage | None = decode(encode(msg))  # each message as a Ring would carry it
         for stage in self.stages:
-            if msg is None:
+            if out is None:
                 return
-            msg = stage_message(stage, msg)
-        if msg is not None:
-            self.inbox.put(msg)
+            out = stage_message(stage, out)
+        if out is not None:
+            self.inbox.put(out)
 
 
 class LocalGenerator:
@@ -91,6 +97,7 @@ class LocalGenerator:
         limits: the scheduler's KV budget and batching limits.
         in_process: every stage in this process (:class:`InProcessRing`: the same stage code,
             no stage processes, no overlap between stages) -- for tests and debugging.
+        log_level: the stage processes' logging level (default: this process's).
     """
 
     def __init__(
@@ -102,6 +109,7 @@ class LocalGenerator:
         limits: EngineLimits | None = None,
         timeout_s: float = 300.0,
         in_process: bool = False,
+        log_level: int | str | None = None,
     ) -> None:
         n = plan.num_stages
         devices = devices or ["cpu"] * n
@@ -109,6 +117,7 @@ class LocalGenerator:
             raise PlanError(f"{n} stages need {n} devices, got {len(devices)}")
         self.plan = plan
         self.procs: dict[int, mp.process.BaseProcess] = {}
+        self.stage_procs: StageProcesses | None = None
         self.engine: GenerationEngine | None = None
         self.stage_info: list[dict[str, Any]] = []
         self._saved_threads = torch.get_num_threads()
@@ -128,26 +137,21 @@ class LocalGenerator:
                 torch.set_num_threads(self._saved_threads)
                 raise
             return
-        self.store = dist.TCPStore(
-            "127.0.0.1", 0, n, True, timeout=_td(timeout_s), wait_for_workers=False
-        )
-        ctx = mp.get_context("spawn")
+        self.stage_procs = StageProcesses(n, timeout_s)
+        self.store = self.stage_procs.store
         plan_json = json.dumps(plan.to_json())
-        self.procs = {
-            k: ctx.Process(
-                target=_stage_main,
-                args=(plan_json, k, self.store.port, devices[k], threads_per_stage, timeout_s),
-                daemon=True,
-            )
-            for k in range(1, n)
-        }
-        for p in self.procs.values():
-            p.start()
+        level = root_log_level() if log_level is None else log_level
+        rest = (threads_per_stage, timeout_s, level)
+        self.stage_procs.start(
+            _stage_main,
+            {k: (plan_json, k, self.store.port, devices[k], *rest) for k in range(1, n)},
+        )
+        self.procs = self.stage_procs.procs
         try:
             stats, probe = ReadStats(), memory_probe()
             probe.mark()
             stage = GenStage(plan, 0, devices[0], stats=stats)
-            remote = wait_ready(self.store, self.procs, timeout_s)
+            remote = self.stage_procs.wait_ready()
             self.stage_info = [probe.report(stats), *(remote[k] for k in sorted(remote))]
             ring = Ring(self.store, 0, n, devices[0], timeout_s) if n > 1 else None
             self.engine = GenerationEngine(stage, ring, limits)
@@ -192,17 +196,14 @@ class LocalGenerator:
         engine, self.engine = self.engine, None
         try:
             engine.close()
-            for p in self.procs.values():
-                p.join(timeout=30)
         finally:
-            self._kill()
+            if self.stage_procs is not None:
+                self.stage_procs.close()
             torch.set_num_threads(self._saved_threads)
 
     def _kill(self) -> None:
-        for p in self.procs.values():
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+        if self.stage_procs is not None:
+            self.stage_procs.kill()
 
     def __enter__(self) -> LocalGenerator:
         return self

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from . import split as policies
 from .cost import UnitCost, Workload, estimate_units
 from .errors import DoesNotFit, PlanError
+from .profile_cache import ProfileCache
 from .source import (
     InputSpec,
     ModelSource,
@@ -33,6 +35,7 @@ __all__ = [
     "StagePlan",
     "make_plan",
     "predict",
+    "unit_seconds",
     "workers_needed",
 ]
 
@@ -270,6 +273,7 @@ def make_plan(
     trace: bool = True,
     workload: Workload | None = None,
     unit_seconds: dict[str, float] | None = None,
+    profile_cache: str | Path | None = None,
 ) -> Plan:
     """Plan ``source`` under ``policy`` on the meta device (no weight memory).
 
@@ -279,7 +283,9 @@ def make_plan(
     (:mod:`.cost`) and the plan predicts per-stage time, throughput and bubble;
     ``unit_seconds`` (unit name -> seconds per microbatch, e.g. profiled by a worker on its own
     device) replaces the local estimate.  ``dtype`` None (or ``"auto"``): the checkpoint's
-    (:func:`~pipeline_core.source.resolve_dtype`).
+    (:func:`~pipeline_core.source.resolve_dtype`).  ``profile_cache``: the file measured unit
+    times are kept in (None: ``~/.cache/pipeserve/unit-profiles.json``; the CLI and servers
+    pass ``$PIPESERVE_PROFILE_CACHE``).
     """
     torch_dtype = resolve_dtype(source, dtype)
     model = build_skeleton(source, torch_dtype)
@@ -304,7 +310,8 @@ def make_plan(
     if workload is not None:
         if unit_seconds:
             workload = replace(workload, profile=False)
-        costs = estimate_units(source, units, inputs, workload, torch_dtype)
+        cache = ProfileCache(profile_cache)
+        costs = estimate_units(source, units, inputs, workload, torch_dtype, cache)
         for c in costs:
             if unit_seconds and c.name in unit_seconds:
                 c.seconds, c.source = float(unit_seconds[c.name]), "worker"
@@ -460,3 +467,22 @@ def attach_wiring(plan: Plan, traced: TracedPipeline) -> None:
     plan.outputs = [_describe(w, traced) for w in traced.outputs]
     plan.rows_mixed = traced.rows
     plan.output_tree = traced.output_tree
+
+
+def unit_seconds(
+    source: ModelSource,
+    dtype: str | None,
+    workload: Workload,
+    profile_cache: str | Path | None = None,
+) -> dict[str, float]:
+    """Seconds per microbatch of each of the model's units (a plan's unit names), estimated
+    on this machine's ``workload.device``: what a worker answers the planner with."""
+    plan = make_plan(
+        source,
+        Policy.equal_size(1),
+        dtype=dtype,
+        trace=False,
+        workload=workload,
+        profile_cache=profile_cache,
+    )
+    return {u["name"]: float(u["seconds"]) for u in plan.units}

@@ -18,36 +18,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .runtime import gloo_group, nccl_between, nccl_group, use_device
-from .transport import Channel
+from .ring_messages import RingMessage, Stop, decode, encode
+from .transport import Channel, gloo_group, nccl_between, nccl_group, use_device
 
-__all__ = [
-    "OP_DECODE",
-    "OP_FAIL",
-    "OP_MERGE",
-    "OP_PING",
-    "OP_PREFILL",
-    "OP_RELEASE",
-    "OP_STATS",
-    "OP_STOP",
-    "OP_TOKENS",
-    "Ring",
-]
+__all__ = ["CLOSED", "Ring", "RingClosed"]
 
 log = logging.getLogger(__name__)
 
-_CLOSED = object()
 
-# Message kinds (the first value of every ring message)
-OP_PREFILL = 1  # [op, group, prompt ids, mask, sampling floats, ints, decoder prefix, payloads]
-OP_DECODE = 2  # [op, group, rows to keep or None, new tokens, payloads]
-OP_RELEASE = 3  # [op, group]: drop the group's cache
-OP_STATS = 4  # [op, per-stage stats so far]
-OP_STOP = 5  # [op]
-OP_TOKENS = 6  # last -> first: [op, group, chosen token ids]
-OP_FAIL = 7  # [op, group, message]: a stage failed on this group's step
-OP_MERGE = 8  # [op, group, other group]: append the other group's rows (and caches)
-OP_PING = 9  # [op]: keep-alive around an idle ring (every receive completes before timeout)
+class RingClosed:
+    """Put in a stage's inbox when its inbound edge broke (the previous stage is gone)."""
+
+
+CLOSED = RingClosed()
 
 
 def _scoped(store: dist.Store, prefix: str) -> dist.Store:
@@ -97,30 +80,30 @@ class Ring:
         assert self._in is not None
         try:
             while True:
-                msg = self._in.recv(0)  # the sender is rank 0 of the inbound edge
+                msg = decode(self._in.recv(0))  # the sender is rank 0 of the inbound edge
                 self.inbox.put(msg)
-                if msg and msg[0] == OP_STOP:
+                if isinstance(msg, Stop):
                     return
         except Exception as e:
             log.warning("[stage %d] ring receive ended: %s", self.index, e)
-            self.inbox.put(_CLOSED)
+            self.inbox.put(CLOSED)
 
-    def send(self, values: list[Any]) -> None:
+    def send(self, msg: RingMessage) -> None:
         """Send one message to the next stage (for the last stage: to stage 0)."""
         assert self._out is not None
-        self._out.send(values, 1)
+        self._out.send(encode(msg), 1)
         self._out.flush()
 
     @property
     def bytes_sent(self) -> int:
         return self._out.bytes_sent if self._out is not None else 0
 
-    def recv(self, timeout: float | None = None) -> Any:
+    def recv(self, timeout: float | None = None) -> RingMessage | None:
         """The next inbound message; None when ``timeout`` passes; raises when the ring broke."""
         try:
             msg = self.inbox.get(timeout=timeout)
         except queue.Empty:
             return None
-        if msg is _CLOSED:
+        if isinstance(msg, RingClosed):
             raise ConnectionError(f"stage {self.index}: the previous stage is gone")
         return msg

@@ -22,7 +22,6 @@ two nodes of the same process go through a local queue; so the fill-drain order 
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import logging
 import time
@@ -38,14 +37,39 @@ from .microbatch import merge_microbatches, split_microbatches
 from .schedule import Action, fill_drain
 from .stage import Stage
 from .trace import WHOLE, Wire
-from .transport import Channel, StageFailure
+from .transport import (
+    Channel,
+    StageFailure,
+    device_identity,
+    gloo_group,
+    nccl_between,
+    nccl_group,
+    nccl_usable,
+    use_device,
+)
 
-__all__ = ["DRIVER", "Driver", "Mesh", "RankMap", "Routes", "StageExecutor", "serve_stage"]
+__all__ = [
+    "DRIVER",
+    "Driver",
+    "Mesh",
+    "RankMap",
+    "Routes",
+    "StageExecutor",
+    "device_identity",
+    "gloo_group",
+    "make_mesh",
+    "nccl_between",
+    "nccl_group",
+    "nccl_usable",
+    "serve_stage",
+    "use_device",
+]
 
 log = logging.getLogger(__name__)
 
 DRIVER = -1
-OP_STOP, OP_RUN = 0, 1
+CMD_STOP, CMD_RUN = 0, 1
+"""What the driver tells a stage process: stop, or run the next ``n`` microbatches."""
 
 
 @dataclass(frozen=True)
@@ -211,7 +235,7 @@ def serve_stage(stage: Stage, mesh: Mesh) -> StageTimes:
     ex = StageExecutor(stage, mesh, Routes.from_wiring(stage.args, stage.outputs))
     while True:
         op, n = mesh.recv(DRIVER, stage.index)
-        if op == OP_STOP:
+        if op == CMD_STOP:
             mesh.flush()
             return ex.times
         for action in fill_drain(ex.routes.num_stages, n)[stage.index]:
@@ -263,7 +287,7 @@ class Driver:
         routes = self.routes
         window = self.window or 2 * routes.num_stages
         for s in self.mesh.ranks.remote_stages():
-            self.mesh.send([OP_RUN, len(micro)], DRIVER, s)
+            self.mesh.send([CMD_RUN, len(micro)], DRIVER, s)
         fed = 0
 
         def feed(upto: int) -> None:
@@ -306,51 +330,26 @@ class Driver:
 
     def stop(self) -> None:
         for s in self.mesh.ranks.remote_stages():
-            self.mesh.send([OP_STOP, 0], DRIVER, s)
+            self.mesh.send([CMD_STOP, 0], DRIVER, s)
         self.mesh.flush()
 
 
-def gloo_group(store: dist.Store, rank: int, size: int, timeout_s: float) -> dist.ProcessGroup:
-    return dist.ProcessGroupGloo(store, rank, size, datetime.timedelta(seconds=timeout_s))
-
-
-def use_device(device: torch.device | str) -> None:
-    """Make ``device`` this process's current CUDA device (``"cuda"`` alone: keep the current
-    one); no-op for CPU."""
-    d = torch.device(device)
-    if d.type == "cuda" and d.index is not None:
-        torch.cuda.set_device(d)
-
-
-def device_identity(device: torch.device | str) -> str:
-    """``"cpu"``, or ``"cuda:<uuid>"`` naming the physical GPU (the same on every process that
-    sees it, whatever its ``CUDA_VISIBLE_DEVICES`` index)."""
-    d = torch.device(device)
-    if d.type != "cuda":
-        return d.type
-    index = d.index if d.index is not None else torch.cuda.current_device()
-    return f"cuda:{torch.cuda.get_device_properties(index).uuid}"
-
-
-def nccl_usable(identities: list[str]) -> bool:
-    """NCCL joins CUDA ranks on distinct GPUs only."""
-    return all(i.startswith("cuda:") for i in identities) and len(set(identities)) == len(
-        identities
+def make_mesh(store: dist.Store, ranks: RankMap, node: int, device: str, timeout_s: float) -> Mesh:
+    """Node ``node``'s (DRIVER or a stage) side of the data plane: the gloo edge group and,
+    on CUDA, the NCCL stage group."""
+    edge_rank = ranks.rank(node)
+    edge = Channel(
+        gloo_group(dist.PrefixStore("edge", store), edge_rank, ranks.world_size, timeout_s)
     )
-
-
-def nccl_between(store: dist.Store, rank: int, size: int, device: torch.device | str) -> bool:
-    """Whether ranks ``0..size-1`` of a group about to be made can use NCCL.  Each rank publishes
-    its :func:`device_identity` under ``store`` and reads the others', so all decide alike."""
-    store.set(f"device/{rank}", device_identity(device))
-    identities = [store.get(f"device/{r}").decode() for r in range(size)]
-    use = nccl_usable(identities)
-    if not use and torch.device(device).type == "cuda":
-        log.info("rank %d: devices %s -> gloo through host memory, not NCCL", rank, identities)
-    return use
-
-
-def nccl_group(store: dist.Store, rank: int, size: int, timeout_s: float) -> dist.ProcessGroup:
-    opts = dist.ProcessGroupNCCL.Options()
-    opts._timeout = datetime.timedelta(seconds=timeout_s)
-    return dist.ProcessGroupNCCL(store, rank, size, opts)
+    stages = None
+    # A separate driver only talks over gloo; a driver hosting the last stage is that stage.
+    # NCCL only when every stage has a GPU of its own (all stages agree through the store).
+    joins_nccl = node != DRIVER or ranks.driver_hosts_last
+    if joins_nccl:
+        stage = ranks.num_stages - 1 if node == DRIVER else node
+        use_device(device)
+        nccl_store = dist.PrefixStore("nccl", store)
+        if nccl_between(nccl_store, stage, ranks.num_stages, device):
+            pg = nccl_group(nccl_store, stage, ranks.num_stages, timeout_s)
+            stages = Channel(pg, device)
+    return Mesh(ranks, edge, stages)

@@ -17,18 +17,20 @@ from typing import Any
 
 import torch
 
-from .errors import PlanError
+from .errors import PlanError, RequestError, ResourceExhausted
 from .logits_rules import LogitsRules
 
-__all__ = ["RequestError", "ResourceExhausted", "Sampler", "SamplingParams"]
-
-
-class RequestError(ValueError):
-    """A request is invalid; the message says which field and what is allowed."""
-
-
-class ResourceExhausted(RuntimeError):
-    """The queue or the KV budget cannot take this request now (or ever, says which)."""
+__all__ = [
+    "FLOAT_COLUMNS",
+    "INT_COLUMNS",
+    "RequestError",
+    "ResourceExhausted",
+    "Sampler",
+    "SamplingParams",
+    "context_length",
+    "decode_rows",
+    "encode_rows",
+]
 
 
 @dataclass
@@ -82,19 +84,30 @@ class SamplingParams:
         return self.seed if self.seed is not None else random.getrandbits(62)
 
 
+FLOAT_COLUMNS = ("temperature", "top_p", "repetition_penalty")
+"""The float64 sampling columns of a prefill (:func:`encode_rows`), in order."""
+INT_COLUMNS = ("top_k", "seed", "step_offset", "max_new_tokens")
+"""The int64 sampling columns of a prefill, in order (a uint64 seed travels as the int64 of
+the same bits)."""
+
+
 def encode_rows(params: list[SamplingParams], seeds: list[int]) -> tuple[torch.Tensor, ...]:
-    """Per-row parameters as two small tensors (they travel to the last stage)."""
-    f = torch.tensor(
-        [[p.temperature, p.top_p, p.repetition_penalty] for p in params], dtype=torch.float64
-    )
-    i = torch.tensor(
-        [
-            [p.top_k, s - 2**64 if s >= 2**63 else s, p.step_offset, p.max_new_tokens]
-            for p, s in zip(params, seeds, strict=True)
-        ],  # a uint64 seed travels as the int64 of the same bits
-        dtype=torch.int64,
-    )
-    return f, i
+    """Per-row parameters as two small tensors (they travel to the last stage): one row per
+    request, columns :data:`FLOAT_COLUMNS` and :data:`INT_COLUMNS`."""
+    f = torch.tensor([[getattr(p, c) for c in FLOAT_COLUMNS] for p in params], dtype=torch.float64)
+    rows = []
+    for p, s in zip(params, seeds, strict=True):
+        values = {"seed": s - 2**64 if s >= 2**63 else s}
+        rows.append([values[c] if c in values else getattr(p, c) for c in INT_COLUMNS])
+    return f, torch.tensor(rows, dtype=torch.int64)
+
+
+def decode_rows(floats: torch.Tensor, ints: torch.Tensor) -> dict[str, list[Any]]:
+    """The columns of :func:`encode_rows` by name, one value per row (seeds as uint64)."""
+    cols: dict[str, list[Any]] = {c: floats[:, k].tolist() for k, c in enumerate(FLOAT_COLUMNS)}
+    cols.update({c: ints[:, k].tolist() for k, c in enumerate(INT_COLUMNS)})
+    cols["seed"] = [s % 2**64 for s in cols["seed"]]
+    return cols
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -118,17 +131,22 @@ class Sampler:
         rules: LogitsRules,
         encoder_ids: list[list[int]],
     ) -> None:
-        self.temperature = floats[:, 0].tolist()
-        self.top_p = floats[:, 1].tolist()
-        penalty = floats[:, 2].tolist()
-        self.top_k = ints[:, 0].tolist()
-        self.seeds = [s % 2**64 for s in ints[:, 1].tolist()]
-        self.steps = ints[:, 2].tolist()
+        cols = decode_rows(floats, ints)
+        self.temperature = cols["temperature"]
+        self.top_p = cols["top_p"]
+        self.top_k = cols["top_k"]
+        self.seeds = cols["seed"]
+        self.steps = cols["step_offset"]
         self.own = list(own)
         self.procs: list[Any] = [
             rules.for_request(n, n - off, new, pen, e)
             for n, off, new, pen, e in zip(
-                self.own, self.steps, ints[:, 3].tolist(), penalty, encoder_ids, strict=True
+                self.own,
+                self.steps,
+                cols["max_new_tokens"],
+                cols["repetition_penalty"],
+                encoder_ids,
+                strict=True,
             )
         ]
         self._gen = torch.Generator()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import inspect
 import json
 import re
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, PlanError
-from .load import CheckpointIndex, Merge
+from .load import CheckpointIndex
 
 __all__ = [
     "InputSpec",
@@ -461,100 +460,6 @@ def _other_modalities(config: Any) -> bool:
     """A config with a vision or audio sub-config (CLIP, SigLIP, CLAP, ...): the model takes
     more than text."""
     return any(getattr(config, k, None) is not None for k in ("vision_config", "audio_config"))
-
-
-def hf_checkpoint_keys(model: nn.Module, ckpt: CheckpointIndex) -> None:
-    """Map ``model``'s tensor names onto the keys of ``ckpt`` where they differ.
-
-    transformers 5 keeps legacy key names in checkpoints (``vit.encoder.layer.0...``) and renames
-    them on load (``vit.layers.0...``); a checkpoint of the base model may also lack (or carry)
-    the ``base_model_prefix``; and some tensors are stored in pieces that it merges on load
-    (Mixtral's ``experts.N.w1``/``w3`` -> ``experts.gate_up_proj``).  We apply the library's own
-    rules to the checkpoint's keys: renames go to ``ckpt.renames``, merges (the pieces in
-    order, and the library's conversion operations) to ``ckpt.merges``.
-    """
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import (
-            WeightConverter,
-            WeightRenaming,
-            rename_source_key,
-        )
-    except ImportError:  # an older transformers: checkpoint keys are module names
-        return
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    names = dict.fromkeys(
-        [n for n, _ in model.named_parameters(remove_duplicate=False)]
-        + [n for n, _ in model.named_buffers(remove_duplicate=False)],
-        True,
-    )
-    prefix = getattr(model, "base_model_prefix", None) or None
-    pieces: dict[str, dict[str, list[str]]] = {}
-    for key in ckpt.weight_map:
-        new, pattern = rename_source_key(key, renamings, converters, prefix, names)
-        if new not in names:
-            continue
-        if pattern is None:
-            if new != key:
-                ckpt.renames[new] = key
-        else:
-            pieces.setdefault(new, {}).setdefault(pattern, []).append(key)
-    for target, by_pattern in pieces.items():
-        conv = next(c for c in converters if set(by_pattern) <= set(c.source_patterns))
-        ordered = {p: sorted(by_pattern[p], key=_natural) for p in conv.source_patterns}
-        ckpt.merges[target] = Merge(ordered, _combiner(conv, target, model.config))
-
-
-def _natural(key: str) -> list[Any]:
-    """``experts.10`` after ``experts.9``."""
-    return [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", key)]
-
-
-def _combiner(conv: Any, target: str, config: Any) -> Any:
-    def combine(tensors: dict[str, list[torch.Tensor]]) -> torch.Tensor:
-        out: dict[str, Any] = {p: list(ts) for p, ts in tensors.items()}
-        for op in conv.operations:
-            out = op.convert(
-                out,
-                source_patterns=conv.source_patterns,
-                target_patterns=conv.target_patterns,
-                full_layer_name=target,
-                model=None,
-                config=config,
-            )
-        if len(out) != 1:
-            raise CheckpointError(f"merging the pieces of {target!r} gave {len(out)} tensors")
-        return next(iter(out.values()))
-
-    return combine
-
-
-class HFForward(nn.Module):
-    """Wrap a Hugging Face model so it takes tensors positionally and returns one tensor.
-
-    Returns ``logits`` when the model produces them, else the first output
-    (``last_hidden_state``).  No cache: generation uses another stage form.
-    """
-
-    def __init__(self, model: nn.Module, input_names: list[str]) -> None:
-        super().__init__()
-        self.m = model
-        self.input_names = list(input_names)
-        params = inspect.signature(model.forward).parameters
-        self.extra: dict[str, Any] = {}
-        if "use_cache" in params:
-            self.extra["use_cache"] = False
-        if "return_dict" in params:
-            self.extra["return_dict"] = True
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        out = self.m(**dict(zip(self.input_names, args, strict=True)), **self.extra)
-        logits = getattr(out, "logits", None)
-        if logits is not None:
-            return logits
-        return out[0] if isinstance(out, tuple | list) else out.to_tuple()[0]
 
 
 def hf_tokenizer(checkpoint: str | Path) -> Any:

@@ -18,9 +18,10 @@ from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .errors import CheckpointError, PlanError
+from .hf_keys import hf_checkpoint_keys
 from .load import CheckpointIndex, ReadStats, read_tensors
 from .plan import Plan
-from .source import build_skeleton, hf_checkpoint_keys, parse_dtype
+from .source import build_skeleton, parse_dtype
 from .trace import TracedPipeline, Wire, model_name_of, trace_pipeline
 
 __all__ = ["Stage", "build_stage", "trace_plan"]

@@ -16,6 +16,7 @@ the wiring must be read from the root graph, never assumed.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import operator
 import re
@@ -31,7 +32,7 @@ from torch.export import Dim
 from torch.utils._pytree import tree_map
 
 from .errors import TraceError
-from .source import HFForward, InputSpec, export_experts
+from .source import InputSpec, export_experts
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,32 @@ def _dynamic_shapes(inputs: list[InputSpec], infer: bool = False) -> tuple[Any, 
             }
         )
     return (tuple(per_input),)
+
+
+class HFForward(nn.Module):
+    """Wrap a Hugging Face model so it takes tensors positionally and returns one tensor.
+
+    Returns ``logits`` when the model produces them, else the first output
+    (``last_hidden_state``).  No cache: generation uses another stage form.
+    """
+
+    def __init__(self, model: nn.Module, input_names: list[str]) -> None:
+        super().__init__()
+        self.m = model
+        self.input_names = list(input_names)
+        params = inspect.signature(model.forward).parameters
+        self.extra: dict[str, Any] = {}
+        if "use_cache" in params:
+            self.extra["use_cache"] = False
+        if "return_dict" in params:
+            self.extra["return_dict"] = True
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        out = self.m(**dict(zip(self.input_names, args, strict=True)), **self.extra)
+        logits = getattr(out, "logits", None)
+        if logits is not None:
+            return logits
+        return out[0] if isinstance(out, tuple | list) else out.to_tuple()[0]
 
 
 class _Positional(nn.Module):

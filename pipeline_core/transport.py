@@ -11,11 +11,16 @@ Because every message carries its own header, shapes may change from one request
 and a receiver never guesses.  Payloads travel as raw bytes (``uint8`` views), so any dtype
 works on any backend (gloo has no bool or bfloat16 send), with no conversion cost.
 
-gloo serves CPU stages; NCCL serves CUDA stages (tensors stay on the GPU).
+gloo serves CPU stages; NCCL serves CUDA stages (tensors stay on the GPU).  The process
+groups a channel runs on are made here too (:func:`gloo_group`, :func:`nccl_group`;
+:func:`nccl_between` decides which, the same way on every rank), for the forward mesh
+(:mod:`.runtime`) and the generation ring (:mod:`.ring`) alike.
 """
 
 from __future__ import annotations
 
+import datetime
+import logging
 import math
 import struct
 from collections.abc import Sequence
@@ -26,7 +31,20 @@ import torch.distributed as dist
 
 from .errors import TransportError
 
-__all__ = ["Channel", "StageFailure", "decode_header", "encode_header"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Channel",
+    "StageFailure",
+    "decode_header",
+    "device_identity",
+    "encode_header",
+    "gloo_group",
+    "nccl_between",
+    "nccl_group",
+    "nccl_usable",
+    "use_device",
+]
 
 
 class StageFailure:
@@ -232,3 +250,52 @@ class Channel:
             return v
 
         return [fill(v) for v in values]
+
+
+# ---------------------------------------------------------------------------- process groups
+
+
+def gloo_group(store: dist.Store, rank: int, size: int, timeout_s: float) -> dist.ProcessGroup:
+    return dist.ProcessGroupGloo(store, rank, size, datetime.timedelta(seconds=timeout_s))
+
+
+def use_device(device: torch.device | str) -> None:
+    """Make ``device`` this process's current CUDA device (``"cuda"`` alone: keep the current
+    one); no-op for CPU."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is not None:
+        torch.cuda.set_device(d)
+
+
+def device_identity(device: torch.device | str) -> str:
+    """``"cpu"``, or ``"cuda:<uuid>"`` naming the physical GPU (the same on every process that
+    sees it, whatever its ``CUDA_VISIBLE_DEVICES`` index)."""
+    d = torch.device(device)
+    if d.type != "cuda":
+        return d.type
+    index = d.index if d.index is not None else torch.cuda.current_device()
+    return f"cuda:{torch.cuda.get_device_properties(index).uuid}"
+
+
+def nccl_usable(identities: list[str]) -> bool:
+    """NCCL joins CUDA ranks on distinct GPUs only."""
+    return all(i.startswith("cuda:") for i in identities) and len(set(identities)) == len(
+        identities
+    )
+
+
+def nccl_between(store: dist.Store, rank: int, size: int, device: torch.device | str) -> bool:
+    """Whether ranks ``0..size-1`` of a group about to be made can use NCCL.  Each rank publishes
+    its :func:`device_identity` under ``store`` and reads the others', so all decide alike."""
+    store.set(f"device/{rank}", device_identity(device))
+    identities = [store.get(f"device/{r}").decode() for r in range(size)]
+    use = nccl_usable(identities)
+    if not use and torch.device(device).type == "cuda":
+        log.info("rank %d: devices %s -> gloo through host memory, not NCCL", rank, identities)
+    return use
+
+
+def nccl_group(store: dist.Store, rank: int, size: int, timeout_s: float) -> dist.ProcessGroup:
+    opts = dist.ProcessGroupNCCL.Options()
+    opts._timeout = datetime.timedelta(seconds=timeout_s)
+    return dist.ProcessGroupNCCL(store, rank, size, opts)

@@ -16,11 +16,10 @@ import torch.distributed as dist
 from pipeline_core import GenStage, ReadStats, RequestError
 from pipeline_core.detokenize import Detokenizer
 from pipeline_core.engine import EngineLimits, GenerationEngine, serve_generation
-from pipeline_core.local import make_mesh
 from pipeline_core.microbatch import check_chunks
 from pipeline_core.plan import Plan
 from pipeline_core.ring import Ring
-from pipeline_core.runtime import DRIVER, Driver, RankMap, serve_stage
+from pipeline_core.runtime import DRIVER, Driver, RankMap, make_mesh, serve_stage
 from pipeline_core.source import hf_tokenizer
 from pipeline_core.stage import build_stage
 from pipeserve.codec import sampling_from_proto

@@ -26,8 +26,9 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from pipeline_core import ModelSource
-from pipeline_core.cost import device_flops, device_name, unit_seconds
+from pipeline_core.cost import device_flops, device_name
 from pipeline_core.engine import EngineLimits
+from pipeline_core.plan import unit_seconds
 from pipeserve import rpc
 from pipeserve.observe import REQUEST_ID, WorkerCollector, new_request_id, serve_metrics
 from pipeserve.v1 import pipeserve_pb2 as pb

@@ -74,12 +74,14 @@ def test_units_are_profiled_once_per_kind_without_weights(big_head_llama, tmp_pa
     """The fixture has config.json only: profiling runs random weights of each unit's shape."""
     from pipeline_core import cost
 
-    monkeypatch.setenv(cost.PROFILE_CACHE_ENV, str(tmp_path / "profiles.json"))
+    cache = tmp_path / "profiles.json"
     runs = []
     real = cost._profile_kind
     monkeypatch.setattr(cost, "_profile_kind", lambda *a: runs.append(a) or real(*a))
     w = Workload(batch=4, seq=32, chunks=2)
-    plan = make_plan(big_head_llama, Policy.balanced(2), trace=False, workload=w)
+    plan = make_plan(
+        big_head_llama, Policy.balanced(2), trace=False, workload=w, profile_cache=cache
+    )
     units = {u["name"]: u for u in plan.units}
     assert {u["cost"] for u in plan.units} == {"profile"}
     kinds = {type(a[0]).__name__ for a in runs}
@@ -88,7 +90,9 @@ def test_units_are_profiled_once_per_kind_without_weights(big_head_llama, tmp_pa
     assert units["lm_head"]["flops_workload"] == 2 * 2 * 32 * 64 * 4000  # microbatch 2 x 32
     # planning again reads the cache: nothing runs
     runs.clear()
-    again = make_plan(big_head_llama, Policy.balanced(2), trace=False, workload=w)
+    again = make_plan(
+        big_head_llama, Policy.balanced(2), trace=False, workload=w, profile_cache=cache
+    )
     assert not runs and {u["cost"] for u in again.units} == {"cache"}
     assert again.split_points == plan.split_points
 

@@ -27,7 +27,6 @@ def wide_vocab(tmp_path_factory):
 
 
 def _units(source, monkeypatch, tmp_path, **limits):
-    monkeypatch.setenv(cost.PROFILE_CACHE_ENV, str(tmp_path / "profiles.json"))
     for k, v in limits.items():
         monkeypatch.setattr(cost, k, v)
     built: list[tuple[str, int]] = []
@@ -39,7 +38,8 @@ def _units(source, monkeypatch, tmp_path, **limits):
 
     monkeypatch.setattr(cost, "_materialize", spy)
     w = Workload(batch=2, seq=16, chunks=1)
-    plan = make_plan(source, Policy.balanced(2), trace=False, workload=w)
+    cache = tmp_path / "profiles.json"
+    plan = make_plan(source, Policy.balanced(2), trace=False, workload=w, profile_cache=cache)
     assert plan.dtype == "bfloat16"
     return {u["name"]: u for u in plan.units}, built
 

@@ -31,6 +31,9 @@ __all__ = ["build_parser", "main"]
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from pipeline_core.profile_cache import PROFILE_CACHE_ENV, set_default_profile_cache
+
+    set_default_profile_cache(os.environ.get(PROFILE_CACHE_ENV))  # plans, profiles, workers
     saved = os.environ.get("PIPESERVE_LOG")
     if args.cmd == "run":
         # a one-shot run reports a failure on one line: the stages' own warnings (a failed step

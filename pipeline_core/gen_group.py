@@ -1,0 +1,73 @@
+"""One generation group's state on a stage: its rows' ids, the model kwargs holding its KV
+cache, and the padding helpers used when groups merge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["GroupState", "cache_layers", "lpad", "merge_groups", "rows_of"]
+
+
+@dataclass
+class GroupState:
+    """One micro-batch of sequences (rows leave when done; other groups may merge in)."""
+
+    ids: torch.Tensor
+    """Decoder token ids so far, left-padded: ``[rows, length]``."""
+    kwargs: dict[str, Any]
+    """HF ``model_kwargs``: cache, attention_mask, position_ids, encoder outputs, ..."""
+    sampling: Any = None
+    """Last stage only: the rows' :class:`~pipeline_core.sampling.Sampler`."""
+
+    @property
+    def rows(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def lpad(t: torch.Tensor, n: int, dim: int = 1) -> torch.Tensor:
+    """Left-pad ``t`` with zeros to length ``n`` along ``dim``."""
+    dim = dim % t.dim()
+    missing = n - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def rows_of(v: torch.Tensor | None, g: GroupState) -> torch.Tensor:
+    """A group's attention mask / position ids with one row per sequence (None: no padding)."""
+    if v is None:
+        return torch.ones_like(g.ids)
+    return v.expand(g.rows, -1) if v.shape[0] != g.rows else v
+
+
+def cache_layers(cache: Any) -> list[Any]:
+    if hasattr(cache, "self_attention_cache"):
+        return [*cache.self_attention_cache.layers, *cache.cross_attention_cache.layers]
+    return list(cache.layers)
+
+
+def merge_groups(a: GroupState, b: GroupState, ca: Any, cb: Any) -> None:
+    """Append group ``b``'s rows to ``a``; ``ca``/``cb``: their self-attention caches.  The
+    shorter group is left-padded: ids with 0, attention mask and position ids with 0, cache
+    entries with zeros that the mask hides."""
+    n = max(a.ids.shape[1], b.ids.shape[1])
+    for key in ("attention_mask", "position_ids"):
+        va, vb = a.kwargs.get(key), b.kwargs.get(key)
+        if key == "position_ids" and va is None and vb is None:
+            continue  # the model takes no position ids
+        va, vb = rows_of(va, a), rows_of(vb, b)
+        a.kwargs[key] = torch.cat([lpad(va, n), lpad(vb, n)])
+    a.ids = torch.cat([lpad(a.ids, n), lpad(b.ids, n)])
+    for la, lb in zip(ca.layers, cb.layers, strict=True):
+        if not getattr(la, "is_initialized", False):
+            continue
+        m = max(la.keys.shape[-2], lb.keys.shape[-2])
+        la.keys = torch.cat([lpad(la.keys, m, -2), lpad(lb.keys, m, -2)])
+        la.values = torch.cat([lpad(la.values, m, -2), lpad(lb.values, m, -2)])
+    if a.sampling is not None and b.sampling is not None:
+        a.sampling.extend(b.sampling)
