@@ -323,13 +323,14 @@ def run_pipeline(path: Path, stages: int, tokens: int) -> dict[str, Any]:
 
 
 def plan_once(
-    path: Path, stages: int, worker_memory: str = "24GiB", trace: bool = True
+    path: Path, stages: int, worker_memory: str = "24GiB", trace: bool = False
 ) -> dict[str, Any]:
-    """``pipeserve plan DIR --stages N`` (default policy: balanced, profiled; traced) with a
-    cold profile cache, in its own process: seconds, peak RSS, workers of a size needed."""
+    """``pipeserve plan DIR --stages N`` (default policy: balanced, profiled; ``--trace``
+    also records stage I/O with torch.export) with a cold profile cache, in its own process:
+    seconds, peak RSS, workers of a size needed."""
     env = {**os.environ, "PIPESERVE_PROFILE_CACHE": tempfile.mktemp(suffix=".json")}
     cmd = [sys.executable, "-m", "pipeserve", "plan", str(path), "--stages", str(stages)]
-    cmd += ["--worker-memory", worker_memory] + ([] if trace else ["--no-trace"])
+    cmd += ["--worker-memory", worker_memory] + (["--trace"] if trace else [])
     cmd = ["/usr/bin/time", "-f", "%M %e", *cmd]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -386,10 +387,17 @@ def bench_model(name: str, root: Path, stages: int, tokens: int) -> dict[str, An
     row["run"] = run_pipeline(path, stages, tokens)
     row["run"]["equal"] = row["run"].get("tokens") == row["single"]["tokens"]
     print(f"  pipeserve run: {row['run']}", flush=True)
+    plan_rows(row, path, stages, traced=True)
+    return row
+
+
+def plan_rows(row: dict[str, Any], path: Path, stages: int, traced: bool) -> None:
+    """``row["plan"]``: the default ``pipeserve plan``; ``row["plan_traced"]``: with
+    ``--trace`` (measured only when ``traced``; else an earlier run's figure is kept)."""
     row["plan"] = plan_once(path, stages)
     print(f"  plan: {row['plan']['seconds']:.1f} s {row['plan']['peak'] / 2**30:.2f} GiB")
-    row["plan_untraced"] = plan_once(path, stages, trace=False)
-    return row
+    if traced:
+        row["plan_traced"] = plan_once(path, stages, trace=True)
 
 
 def main() -> None:
@@ -401,21 +409,40 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "scale.json"))
     ap.add_argument("--keep", action="store_true", help="keep other models' rows in --out")
     ap.add_argument("--skip-70b", action="store_true", help="keep --out's 70B plan row")
+    ap.add_argument(
+        "--plans-only",
+        action="store_true",
+        help="re-measure only the default `pipeserve plan` rows (checkpoints already in --dir); "
+        "keep every other figure of --out, the traced plans included",
+    )
     args = ap.parse_args()
     root = Path(args.dir)
     out = Path(args.out)
     # a run of some models keeps the other models' rows of an earlier run
-    old = json.loads(out.read_text()) if out.is_file() and args.keep else {}
+    old = json.loads(out.read_text()) if out.is_file() and (args.keep or args.plans_only) else {}
     rows = {r["model"]: r for r in old.get("models", [])}
+    for r in [*rows.values(), old.get("plan_70b") or {}]:  # results of before --trace was opt-in
+        untraced = r.pop("plan_untraced", None) or r.pop("untraced", None)
+        if untraced is not None:
+            if "plan" in r:
+                r["plan_traced"], r["plan"] = r["plan"], untraced
+            else:  # the 70B row: the traced figures at the top level
+                r["traced"] = {k: v for k, v in r.items()}
+                r.update(untraced)
     for m in [m for m in args.models.split(",") if m]:
-        rows[m] = bench_model(m, root, args.stages, args.tokens)
+        if args.plans_only:
+            print(m, flush=True)
+            plan_rows(rows[m], root / m, args.stages, traced=False)
+        else:
+            rows[m] = bench_model(m, root, args.stages, args.tokens)
     plan70 = old.get("plan_70b")
     if not args.skip_70b or plan70 is None:
         cfg70 = root / "llama-2-70b"
         cfg70.mkdir(parents=True, exist_ok=True)
         config_of(SHAPES["llama-2-70b"]).save_pretrained(cfg70)
+        traced70 = (plan70 or {}).get("traced")
         plan70 = plan_once(cfg70, args.stages)
-        plan70["untraced"] = plan_once(cfg70, args.stages, trace=False)
+        plan70["traced"] = traced70 if args.plans_only else plan_once(cfg70, args.stages, True)
         print(f"70B plan: {plan70['seconds']:.1f} s {plan70['peak'] / 2**30:.2f} GiB")
     result = {
         "host": {"cpus": os.cpu_count(), "cpu": cpu_name(), "date": time.strftime("%F %T")},

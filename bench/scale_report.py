@@ -86,7 +86,7 @@ def report(res: dict[str, Any]) -> str:
             )
         p = m["plan"]
         row(
-            f"{name}: `pipeserve plan DIR --stages 4` (balanced, profiled, traced; cold "
+            f"{name}: `pipeserve plan DIR --stages 4` (default: balanced, profiled; cold "
             "profile cache), own process",
             "< 15 s, < 1 GiB; dtype the checkpoint's",
             f"{p['seconds']:.1f} s, {_gib(p['peak'])}, dtype {p['dtype']}",
@@ -94,16 +94,15 @@ def report(res: dict[str, Any]) -> str:
             "-",
             p["seconds"] < 15 and p["peak"] < 2**30 and p["dtype"] == m["dtype"],
         )
-        u = m.get("plan_untraced")
-        if u:
+        t = m.get("plan_traced")
+        if t:
             row(
-                f"{name}: `pipeserve plan DIR --stages 4 --no-trace` (as `run` and `admin load` "
-                "plan generation; cold profile cache)",
-                "< 15 s, < 1 GiB",
-                f"{u['seconds']:.1f} s, {_gib(u['peak'])}",
+                f"{name}: the same with `--trace` (stage I/O recorded by torch.export)",
+                "report",
+                f"{t['seconds']:.1f} s, {_gib(t['peak'])}",
                 "-",
                 "-",
-                u["seconds"] < 15 and u["peak"] < 2**30,
+                None,
             )
     p = res["plan_70b"]
     row(
@@ -115,15 +114,15 @@ def report(res: dict[str, Any]) -> str:
         "-",
         p["seconds"] < 30 and p["peak"] < 2**30 and bool(p["workers_needed"]),
     )
-    u = p.get("untraced")
-    if u:
+    t = p.get("traced")
+    if t:
         row(
-            "Llama-2-70B config: the same with `--no-trace`",
-            "< 30 s, < 1 GiB",
-            f"{u['seconds']:.1f} s, {_gib(u['peak'])}; '{u['workers_needed']}'",
+            "Llama-2-70B config: the same with `--trace`",
+            "report",
+            f"{t['seconds']:.1f} s, {_gib(t['peak'])}",
             "-",
             "-",
-            u["seconds"] < 30 and u["peak"] < 2**30,
+            None,
         )
     notes = []
     for m in res["models"]:

@@ -64,13 +64,15 @@ def format_plan(plan: Plan, *, workers: Sequence[str] = (), times_from: str = ""
         f"{'stage':>5}  {worker_col}{'bytes':>12}  {'KV/token':>9}  {'est. ms':>8}  "
         f"{'compute':>7}  {'tensors':>7}  {'recv':>4}  {'send':>4}  units",
     ]
+    traced = any(s.receives or s.sends for s in plan.stages)  # stage I/O recorded
     for s, share in zip(plan.stages, stage_shares(plan), strict=True):
         ms = f"{1e3 * s.seconds:8.1f}" if timed else f"{'-':>8}"
+        recv, send = (len(s.receives), len(s.sends)) if traced else ("-", "-")
         worker = f"{workers[s.index] or '-':>10}  " if workers else ""
         lines.append(
             f"{s.index:>5}  {worker}{human(s.nbytes):>12}  {human(s.kv_bytes_per_token):>9}  "
-            f"{ms}  {100 * share:>6.1f}%  {len(s.tensors):>7}  {len(s.receives):>4}  "
-            f"{len(s.sends):>4}  {_units(s.units)}"
+            f"{ms}  {100 * share:>6.1f}%  {len(s.tensors):>7}  {recv:>4}  "
+            f"{send:>4}  {_units(s.units)}"
         )
     if timed:
         e, w = plan.estimate, plan.workload

@@ -29,36 +29,43 @@ def gpt2_dir(tmp_path_factory):
 
 
 def test_plan_table_and_json(gpt2_dir, capsys):
-    assert main(["plan", str(gpt2_dir), "--equal-size", "3", "--no-trace"]) == 0
+    assert main(["plan", str(gpt2_dir), "--equal-size", "3"]) == 0
     table = capsys.readouterr().out
     assert "equal_size(3)" in table
     rows = table.split("send  units\n", 1)[1].split("\n\n")[0].splitlines()
     assert [line.split()[0] for line in rows] == ["0", "1", "2"]
     assert "predicted: one batch of 8 in 4 microbatches" in table and "bubble" in table
+    assert "   -     -  " in rows[1], "untraced (the default): stage I/O not recorded"
     assert main(["plan", str(gpt2_dir), "--split-at", "transformer.h.2", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["version"] == 1 and len(plan["stages"]) == 2
     assert plan["stages"][1]["units"][0] == "transformer.h.2"
+    assert not plan["stages"][1]["receives"]
+    assert main(["plan", str(gpt2_dir), "--split-at", "transformer.h.2", "--trace"]) == 0
+    rows = capsys.readouterr().out.split("send  units\n", 1)[1].splitlines()
+    assert "   -     -  " not in rows[1], "--trace records what each stage receives and sends"
+    assert main(["plan", str(gpt2_dir), "--split-at", "transformer.h.2", "--trace", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
     assert plan["stages"][1]["receives"], "traced plans record stage inputs"
 
 
 def test_plan_units_and_threshold(gpt2_dir, capsys):
-    assert main(["plan", str(gpt2_dir), "--units", "--no-trace"]) == 0
+    assert main(["plan", str(gpt2_dir), "--units"]) == 0
     units = capsys.readouterr().out.splitlines()
     assert units[0].endswith("transformer.wte") and units[-1].endswith("lm_head")
-    assert main(["plan", str(gpt2_dir), "--threshold", "100KB", "--no-trace"]) == 0
+    assert main(["plan", str(gpt2_dir), "--threshold", "100KB"]) == 0
     assert "threshold(100000 bytes)" in capsys.readouterr().out
     assert main(["plan", str(gpt2_dir), "--balanced", "2", "--stage-speed", "1,2"]) == 0
     out = capsys.readouterr().out
     assert "balanced(2) by time" in out and "%" in out
-    assert main(["plan", str(gpt2_dir), "--no-trace", "--json"]) == 0  # the default policy
+    assert main(["plan", str(gpt2_dir), "--json"]) == 0  # the default policy
     plan = json.loads(capsys.readouterr().out)
     assert plan["policy"]["kind"] == "balanced" and len(plan["stages"]) == 2
     assert plan["estimate"]["bubble"] > 0 and all(s["seconds"] > 0 for s in plan["stages"])
 
 
 def test_plan_errors_are_clear(gpt2_dir, tmp_path, capsys):
-    assert main(["plan", str(gpt2_dir), "--threshold", "1KB", "--no-trace"]) == 2
+    assert main(["plan", str(gpt2_dir), "--threshold", "1KB"]) == 2
     assert "larger than the threshold" in capsys.readouterr().err
     assert main(["plan", str(gpt2_dir), "--split-at", "transformer.h.9"]) == 2
     assert "unknown split point 'transformer.h.9'" in capsys.readouterr().err

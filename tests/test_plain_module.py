@@ -90,7 +90,7 @@ def test_units_flag_lists_the_split_points(tmp_path, capsys, monkeypatch):
     save_file(plain_module.build().state_dict(), str(tmp_path / "model.safetensors"))
     spec = {"name": "x", "shape": [4, 16], "dtype": "float32", "dynamic": {"0": "batch"}}
     (tmp_path / "inputs.json").write_text(json.dumps([spec]))
-    args = ["plan", str(tmp_path), "--factory", plain_module.FACTORY, "--units", "--no-trace"]
+    args = ["plan", str(tmp_path), "--factory", plain_module.FACTORY, "--units"]
     assert main([*args, "--equal-size", "2"]) == 0
     units = [ln.split()[-1] for ln in capsys.readouterr().out.splitlines()]
     assert units == ["embed", *[f"blocks.{i}" for i in range(6)], "head.0", "head.1"]
