@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline_core import Plan, Policy
+from pipeserve.codec import policy_from_proto
 from pipeserve.v1 import pipeserve_pb2 as pb
 
 from .core import Progress
@@ -44,14 +45,7 @@ def worker_status(s: pb.WorkerStatus) -> WorkerStatus:
 
 def policy(p: pb.SplitPolicy) -> Policy:
     """The split policy; ``balanced`` (by time) when none is set."""
-    kind = p.WhichOneof("kind")
-    if kind == "threshold_bytes":
-        return Policy.threshold(p.threshold_bytes)
-    if kind == "manual":
-        return Policy.manual(list(p.manual.split_at))
-    if kind == "equal_size":
-        return Policy.equal_size(p.equal_size)
-    return Policy.balanced(p.balanced)
+    return policy_from_proto(p)
 
 
 def model_info(m: ModelRecord) -> pb.ModelInfo:

@@ -4,6 +4,8 @@ mapping of errors to status codes -- reads it at the edge."""
 
 from __future__ import annotations
 
+from pipeline_core.errors import clip
+
 __all__ = [
     "AlreadyExists",
     "CoordinatorError",
@@ -18,17 +20,6 @@ __all__ = [
     "WorkerCallFailed",
     "clip",
 ]
-
-ECHO_CHARS = 80
-"""The most of a caller's string an error message repeats back."""
-
-
-def clip(text: str, n: int = ECHO_CHARS) -> str:
-    """``repr(text)`` for an error message, cut to about ``n`` characters: a 1 MB name must
-    not come back in a status (it would not even fit gRPC's metadata)."""
-    if len(text) <= n:
-        return repr(text)
-    return f"{text[:n]!r}... ({len(text)} characters)"
 
 
 class CoordinatorError(Exception):

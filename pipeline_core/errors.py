@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "ECHO_CHARS",
     "CheckpointError",
     "DoesNotFit",
     "GenerationFailed",
@@ -22,7 +23,20 @@ __all__ = [
     "TraceError",
     "TransportError",
     "UnsupportedModelError",
+    "clip",
 ]
+
+
+ECHO_CHARS = 80
+"""The most of a caller's string an error message repeats back."""
+
+
+def clip(text: str, n: int = ECHO_CHARS) -> str:
+    """``repr(text)`` for an error message, cut to about ``n`` characters: a 1 MB name must
+    not come back in a status (it would not even fit gRPC's metadata)."""
+    if len(text) <= n:
+        return repr(text)
+    return f"{text[:n]!r}... ({len(text)} characters)"
 
 
 class PlanError(ValueError):

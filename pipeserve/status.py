@@ -16,6 +16,7 @@ from pipeline_core import (
     ResourceExhausted,
     TraceError,
 )
+from pipeline_core.errors import ECHO_CHARS, clip
 
 __all__ = ["ECHO_CHARS", "abort_for", "clip"]
 
@@ -43,15 +44,3 @@ def abort_for(context: grpc.ServicerContext, e: BaseException) -> None:
         context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
     log.exception("internal error")
     context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
-
-
-ECHO_CHARS = 80
-"""The most of a caller's string an error message repeats back."""
-
-
-def clip(text: str, n: int = ECHO_CHARS) -> str:
-    """``repr(text)`` for an error message, cut to about ``n`` characters: a 1 MB name must
-    not come back in a status (it would not even fit gRPC's metadata)."""
-    if len(text) <= n:
-        return repr(text)
-    return f"{text[:n]!r}... ({len(text)} characters)"
