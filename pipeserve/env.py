@@ -1,4 +1,4 @@
-"""Environment variables pipeserve reads (the deployment manifests are checked against this)."""
+"""Environment variables pipeserve reads -- only at its edges: the command line and the servers' start-up, which pass the values down (the deployment manifests are checked against this)."""
 
 ENV_VARS = {
     "PIPESERVE_LOG": "log level of every pipeserve process (DEBUG, INFO, WARNING; default WARNING)",
@@ -12,6 +12,8 @@ ENV_VARS = {
     "PIPESERVE_TLS_CA": "CA certificate (verify peers; servers then require client certs)",
     "PIPESERVE_TLS_CERT": "this process's TLS certificate",
     "PIPESERVE_TLS_KEY": "its private key",
+    "PIPESERVE_PROFILE_CACHE": "the JSON file measured unit times are kept in (planner, workers' "
+    "profiling; default ~/.cache/pipeserve/unit-profiles.json)",
 }
 THIRD_PARTY_PREFIXES = ("NCCL_", "GLOO_", "TORCH_", "OMP_", "CUDA_")
 """Variables read by torch.distributed / NCCL / gloo / CUDA, which users set for networking."""
