@@ -1,4 +1,5 @@
-"""Environment variables pipeserve reads -- only at its edges: the command line and the servers' start-up, which pass the values down (the deployment manifests are checked against this)."""
+"""Environment variables pipeserve reads -- only at its edges: the command line and the
+servers' start-up, which pass the values down (the manifests are checked against this)."""
 
 ENV_VARS = {
     "PIPESERVE_LOG": "log level of every pipeserve process (DEBUG, INFO, WARNING; default WARNING)",
