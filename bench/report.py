@@ -20,6 +20,7 @@ ORDER = [
     "core",
     "balance",
     "generate",
+    "decode",
     "generate_16core",
     "generate_gpu",
     "grpc",
@@ -37,6 +38,8 @@ BASELINES = {
     "core": "`torch.distributed.pipelining` ScheduleGPipe, same split; load peak vs shard bytes",
     "balance": "one process with the whole model; GPipe split at the middle",
     "generate": "HF `generate` in one process; PiPPy-style recompute; the model on 1 stage",
+    "decode": "HF `generate` in one process, interleaved in the same rounds; one gloo hop "
+    "measured alone",
     "generate_16core": "as `generate`, on the 16-core host of the GPU machine (CPU only, one "
     "thread per process, each on its own core)",
     "generate_gpu": "HF `generate` in one process on the same GPU; PiPPy-style recompute on it; "
@@ -56,6 +59,30 @@ def _table(md: str) -> list[str]:
     start = next(i for i, ln in enumerate(lines) if ln.startswith("| metric"))
     end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
     return lines[start:end]
+
+
+FULL = {"decode"}
+"""Benchmarks whose every table goes into BENCHMARKS.md (not only the first)."""
+
+
+def _tables(md: str) -> list[str]:
+    """Every markdown table of a results file with the heading above each after the first."""
+    lines, out, heading = md.splitlines(), [], ""
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("## "):
+            heading = lines[i].removeprefix("## ")
+        if lines[i].startswith("|"):
+            j = i
+            while j < len(lines) and lines[j].startswith("|"):
+                j += 1
+            if out:
+                out += ["", f"**{heading}**", ""]
+            out += lines[i:j]
+            i = j
+            continue
+        i += 1
+    return out
 
 
 def _goal_rows(table: list[str]) -> list[tuple[str, str]]:
@@ -152,7 +179,7 @@ def build(plots: bool = True) -> str:
             "",
             machine,
             "",
-            *table,
+            *(_tables(md) if name in FULL else table),
             "",
         ]
     lines += ["", *sections]

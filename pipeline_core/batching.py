@@ -16,7 +16,20 @@ from .ring_messages import Prefill
 from .sampling import encode_rows
 from .stage_loop import prompt_cols
 
-__all__ = ["Group", "decoder_tokens", "group_size", "pad_cost", "prefill_message"]
+__all__ = ["EngineLimits", "Group", "decoder_tokens", "group_size", "pad_cost", "prefill_message"]
+
+
+@dataclass
+class EngineLimits:
+    """The scheduler's KV budget and batching limits."""
+
+    max_tokens: int = 65536
+    """KV budget: sum over admitted rows of ``padded prompt + max_new_tokens``."""
+    max_sequences: int = 256
+    max_rows_per_group: int = 32
+    max_groups: int = 0
+    """Groups in flight (0: twice the number of stages)."""
+    max_queue: int = 4096
 
 
 def decoder_tokens(h: RequestHandle) -> int:

@@ -34,7 +34,14 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from .batching import Group, decoder_tokens, group_size, pad_cost, prefill_message
+from .batching import (
+    EngineLimits,
+    Group,
+    decoder_tokens,
+    group_size,
+    pad_cost,
+    prefill_message,
+)
 from .errors import GenerationFailed, RequestError, ResourceExhausted
 from .gen_stage import GenStage
 from .kv_budget import KVBudget
@@ -78,17 +85,6 @@ class _Command:
 
     kind: Literal["wake", "stop", "stats", "abandon"]
     future: Future[list[dict[str, int]]] | None = None
-
-
-@dataclass
-class EngineLimits:
-    max_tokens: int = 65536
-    """KV budget: sum over admitted rows of ``padded prompt + max_new_tokens``."""
-    max_sequences: int = 256
-    max_rows_per_group: int = 32
-    max_groups: int = 0
-    """Groups in flight (0: twice the number of stages)."""
-    max_queue: int = 4096
 
 
 class RingLike(Protocol):
@@ -244,13 +240,16 @@ class GenerationEngine:
         # reaches the data-plane timeout (and a dead peer is noticed)
         ping = max(0.5, self.ring.timeout_s / 4) if self.ring is not None else None
         last = time.monotonic()
+        timing = self.stage.timing  # the scheduler's share: wait, then the rest of the loop
         while True:
             try:
                 timeout = 0.05 if self._pending or self._groups else ping
+                tw = time.perf_counter()
                 try:
                     item = self.inbox.get(timeout=timeout)
                 except queue.Empty:
                     item = None
+                t0 = timing.waited(tw)
                 if ping is not None and time.monotonic() - last > ping and not self._broken:
                     self.ring.send(Ping())
                     last = time.monotonic()
@@ -269,6 +268,7 @@ class GenerationEngine:
                         item = None
                 self._expire_pending()
                 self._admit()
+                timing.looped(t0)
             except Exception as e:
                 log.exception("generation engine error")
                 self._fail_all(f"internal error: {type(e).__name__}: {e}")
@@ -311,6 +311,7 @@ class GenerationEngine:
             self.ring.send(msg)
             t1 = time.time()
             self.stage.send_s += t1 - t0
+            self.stage.timing.sent(t1 - t0)
             if isinstance(msg, Prefill | Decode):
                 self.stage.timeline.record("send", msg.group, 0, t0, t1)
 

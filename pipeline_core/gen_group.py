@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GroupState", "cache_layers", "lpad", "merge_groups", "rows_of"]
+__all__ = ["GroupState", "cache_bytes", "cache_layers", "lpad", "merge_groups", "rows_of"]
 
 
 @dataclass
@@ -71,3 +71,17 @@ def merge_groups(a: GroupState, b: GroupState, ca: Any, cb: Any) -> None:
         la.values = torch.cat([lpad(la.values, m, -2), lpad(lb.values, m, -2)])
     if a.sampling is not None and b.sampling is not None:
         a.sampling.extend(b.sampling)
+
+
+def cache_bytes(groups: list[GroupState], cache_kw: str, layers: int, phantoms: set[int]) -> int:
+    """Bytes of the KV tensors ``groups`` hold for the layers a stage owns (not ``phantoms``,
+    indices among the decoder's ``layers``)."""
+    nbytes = 0
+    for g in groups:
+        for i, layer in enumerate(cache_layers(g.kwargs[cache_kw])):
+            if i % layers in phantoms:
+                continue
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    nbytes += t.numel() * t.element_size()
+    return nbytes

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from .errors import PlanError, StageExit, StageSkip, UnsupportedModelError
-from .gen_group import GroupState, cache_layers, merge_groups
+from .gen_group import GroupState, cache_bytes, merge_groups
 from .kv_cache import grow_in_place
 from .load import ReadStats
 from .logits_rules import LogitsRules
@@ -55,6 +55,8 @@ from .stage_hooks import (
     to_meta,
     unwrap,
 )
+from .step_fastpath import cache_module_list_slices
+from .step_timing import StepTimes
 from .timeline import Timeline
 from .unit_load import load_units
 
@@ -94,6 +96,7 @@ class GenStage:
         device: torch.device | str = "cpu",
         *,
         stats: ReadStats | None = None,
+        step_timing: bool = False,
     ) -> None:
         if not 0 <= index < plan.num_stages:
             raise PlanError(f"stage {index} does not exist; the plan has {plan.num_stages} stages")
@@ -125,6 +128,7 @@ class GenStage:
             k: any(p.is_meta for p in m.parameters()) for k, m in unit_mods.items()
         }
         self._layers = self._find_layers()
+        cache_module_list_slices(model)  # the decoder slices its layer list every step
         self._layer_ids = {id(m) for m in self._layers}
         self.owned_layers = [i for i, m in enumerate(self._layers) if id(m) in self._owned]
         self._phantoms = [i for i, m in enumerate(self._layers) if id(m) not in self._owned]
@@ -149,6 +153,8 @@ class GenStage:
         self.wait_s = 0.0
         self.send_s = 0.0
         """Steps run and seconds spent in them (compute + sampling), for utilization."""
+        self.timing = StepTimes(step_timing)
+        """Per-step breakdown (off unless ``step_timing``; see :mod:`.step_timing`)."""
         params = inspect.signature(model.forward).parameters
         self.accepts_position_ids = "position_ids" in params
         self.logits_to_keep = "logits_to_keep" in params
@@ -185,6 +191,8 @@ class GenStage:
         self._call_map[self._pass_name][i] = id(mod)
         self.unit = self._names.get(id(mod))
         owned = id(mod) in self._owned
+        if owned and self.timing.on:
+            self.timing.unit_start()
         if ctx.payload is not None and i == ctx.payload.call:
             if not owned:
                 raise StageSkip
@@ -212,6 +220,8 @@ class GenStage:
         if ctx is None:
             return None
         self.unit = None
+        if self.timing.on:
+            self.timing.unit_end()
         call = ctx.calls - 1  # units do not nest: this is the call the pre-hook counted
         sent = ctx.outputs.get(call)
         if sent is not None and id(mod) not in self._owned:
@@ -325,7 +335,7 @@ class GenStage:
             kw["logits_to_keep"] = 1
         if self.enc_dec:
             kw[self.cache_kw] = EncoderDecoderCache(
-                grow_in_place(DynamicCache(config=cfg)), DynamicCache(config=cfg)
+                grow_in_place(DynamicCache(config=cfg), self._phantoms), DynamicCache(config=cfg)
             )
             kw["attention_mask"] = mask
             ids = torch.full((prompt.shape[0], 1), self.decoder_start, dtype=torch.long)
@@ -356,7 +366,7 @@ class GenStage:
                 enc_out = torch.zeros(*prompt.shape[:2], cfg.hidden_size, device=self.device)
             kw["encoder_outputs"] = BaseModelOutput(last_hidden_state=enc_out)
         else:
-            kw[self.cache_kw] = grow_in_place(DynamicCache(config=cfg))
+            kw[self.cache_kw] = grow_in_place(DynamicCache(config=cfg), self._phantoms)
             kw["attention_mask"] = mask
             g = GroupState(prompt, kw)
             if self.accepts_position_ids:
@@ -458,14 +468,7 @@ class GenStage:
         tokens = 0
         if self.owned_layers:
             tokens = sum(g.rows * (self._cache_len(g) or 0) for g in groups)
-        nbytes = 0
-        for g in groups:
-            for i, layer in enumerate(cache_layers(g.kwargs[self.cache_kw])):
-                if i % len(self._layers) in self._phantom_set:
-                    continue
-                for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                    if isinstance(t, torch.Tensor):
-                        nbytes += t.numel() * t.element_size()
+        nbytes = cache_bytes(groups, self.cache_kw, len(self._layers), self._phantom_set)
         return {
             "groups": len(groups),
             "sequences": rows,
@@ -473,6 +476,7 @@ class GenStage:
             "bytes": nbytes,
             "steps": self.steps,
             "busy_ms": int(self.busy_s * 1000),
+            **self.timing.totals(),
         }
 
 

@@ -9,11 +9,18 @@ it: one full copy per ``spare`` tokens instead of one per token.  ``keys``/``val
 of the used part.  Anything that replaces them (row selection, merging groups) just hands the
 layer a new tensor: the next append sees that the view no longer starts its buffer and starts
 a new buffer from it.  Cropping keeps the buffer (the view still starts it).
+
+A stage's *phantom* layers (those it does not own: they only track lengths, see gen_stage)
+are :class:`PhantomLayer`: always zeros, so an append copies nothing -- the layer's tensors are
+views of one zeros buffer, made again (not copied) when the rows change or it is full.  A
+phantom used to cost a ``GrowingLayer`` append per step each, which 4 stages of a 12-layer
+model paid 36 times per token (issue 23).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -25,9 +32,9 @@ MIN_SPARE = 16
 
 
 @functools.cache
-def _classes() -> tuple[type, type]:
-    """``(DynamicLayer, GrowingLayer)``, made on first use (pipeline_core does not import
-    transformers until a model needs it)."""
+def _classes() -> tuple[type, type, type]:
+    """``(DynamicLayer, GrowingLayer, PhantomLayer)``, made on first use (pipeline_core does
+    not import transformers until a model needs it)."""
     from transformers.cache_utils import DynamicLayer
 
     class GrowingLayer(DynamicLayer):
@@ -76,17 +83,51 @@ def _classes() -> tuple[type, type]:
             self._kbuf = self._vbuf = None
             super().reset()
 
-    return DynamicLayer, GrowingLayer
+    class PhantomLayer(DynamicLayer):
+        """Zeros that only track the length (a layer another stage owns)."""
+
+        _z: torch.Tensor | None = None
+
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            keys = self.keys
+            used = keys.shape[-2] if keys.dim() == key_states.dim() else 0
+            need = used + key_states.shape[-2]
+            z = self._z
+            if (
+                z is None
+                or z.shape[:-2] != key_states.shape[:-2]
+                or z.shape[-2] < need
+                or z.shape[-1] != key_states.shape[-1]
+                or z.dtype != key_states.dtype
+                or z.device != key_states.device
+            ):
+                cap = need + max(MIN_SPARE, need // 8)
+                z = key_states.new_zeros((*key_states.shape[:-2], cap, key_states.shape[-1]))
+                self._z = z
+            self.keys = self.values = z[..., :need, :]
+            return self.keys, self.values
+
+        def reset(self) -> None:
+            self._z = None
+            super().reset()
+
+    return DynamicLayer, GrowingLayer, PhantomLayer
 
 
-def grow_in_place(cache: Any) -> Any:
+def grow_in_place(cache: Any, phantoms: Iterable[int] = ()) -> Any:
     """Swap ``cache``'s empty plain ``DynamicLayer``s (not sliding-window or other kinds) for
-    :class:`GrowingLayer`; returns ``cache``."""
-    base, growing = _classes()
+    :class:`GrowingLayer`, those at indices ``phantoms`` for :class:`PhantomLayer`; returns
+    ``cache``."""
+    base, growing, phantom = _classes()
     layers = getattr(cache, "layers", None)
     if layers is None:
         return cache
+    ghost = set(phantoms)
     for i, layer in enumerate(layers):
         if type(layer) is base and not layer.is_initialized:
-            layers[i] = growing()
+            layers[i] = phantom() if i in ghost else growing()
     return cache

@@ -27,6 +27,7 @@ from .ring_messages import RingMessage, decode, encode
 from .sampling import SamplingParams
 from .source import hf_tokenizer
 from .stage_loop import serve_generation, stage_message
+from .stage_options import StageOptions
 from .stage_procs import (
     StageProcesses,
     build_and_report,
@@ -49,6 +50,7 @@ def _stage_main(
     threads: int,
     timeout_s: float,
     log_level: int | str,
+    options: StageOptions,
 ) -> None:
     stage_setup(threads, log_level)
     plan = Plan.from_json(plan_json)
@@ -56,12 +58,12 @@ def _stage_main(
 
     def build(stats: ReadStats, probe: memory_probe) -> GenStage:
         probe.mark()
-        return GenStage(plan, index, device, stats=stats)
+        return GenStage(plan, index, device, stats=stats, step_timing=options.step_timing)
 
     stage = build_and_report(store, index, build)
     if stage is None:
         return
-    ring = Ring(store, index, plan.num_stages, device, timeout_s)
+    ring = Ring(store, index, plan.num_stages, device, timeout_s, cuda_ipc=options.cuda_ipc)
     serve_generation(stage, ring)
 
 
@@ -98,6 +100,8 @@ class LocalGenerator:
         in_process: every stage in this process (:class:`InProcessRing`: the same stage code,
             no stage processes, no overlap between stages) -- for tests and debugging.
         log_level: the stage processes' logging level (default: this process's).
+        options: step timing and CUDA IPC for every stage (the caller reads the environment:
+            :func:`pipeserve.cli.flags.stage_options_from_env`).
     """
 
     def __init__(
@@ -110,12 +114,14 @@ class LocalGenerator:
         timeout_s: float = 300.0,
         in_process: bool = False,
         log_level: int | str | None = None,
+        options: StageOptions | None = None,
     ) -> None:
         n = plan.num_stages
         devices = devices or ["cpu"] * n
         if len(devices) != n:
             raise PlanError(f"{n} stages need {n} devices, got {len(devices)}")
         self.plan = plan
+        opts = self.options = options or StageOptions()
         self.procs: dict[int, mp.process.BaseProcess] = {}
         self.stage_procs: StageProcesses | None = None
         self.engine: GenerationEngine | None = None
@@ -129,7 +135,9 @@ class LocalGenerator:
                 for k in range(n):
                     stats, probe = ReadStats(), memory_probe()
                     probe.mark()
-                    stages.append(GenStage(plan, k, devices[k], stats=stats))
+                    stages.append(
+                        GenStage(plan, k, devices[k], stats=stats, step_timing=opts.step_timing)
+                    )
                     self.stage_info.append(probe.report(stats))
                 ring = InProcessRing(stages[1:]) if n > 1 else None
                 self.engine = GenerationEngine(stages[0], ring, limits)
@@ -141,7 +149,7 @@ class LocalGenerator:
         self.store = self.stage_procs.store
         plan_json = json.dumps(plan.to_json())
         level = root_log_level() if log_level is None else log_level
-        rest = (threads_per_stage, timeout_s, level)
+        rest = (threads_per_stage, timeout_s, level, opts)
         self.stage_procs.start(
             _stage_main,
             {k: (plan_json, k, self.store.port, devices[k], *rest) for k in range(1, n)},
@@ -150,10 +158,12 @@ class LocalGenerator:
         try:
             stats, probe = ReadStats(), memory_probe()
             probe.mark()
-            stage = GenStage(plan, 0, devices[0], stats=stats)
+            stage = GenStage(plan, 0, devices[0], stats=stats, step_timing=opts.step_timing)
             remote = self.stage_procs.wait_ready()
             self.stage_info = [probe.report(stats), *(remote[k] for k in sorted(remote))]
-            ring = Ring(self.store, 0, n, devices[0], timeout_s) if n > 1 else None
+            ring = None
+            if n > 1:
+                ring = Ring(self.store, 0, n, devices[0], timeout_s, cuda_ipc=opts.cuda_ipc)
             self.engine = GenerationEngine(stage, ring, limits)
         except BaseException:
             self._kill()

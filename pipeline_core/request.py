@@ -46,7 +46,11 @@ class RequestHandle:
         self.submitted = time.monotonic()
         self.first_token_at: float | None = None
         self.deadline = self.submitted + params.timeout_s if params.timeout_s else math.inf
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)
+        self._done_cond = threading.Condition(lock)
+        """Waiters for the end alone (:meth:`result`): not woken by every token, which would
+        cost the scheduler's process a thread switch per token (issue 23)."""
         self._wake = wake
 
     @property
@@ -70,6 +74,7 @@ class RequestHandle:
             if self.finish_reason is None:
                 self.finish_reason, self.error = reason, error
             self._cond.notify_all()
+            self._done_cond.notify_all()
 
     def __iter__(self) -> Iterator[int]:
         i = 0
@@ -85,8 +90,8 @@ class RequestHandle:
                 return
 
     def result(self, timeout: float | None = None) -> GenerationResult:
-        with self._cond:
-            if not self._cond.wait_for(lambda: self.done, timeout):
+        with self._done_cond:
+            if not self._done_cond.wait_for(lambda: self.done, timeout):
                 raise TimeoutError(f"request {self.id} not finished after {timeout}s")
         assert self.finish_reason is not None
         return GenerationResult(

@@ -2,7 +2,9 @@
 
 Stage ``k`` sends to stage ``k+1``; the last stage sends the chosen token ids back to stage 0,
 which runs the scheduler -- no driver in between.  Each edge is its own two-rank process group
-(NCCL between two GPUs; else gloo: CPU stages, or two stages sharing one GPU), created in
+(NCCL between two GPUs; two stages sharing one GPU: gloo carrying CUDA IPC handles, so the
+activations stay on the GPU -- see :mod:`~pipeline_core.colocate`; else gloo through host
+memory: CPU stages), created in
 ascending edge order so start-up cannot deadlock.  A thread per process keeps a receive posted
 on the inbound edge and queues the messages, so a stage can send while its successor is also
 sending (a ring of blocking sends would deadlock).
@@ -18,8 +20,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .colocate import EdgeKind, IpcChannel, choose_edge
 from .ring_messages import RingMessage, Stop, decode, encode
-from .transport import Channel, gloo_group, nccl_between, nccl_group, use_device
+from .transport import Channel, device_identity, gloo_group, nccl_group, use_device
 
 __all__ = ["CLOSED", "Ring", "RingClosed"]
 
@@ -50,12 +53,16 @@ class Ring:
         num_stages: int,
         device: torch.device | str = "cpu",
         timeout_s: float = 300.0,
+        *,
+        cuda_ipc: bool = True,
     ) -> None:
+        """``cuda_ipc=False``: two stages sharing one GPU send through host memory instead
+        (either end can turn it off; see :func:`~pipeline_core.colocate.choose_edge`)."""
         self.index, self.num_stages = index, num_stages
         self.timeout_s = timeout_s
         self.inbox: queue.Queue[Any] = queue.Queue()
-        self._out: Channel | None = None
-        self._in: Channel | None = None
+        self._out: Channel | IpcChannel | None = None
+        self._in: Channel | IpcChannel | None = None
         self._thread: threading.Thread | None = None
         if num_stages == 1:
             return
@@ -65,10 +72,15 @@ class Ring:
         for edge in sorted({out_edge, in_edge}):
             prefix = _scoped(store, f"ring/{edge}")
             rank = 0 if edge == out_edge else 1
-            if nccl_between(prefix, rank, 2, device):
+            kind = choose_edge(prefix, rank, device_identity(device), cuda_ipc)
+            ch: Channel | IpcChannel
+            if kind is EdgeKind.NCCL:
                 ch = Channel(nccl_group(prefix, rank, 2, timeout_s), device)
+            elif kind is EdgeKind.CUDA_IPC:  # one GPU, two processes: no host round trip
+                ch = IpcChannel(Channel(gloo_group(prefix, rank, 2, timeout_s)), device)
             else:
                 ch = Channel(gloo_group(prefix, rank, 2, timeout_s))
+            log.info("[stage %d] ring edge %d: %s", index, edge, kind)
             if edge == out_edge:
                 self._out = ch
             if edge == in_edge:

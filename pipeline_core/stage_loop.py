@@ -25,6 +25,7 @@ from .ring_messages import (
     Tokens,
 )
 from .sampling import Sampler
+from .step_timing import TIMING_FIELDS
 
 __all__ = [
     "STATS_FIELDS",
@@ -37,7 +38,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-STATS_FIELDS = ("groups", "sequences", "tokens", "bytes", "steps", "busy_ms")
+STATS_FIELDS = ("groups", "sequences", "tokens", "bytes", "steps", "busy_ms", *TIMING_FIELDS)
 
 
 def prompt_cols(enc_dec: bool, n: int, width: int) -> slice:
@@ -79,9 +80,15 @@ def run_step(stage: GenStage, msg: Prefill | Decode) -> Prefill | Decode | Token
         if stage.is_last:
             g = stage.groups[gid]
             assert logits is not None
+            ts = time.perf_counter()
             out = Tokens(gid, g.sampling.choose(g.ids, logits))
+            if stage.timing.on:
+                stage.timing.sample_s += time.perf_counter() - ts
         stage.steps += 1
         stage.busy_s += time.perf_counter() - t0
+        if stage.timing.on:
+            stage.timing.steps += 1
+            stage.timing.step_s += time.perf_counter() - t0
         rows = int(out.tokens.shape[0]) if isinstance(out, Tokens) else stage.groups[gid].rows
         stage.timeline.record("compute", gid, rows, w0, time.time())
         return out
@@ -128,6 +135,8 @@ def serve_generation(stage: GenStage, ring: Ring) -> None:
             t1 = time.time()
             stage.timeline.record("wait", msg.group, 0, t0, t1)
             stage.wait_s += t1 - t0
+            if stage.timing.on:
+                stage.timing.wait_s += t1 - t0
         out = stage_message(stage, msg)
         t2 = time.time()
         if out is not None:
@@ -136,5 +145,6 @@ def serve_generation(stage: GenStage, ring: Ring) -> None:
             t3 = time.time()
             stage.timeline.record("send", msg.group, 0, t2, t3)
             stage.send_s += t3 - t2
+            stage.timing.sent(t3 - t2)
         if isinstance(msg, Stop):
             return

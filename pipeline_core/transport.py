@@ -2,10 +2,15 @@
 
 A message is a list of values (tensors, ints, floats, bools, None, and tuples of those).  It
 goes as an int64 header describing every value (kind, dtype, shape) -- in one fixed-size frame
-of ``FRAME`` ints whose first int is the header length, plus a second frame only when the
-header is longer -- then the payloads: tensors of at most ``PACK_LIMIT`` bytes travel together
-in one packed buffer (8-byte aligned), larger ones one message each.  Fewer messages matter: a
-small gloo message costs about as much as hundreds of KiB of bandwidth.
+of ``FRAME`` ints whose first int is the header length and second the bytes of payload inlined
+in the frame, plus a second frame only when the header is longer -- then the payloads: tensors
+of at most ``PACK_LIMIT`` bytes travel together in one packed buffer (8-byte aligned), inside
+the frame itself when they fit after the header (a decode step's activations: the whole message
+is one gloo message), larger ones one message each.  Fewer messages matter: a small gloo
+message costs about as much as hundreds of KiB of bandwidth, and gloo sends a message only
+once its receive is posted, which for a second message of the same step is after the receiver
+woke up and read the header: a round trip more (issue 23 measured the two-message decode hop at
+several times a one-message one).
 
 Because every message carries its own header, shapes may change from one request to the next,
 and a receiver never guesses.  Payloads travel as raw bytes (``uint8`` views), so any dtype
@@ -78,8 +83,8 @@ _DTYPES = [
 ]
 _CODE = {d: i for i, d in enumerate(_DTYPES)}
 _TENSOR, _INT, _NONE, _BOOL, _FLOAT, _TUPLE, _FAIL = range(7)
-FRAME = 64
-"""Ints in the first header frame (512 bytes): most messages need no second frame."""
+FRAME = 2048
+"""Ints in the first frame (16 KiB): header and small payloads (a decode step's) in one message."""
 PACK_LIMIT = 256 * 1024
 """Tensors up to this many bytes share one packed payload message."""
 
@@ -183,17 +188,27 @@ class Channel:
     def send(self, values: Sequence[Any], dst: int) -> None:
         """Queue ``values`` for rank ``dst`` (non-blocking; see :meth:`flush`)."""
         header, tensors = encode_header(values)
-        frame = torch.zeros(FRAME, dtype=torch.int64)
-        frame[0] = len(header)
-        head = header[: FRAME - 1]
-        frame[1 : 1 + len(head)] = torch.tensor(head, dtype=torch.int64)
-        parts = [frame.to(self.device)]
-        if len(header) > FRAME - 1:
-            rest = header[FRAME - 1 :]
-            parts.append(torch.tensor(rest, dtype=torch.int64, device=self.device))
         payloads = [_as_bytes(x.to(self.device)) for x in tensors]
         small = [b for b in payloads if b.numel() <= PACK_LIMIT]
-        if small:
+        head = header[: FRAME - 2]
+        start = 8 * (2 + len(head))  # inlined payload: right after the header
+        packed_n = sum(_pad8(b.numel()) for b in small)
+        inline = len(header) == len(head) and 0 < packed_n <= 8 * FRAME - start
+        frame = torch.zeros(FRAME, dtype=torch.int64)
+        frame[0] = len(header)
+        frame[1] = packed_n if inline else 0
+        frame[2 : 2 + len(head)] = torch.tensor(head, dtype=torch.int64)
+        frame = frame.to(self.device)
+        parts = [frame]
+        if len(header) > FRAME - 2:
+            rest = header[FRAME - 2 :]
+            parts.append(torch.tensor(rest, dtype=torch.int64, device=self.device))
+        if inline:
+            fb = frame.view(torch.uint8)
+            for b in small:
+                fb[start : start + b.numel()] = b
+                start += _pad8(b.numel())
+        elif small:
             padded = []
             for b in small:
                 padded.append(b)
@@ -217,18 +232,25 @@ class Channel:
         """Receive one message from rank ``src`` (blocking)."""
         frame = torch.empty(FRAME, dtype=torch.int64, device=self.device)
         self.pg.recv([frame], src, 0).wait()
-        ints = frame.tolist()
-        length, header = ints[0], ints[1 : 1 + min(ints[0], FRAME - 1)]
-        if length > FRAME - 1:
-            rest = torch.empty(length - (FRAME - 1), dtype=torch.int64, device=self.device)
+        length, inline = frame[:2].tolist()
+        head_n = min(length, FRAME - 2)
+        header = frame[2 : 2 + head_n].tolist()
+        if length > FRAME - 2:
+            rest = torch.empty(length - (FRAME - 2), dtype=torch.int64, device=self.device)
             self.pg.recv([rest], src, 0).wait()
             header += rest.tolist()
         values, specs = decode_header(header)
         sizes = [math.prod(shape) * dtype.itemsize for dtype, shape in specs]
         packed_total = sum(_pad8(n) for n in sizes if 0 < n <= PACK_LIMIT)
-        packed = torch.empty(packed_total, dtype=torch.uint8, device=self.device)
-        if packed_total:
-            self.pg.recv([packed], src, 0).wait()
+        if inline:
+            if inline != packed_total:
+                raise TransportError("corrupt message header (inlined payload size)")
+            start = 8 * (2 + head_n)
+            packed = frame.view(torch.uint8)[start : start + packed_total]
+        else:
+            packed = torch.empty(packed_total, dtype=torch.uint8, device=self.device)
+            if packed_total:
+                self.pg.recv([packed], src, 0).wait()
         tensors, offset = [], 0
         for (dtype, shape), n in zip(specs, sizes, strict=True):
             if 0 < n <= PACK_LIMIT:

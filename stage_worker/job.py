@@ -22,6 +22,7 @@ from pipeline_core.ring import Ring
 from pipeline_core.runtime import DRIVER, Driver, RankMap, make_mesh, serve_stage
 from pipeline_core.source import hf_tokenizer
 from pipeline_core.stage import build_stage
+from pipeline_core.stage_options import StageOptions
 from pipeserve.codec import sampling_from_proto
 from pipeserve.v1 import pipeserve_pb2 as pb
 from stage_worker.rendezvous import CoordinatorStore
@@ -39,8 +40,9 @@ class StageJob:
     """One assignment: the stage, its ring, and (stage 0) the scheduler.
 
     ``dataplane_timeout``: seconds before a stuck gloo/NCCL operation (or the rendezvous)
-    fails; ``registry``/``metadata``: the coordinator's Registry stub and the worker's
-    credentials, for the default rendezvous store.
+    fails; ``options``: step timing and CUDA IPC for a generation stage;
+    ``registry``/``metadata``: the coordinator's Registry stub and the worker's credentials,
+    for the default rendezvous store.
     """
 
     def __init__(
@@ -52,8 +54,10 @@ class StageJob:
         registry: Any = None,
         metadata: Any = None,
         dataplane_timeout: float = DATAPLANE_TIMEOUT_S,
+        options: StageOptions | None = None,
     ) -> None:
         self.req = req
+        self.options = options or StageOptions()
         self.timeout = dataplane_timeout
         self.registry, self.metadata = registry, metadata
         self.limits = limits
@@ -156,9 +160,15 @@ class StageJob:
 
     def _run_generate(self) -> None:
         req = self.req
-        self.stage = GenStage(self.plan, req.stage, self.device, stats=self.stats)
+        opts = self.options
+        self.stage = GenStage(
+            self.plan, req.stage, self.device, stats=self.stats, step_timing=opts.step_timing
+        )
         self.state = "joining"
-        ring = Ring(self._store(), req.stage, req.world_size, self.device, self.timeout)
+        store = self._store()
+        ring = Ring(
+            store, req.stage, req.world_size, self.device, self.timeout, cuda_ipc=opts.cuda_ipc
+        )
         self.ring = ring
         if req.stage == 0:
             ring_ = ring if req.world_size > 1 else None

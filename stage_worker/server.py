@@ -29,6 +29,7 @@ from pipeline_core import ModelSource
 from pipeline_core.cost import device_flops, device_name
 from pipeline_core.engine import EngineLimits
 from pipeline_core.plan import unit_seconds
+from pipeline_core.stage_options import StageOptions
 from pipeserve import rpc
 from pipeserve.observe import REQUEST_ID, WorkerCollector, new_request_id, serve_metrics
 from pipeserve.v1 import pipeserve_pb2 as pb
@@ -59,9 +60,11 @@ class Worker(pbg.StageWorkerServicer):
         counter: rpc.ByteCounter,
         limits: EngineLimits,
         dataplane_timeout: float = DATAPLANE_TIMEOUT_S,
+        options: StageOptions | None = None,
     ) -> None:
         self.device = device
         self.dataplane_timeout = dataplane_timeout
+        self.options = options or StageOptions()
         self.health = health
         self.counter = counter
         self.limits = limits
@@ -105,6 +108,7 @@ class Worker(pbg.StageWorkerServicer):
                     self.registry,
                     self.metadata,
                     self.dataplane_timeout,
+                    self.options,
                 )
             except Exception as e:
                 rpc.abort_for(context, e)
@@ -269,6 +273,7 @@ def serve(
     leave_on_stop: bool = False,
     worker_token: str = "",
     dataplane_timeout: float = DATAPLANE_TIMEOUT_S,
+    options: StageOptions | None = None,
 ) -> None:
     """Run a worker until ``stop`` is set (or forever): serve, register, heartbeat.
 
@@ -277,7 +282,8 @@ def serve(
     asked for (e.g. the pod name).  ``leave_on_stop`` (SIGTERM): first move the stage to a
     spare (``lifecycle.leave``), then stop.  ``worker_token``: presented to the coordinator
     when it requires one; ``dataplane_timeout``: seconds before a stuck gloo/NCCL operation
-    fails (the command line reads both from the environment).
+    fails; ``options``: step timing and CUDA IPC of the stage (the command line reads all three
+    from the environment).
     """
     limits = limits or EngineLimits()
     if speed_gflops <= 0:
@@ -289,7 +295,7 @@ def serve(
     server, port, health, counter = rpc.make_server(
         rpc.host_port(host, port), [SERVICE], interceptors=[auth]
     )
-    worker = Worker(device, health, counter, limits, dataplane_timeout)
+    worker = Worker(device, health, counter, limits, dataplane_timeout, options)
     pbg.add_StageWorkerServicer_to_server(worker, server)
     registry = CollectorRegistry()
     registry.register(WorkerCollector(lambda: worker.job.metrics() if worker.job else None))

@@ -55,3 +55,36 @@ def test_growing_layer_matches_dynamic_layer_through_edits():
     assert ours.get_seq_length() == ref.get_seq_length() == 7 + MIN_SPARE + 1 + 1 - 3 + 3 + 40
     spare = ours.layers[0]._kbuf.shape[-2] - ours.get_seq_length()
     assert 0 <= spare <= max(MIN_SPARE, ours.get_seq_length() // 8)
+
+
+def test_phantom_layer_tracks_lengths_like_a_dynamic_layer():
+    """A phantom (a layer another stage owns) holds zeros of the same shapes as a plain layer
+    fed zeros, through appends, row selection, merging and regrowth, without copying."""
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2)
+    ours = grow_in_place(DynamicCache(config=cfg), phantoms=[1])
+    ref = DynamicCache(config=cfg)
+    assert type(ours.layers[1]).__name__ == "PhantomLayer"
+    assert type(ours.layers[0]).__name__ == "GrowingLayer"
+
+    def append(rows: int, n: int) -> None:
+        z = torch.zeros(rows, 1, n, 1)
+        for cache in (ours, ref):
+            cache.update(z, z, 1)
+        for attr in ("keys", "values"):
+            a, b = getattr(ours.layers[1], attr), getattr(ref.layers[1], attr)
+            assert a.shape == b.shape and torch.equal(a, b)
+        assert ours.get_seq_length(1) == ref.get_seq_length(1)
+
+    append(3, 5)
+    buf = ours.layers[1]._z
+    for _ in range(MIN_SPARE):
+        append(3, 1)
+    assert ours.layers[1]._z is buf  # appends are views of one buffer
+    append(3, 1)
+    for cache in (ours, ref):
+        cache.batch_select_indices(torch.tensor([0, 2]))
+    append(2, 1)
+    for cache in (ours, ref):  # merge: the engine replaces the tensors (left-padded, 4 rows)
+        layer = cache.layers[1]
+        layer.keys = layer.values = torch.zeros(4, 1, layer.keys.shape[-2] + 2, 1)
+    append(4, 1)

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 
 from pipeline_core import Policy, SamplingParams, Workload
+from pipeline_core.stage_options import StageOptions
 from pipeserve.tls import TLS, configure_tls
 
 __all__ = [
+    "CUDA_IPC_ENV",
     "DTYPE_HELP",
+    "STEP_TIMING_ENV",
     "add_observability_flags",
     "add_policy_flags",
     "add_sampling_flags",
@@ -22,6 +26,7 @@ __all__ = [
     "parse_ids",
     "policy_from_args",
     "sampling_from_args",
+    "stage_options_from_env",
     "workload_from_args",
 ]
 
@@ -174,3 +179,16 @@ def add_observability_flags(p: argparse.ArgumentParser) -> None:
 def log_level(default: str) -> str:
     """``PIPESERVE_LOG``, else ``default`` (servers: INFO; one-shot commands: WARNING)."""
     return os.environ.get("PIPESERVE_LOG", default)
+
+
+STEP_TIMING_ENV = "PIPESERVE_STEP_TIMING"
+CUDA_IPC_ENV = "PIPESERVE_CUDA_IPC"
+
+
+def stage_options_from_env(env: Mapping[str, str] | None = None) -> StageOptions:
+    """Generation stage options from ``PIPESERVE_STEP_TIMING`` (``1``: keep the per-step time
+    breakdown; default off) and ``PIPESERVE_CUDA_IPC`` (``0``: no CUDA IPC between two stages
+    sharing a GPU; default on)."""
+    env = os.environ if env is None else env
+    timing = env.get(STEP_TIMING_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return StageOptions(step_timing=timing, cuda_ipc=env.get(CUDA_IPC_ENV, "1").strip() != "0")

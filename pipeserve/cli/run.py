@@ -11,7 +11,13 @@ import traceback
 from typing import Any
 
 from pipeline_core import Workload
-from pipeserve.cli.flags import DTYPE_HELP, add_sampling_flags, parse_ids, sampling_from_args
+from pipeserve.cli.flags import (
+    DTYPE_HELP,
+    add_sampling_flags,
+    parse_ids,
+    sampling_from_args,
+    stage_options_from_env,
+)
 
 __all__ = ["add_run_command", "cmd_run"]
 
@@ -60,7 +66,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run_torchrun(args, plan, ids, params, tok)
     try:
         with LocalGenerator(
-            plan, threads_per_stage=args.threads, in_process=args.in_process
+            plan,
+            threads_per_stage=args.threads,
+            in_process=args.in_process,
+            options=stage_options_from_env(),
         ) as gen:
             return _generate_and_print(gen.submit, args, ids, params, tok)
     except Exception as e:  # one clear line (what failed, where); --debug: the traceback
@@ -98,8 +107,9 @@ def _run_torchrun(args, plan, ids, params, tok) -> int:  # type: ignore[no-untyp
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo")
     store = dist.PrefixStore("pipeserve-run", dist.distributed_c10d._get_default_store())
-    stage = GenStage(plan, rank)
-    ring = Ring(store, rank, world)
+    opts = stage_options_from_env()
+    stage = GenStage(plan, rank, step_timing=opts.step_timing)
+    ring = Ring(store, rank, world, cuda_ipc=opts.cuda_ipc)
     if rank != 0:
         serve_generation(stage, ring)
         dist.destroy_process_group()

@@ -11,7 +11,12 @@ import sys
 import threading
 from typing import Any
 
-from pipeserve.cli.flags import add_observability_flags, apply_tls, log_level
+from pipeserve.cli.flags import (
+    add_observability_flags,
+    apply_tls,
+    log_level,
+    stage_options_from_env,
+)
 
 __all__ = ["add_server_commands"]
 
@@ -72,6 +77,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         dataplane_timeout=float(
             os.environ.get("PIPESERVE_DATAPLANE_TIMEOUT", str(DATAPLANE_TIMEOUT_S))
         ),
+        options=stage_options_from_env(),
     )
     # [Note: exiting a worker] its stage has moved away (or was given up); threads of the
     # abandoned stage may still block on the dead data plane until PIPESERVE_DATAPLANE_TIMEOUT,

@@ -1,0 +1,24 @@
+"""Per-process choices for a generation stage, passed in from the edge.
+
+``pipeline_core`` reads no environment: the CLI and the stage worker build
+:class:`StageOptions` from ``PIPESERVE_STEP_TIMING`` / ``PIPESERVE_CUDA_IPC``
+(:func:`pipeserve.cli.flags.stage_options_from_env`) and hand it to
+:class:`~pipeline_core.local_generate.LocalGenerator` or the stage job, which pass
+``step_timing`` to :class:`~pipeline_core.gen_stage.GenStage` and ``cuda_ipc`` to
+:class:`~pipeline_core.ring.Ring` (stage processes get them through their arguments).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["StageOptions"]
+
+
+@dataclass(frozen=True, slots=True)
+class StageOptions:
+    step_timing: bool = False
+    """Keep the per-step time breakdown (:mod:`.step_timing`); off, it costs nothing."""
+    cuda_ipc: bool = True
+    """Two stages sharing one GPU pass CUDA IPC handles (:mod:`.colocate`); False on either end
+    of an edge sends through host memory instead."""
