@@ -13,6 +13,10 @@ ENV_VARS = {
     "PIPESERVE_TLS_CA": "CA certificate (verify peers; servers then require client certs)",
     "PIPESERVE_TLS_CERT": "this process's TLS certificate",
     "PIPESERVE_TLS_KEY": "its private key",
+    "PIPESERVE_STEP_TIMING": "worker, run: 1 times each decode step per stage (compute, stage "
+    "Python, sampling, send, receive-wait, scheduler) into the stats; default off",
+    "PIPESERVE_CUDA_IPC": "worker, run: 0 sends activations between two stages sharing one GPU "
+    "through host memory instead of CUDA IPC (both ends must agree); default 1",
     "PIPESERVE_PROFILE_CACHE": "the JSON file measured unit times are kept in (planner, workers' "
     "profiling; default ~/.cache/pipeserve/unit-profiles.json)",
 }
