@@ -10,129 +10,24 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import pytest
 
 from pipeserve.v1 import pipeserve_pb2 as pb
-from pipeserve.v1 import pipeserve_pb2_grpc as pbg
 
 from .cluster import code as _code
 from .cluster import port as _port
 from .cluster import scrape as _scrape
+from .fleet import NEW, Fleet, many_streams
 from .models import hf_greedy, lm_model, save_hf
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
-NEW = 40
 SOAK_CYCLES = int(os.environ.get("PIPESERVE_SOAK_CYCLES", "1"))
 """Drain/kill/stall cycles of the soak (one in CI; set more for a long soak)."""
-
-
-class Fleet:
-    def __init__(self, tmp: Path, *coordinator_args: str) -> None:
-        self.port = _port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.tmp = tmp
-        self.coordinator_args = coordinator_args
-        self.workers: dict[int, subprocess.Popen] = {}  # gRPC port -> process
-        self.start_coordinator()
-
-    def start_coordinator(self) -> None:
-        self.coordinator = self._spawn(
-            "coordinator",
-            "--port",
-            str(self.port),
-            "--worker-timeout",
-            "2",
-            *self.coordinator_args,
-        )
-        ch = grpc.insecure_channel(self.address)
-        grpc.channel_ready_future(ch).result(timeout=120)
-        self.admin, self.inference = pbg.AdminStub(ch), pbg.InferenceStub(ch)
-
-    def _spawn(self, *args: str) -> subprocess.Popen:
-        log = open(self.tmp / f"{args[0]}-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
-        common = ["--host", "127.0.0.1", "--advertise-host", "127.0.0.1"]
-        env = {**os.environ, "PIPESERVE_DATAPLANE_TIMEOUT": "20", "PYTHONUNBUFFERED": "1"}
-        return subprocess.Popen(
-            [sys.executable, "-m", "pipeserve", *args, *common],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-
-    def add_worker(self) -> None:
-        port = _port()
-        self.workers[port] = self._spawn(
-            "worker", "--coordinator", self.address, "--port", str(port)
-        )
-        self.wait(
-            lambda st: any(w.address.endswith(f":{port}") and w.state == "idle" for w in st.workers)
-        )
-
-    def wait(self, ok, timeout: float = 120.0) -> pb.ClusterStatusResponse:
-        deadline = time.monotonic() + timeout
-        while True:
-            st = self.admin.ClusterStatus(pb.ClusterStatusRequest(), timeout=10)
-            if ok(st):
-                return st
-            assert time.monotonic() < deadline, st
-            time.sleep(0.1)
-
-    def process_of_stage(self, stage: int) -> subprocess.Popen:
-        st = self.admin.ClusterStatus(pb.ClusterStatusRequest(), timeout=10)
-        (w,) = [w for w in st.workers if w.model == "m" and w.stage == stage and w.state == "ready"]
-        return self.workers[int(w.address.rsplit(":", 1)[1])]
-
-    def model(self) -> pb.ModelInfo:
-        (m,) = self.inference.ListModels(pb.ListModelsRequest(), timeout=10).models
-        return m
-
-    def stream(self, prompt: list[int], out: list, errors: list) -> None:
-        req = pb.GenerateRequest(
-            model="m",
-            token_ids=pb.TokenIds(ids=prompt),
-            max_new_tokens=NEW,
-            sampling=pb.SamplingParameters(ignore_eos=True),
-        )
-        try:
-            for r in self.inference.Generate(req, timeout=300):
-                out.extend(r.token_ids)
-        except grpc.RpcError as e:
-            errors.append((e.code(), e.details()))
-
-    def close(self) -> None:
-        for p in [self.coordinator, *self.workers.values()]:
-            if p.poll() is None:
-                p.send_signal(signal.SIGCONT)
-                p.kill()
-            p.wait(timeout=30)
-
-
-def _many(fleet: Fleet, prompts: list[list[int]], after) -> tuple[list, list]:
-    outs: list[list[int]] = [[] for _ in prompts]
-    errors: list = []
-    threads = [
-        threading.Thread(target=fleet.stream, args=(p, o, errors))
-        for p, o in zip(prompts, outs, strict=True)
-    ]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 60
-    while sum(map(len, outs)) < 2 * len(prompts) and time.monotonic() < deadline:
-        time.sleep(0.01)  # every stream is under way
-    after()
-    for t in threads:
-        t.join(300)
-    return outs, errors
 
 
 def _kserve_stream(
@@ -176,14 +71,14 @@ def test_worker_loss_is_survived(tmp_path):
             )
         )
         prompts = [[1 + i, 2 + i % 7, 3, 4 + i % 5] for i in range(20)]
-        undisturbed, errors = _many(fleet, prompts, lambda: None)
+        undisturbed, errors = many_streams(fleet, prompts, lambda: None)
         assert not errors and all(len(o) == NEW for o in undisturbed)
 
         # 1. SIGKILL the stage-1 worker with 20 requests in flight; a spare takes over
         epoch = fleet.model().epoch
         victim = fleet.process_of_stage(1)
         t_kill = []
-        outs, errors = _many(
+        outs, errors = many_streams(
             fleet, prompts, lambda: (t_kill.append(time.monotonic()), victim.kill())
         )
         assert not errors, errors[:3]
@@ -216,7 +111,7 @@ def test_worker_loss_is_survived(tmp_path):
         # 3. a hung worker (SIGSTOP) is detected like a crash
         fleet.add_worker()  # a spare again
         hung = fleet.process_of_stage(0)
-        outs, errors = _many(fleet, prompts[:8], lambda: hung.send_signal(signal.SIGSTOP))
+        outs, errors = many_streams(fleet, prompts[:8], lambda: hung.send_signal(signal.SIGSTOP))
         assert not errors, errors[:3]
         assert outs == undisturbed[:8]
 
@@ -224,7 +119,7 @@ def test_worker_loss_is_survived(tmp_path):
         fleet.add_worker()
         st = fleet.admin.ClusterStatus(pb.ClusterStatusRequest(), timeout=10)
         (w1,) = [w for w in st.workers if w.model == "m" and w.stage == 1 and w.state == "ready"]
-        outs, errors = _many(
+        outs, errors = many_streams(
             fleet,
             prompts[:8],
             lambda: fleet.admin.DrainWorker(pb.DrainWorkerRequest(worker_id=w1.id), timeout=120),
@@ -357,7 +252,7 @@ def test_drain_kill_stall_soak(tmp_path):
             )
         )
         prompts = [[1 + i, 2 + i % 7, 3, 4 + i % 5] for i in range(8)]
-        undisturbed, errors = _many(fleet, prompts, lambda: None)
+        undisturbed, errors = many_streams(fleet, prompts, lambda: None)
         assert not errors and all(len(o) == NEW for o in undisturbed)
 
         def ready() -> None:
@@ -373,7 +268,7 @@ def test_drain_kill_stall_soak(tmp_path):
             deadline = time.monotonic() + 60
             while not kserve and not errors and time.monotonic() < deadline:
                 time.sleep(0.01)  # under way before the fault
-            outs, errs = _many(fleet, prompts, fault)
+            outs, errs = many_streams(fleet, prompts, fault)
             t.join(300)
             assert not errs and not errors, (errs + errors)[:3]
             assert outs == undisturbed and kserve == kserve_ref

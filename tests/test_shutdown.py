@@ -18,8 +18,8 @@ from pipeserve.v1 import pipeserve_pb2 as pb
 from stage_worker.lifecycle import REGISTERED
 
 from .cluster import port as _port
+from .fleet import Fleet, many_streams
 from .models import lm_model, save_hf
-from .test_recovery import Fleet, _many
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +63,7 @@ def test_sigterm_drains_worker_and_stops_coordinator(tmp_path):
         )
         # an idle spare under a stable id (a StatefulSet pod name): Ready while idle
         port = _port()
-        spare = fleet._spawn(
+        spare = fleet.spawn(
             "worker", "--coordinator", fleet.address, "--port", str(port), "--worker-id", "pod-3"
         )
         fleet.workers[port] = spare
@@ -76,7 +76,7 @@ def test_sigterm_drains_worker_and_stops_coordinator(tmp_path):
         assert _health(port, "pipeserve.v1.StageWorker") != serving  # serves no stage
 
         prompts = [[1 + i, 2 + i % 7, 3, 4 + i % 5] for i in range(12)]
-        undisturbed, errors = _many(fleet, prompts, lambda: None)
+        undisturbed, errors = many_streams(fleet, prompts, lambda: None)
         assert not errors and all(len(o) for o in undisturbed)
 
         # 1. SIGTERM the stage-1 worker with 12 streams in flight: it moves its stage to the
@@ -84,7 +84,7 @@ def test_sigterm_drains_worker_and_stops_coordinator(tmp_path):
         victim = fleet.process_of_stage(1)
         epoch = fleet.model().epoch
         waiters: list[threading.Thread] = []
-        outs, errors = _many(fleet, prompts, lambda: waiters.append(_sigterm(victim)))
+        outs, errors = many_streams(fleet, prompts, lambda: waiters.append(_sigterm(victim)))
         waiters[0].join()
         took = waiters[0].seconds
         assert victim.returncode == 0 and took < EXIT_WITHIN_S, (victim.returncode, took)
