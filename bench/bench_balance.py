@@ -50,7 +50,14 @@ from bench.baselines import (
     parallel_matmul_check,
     time_ours_stream,
 )
-from bench.harness import code_state, free_port, jsonable, machine, proc_status, spawn_and_get
+from bench.harness import (
+    code_state,
+    free_port,
+    machine,
+    proc_status,
+    spawn_and_get,
+    write_results,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -298,10 +305,7 @@ def main() -> None:
     res["code_changed_during_run"] = code_state()["sha256"] != res["code"]["sha256"]
     res["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     res["pid"] = os.getpid()
-    out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(jsonable(res), indent=2) + "\n"
-    (out / "balance.json").write_text(text)
-    (out / "balance.md").write_text(markdown(json.loads(text)))
+    write_results(out, "balance", res, markdown)
     print(f"wrote {out / 'balance.json'} and {out / 'balance.md'} ({res['total_s']:.0f} s)")
     for r in table(res):
         print(" | ".join(r))

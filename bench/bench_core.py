@@ -50,10 +50,10 @@ from bench.harness import (
     ROOT,
     MiB,
     code_state,
-    jsonable,
     machine,
     proc_status,
     ru_maxrss,
+    write_results,
 )
 
 LLAMA_7B = dict(
@@ -176,10 +176,7 @@ def main() -> None:
     res["code_changed_during_run"] = code_state()["sha256"] != res["code"]["sha256"]
     res["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(jsonable(res), indent=2) + "\n"
-    (out / "core.json").write_text(text)
-    (out / "core.md").write_text(markdown(json.loads(text)))  # same input as --report-only
+    write_results(out, "core", res, markdown)
     print(f"wrote {out / 'core.json'} and {out / 'core.md'} ({res['total_s']:.0f} s)")
 
 

@@ -38,7 +38,7 @@ import torch
 
 from bench.bench_generate import _hf_generate_s, _prompt, build
 from bench.bench_hop import hop_costs
-from bench.harness import code_state, jsonable, machine
+from bench.harness import code_state, machine, write_results
 from pipeline_core import LocalGenerator, ModelSource, Policy, SamplingParams, make_plan
 from pipeline_core.stage_options import StageOptions
 from pipeline_core.step_timing import CATEGORIES, TIMING_FIELDS, breakdown
@@ -280,11 +280,7 @@ def main() -> None:
         res.update(bench(Path(d), args.short, [int(x) for x in args.stages.split(",")]))
     res["total_s"] = time.perf_counter() - t0
     res["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(jsonable(res), indent=2) + "\n"
-    (out / f"{args.name}.json").write_text(text)
-    (out / f"{args.name}.md").write_text(markdown(json.loads(text)))
-    print(markdown(json.loads(text)))
+    print(write_results(out, args.name, res, markdown))
 
 
 if __name__ == "__main__":

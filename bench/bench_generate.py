@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from bench.baselines import parallel_matmul_check
-from bench.harness import code_state, jsonable, machine
+from bench.harness import code_state, machine, write_results
 from pipeline_core import (
     EngineLimits,
     LocalGenerator,
@@ -454,11 +454,7 @@ def main() -> None:
         res.update(bench(Path(d)))
     res["total_s"] = time.perf_counter() - t0
     res["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(jsonable(res), indent=2) + "\n"
-    (out / f"{stem}.json").write_text(text)
-    (out / f"{stem}.md").write_text(markdown(json.loads(text)))
-    print(markdown(json.loads(text)))
+    print(write_results(out, stem, res, markdown))
 
 
 if __name__ == "__main__":

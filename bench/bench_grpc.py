@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import tempfile
 import time
@@ -31,7 +30,7 @@ from typing import Any
 import grpc
 import torch
 
-from bench.harness import code_state, jsonable, machine
+from bench.harness import code_state, machine, write_results
 from tests.cluster import Cluster
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,11 +206,7 @@ def main() -> None:
             cluster.close()
     res["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(jsonable(res), indent=2) + "\n"
-    (out / "grpc.json").write_text(text)
-    (out / "grpc.md").write_text(markdown(json.loads(text)))
-    print(markdown(json.loads(text)))
+    print(write_results(out, "grpc", res, markdown))
 
 
 if __name__ == "__main__":

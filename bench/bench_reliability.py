@@ -18,7 +18,6 @@ with a small random Llama, and we measure
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 import grpc
 import torch
 
-from bench.harness import code_state, jsonable, machine, proc_status
+from bench.harness import code_state, machine, proc_status, write_results
 from pipeserve.v1 import pipeserve_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -203,11 +202,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_rel_") as d:
         res.update(bench(Path(d)))
     res["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(jsonable(res), indent=2) + "\n"
-    (RESULTS / "reliability.json").write_text(text)
-    (RESULTS / "reliability.md").write_text(markdown(json.loads(text)))
-    print(markdown(json.loads(text)))
+    print(write_results(RESULTS, "reliability", res, markdown))
 
 
 if __name__ == "__main__":

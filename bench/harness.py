@@ -13,12 +13,14 @@ address space), which ``/proc/self/clear_refs`` can also reset to the current RS
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import platform
 import resource
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +139,16 @@ def jsonable(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x.tolist()
     return x
+
+
+def write_results(
+    out: Path, stem: str, res: dict[str, Any], markdown: Callable[[dict[str, Any]], str]
+) -> str:
+    """``out/<stem>.json`` (``res`` made JSON-safe) and ``out/<stem>.md`` (``markdown`` of what
+    the JSON file reads back as, the same input a ``--report-only`` run gets); the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(jsonable(res), indent=2) + "\n"
+    (out / f"{stem}.json").write_text(text)
+    md = markdown(json.loads(text))
+    (out / f"{stem}.md").write_text(md)
+    return md
