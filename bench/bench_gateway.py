@@ -36,8 +36,10 @@ from typing import Any
 
 import torch
 
-from bench.bench_grpc import Cluster, _port, build
-from bench.harness import code_state, jsonable, machine
+from bench.bench_grpc import build
+from bench.harness import code_state, machine, write_results
+from pipeserve.launch import free_port
+from tests.cluster import Cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -262,7 +264,7 @@ def main() -> None:
         ckpt = build(Path(d) / "llama")
         save_demo_tokenizer(ckpt, vocab_size=1000)
         cluster = Cluster(ckpt, Path(d))
-        port = _port()
+        port = free_port()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PIPESERVE_LOG": "WARNING"}
         gateway = subprocess.Popen(
             [
@@ -297,11 +299,7 @@ def main() -> None:
     res["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     res["load_average_after"] = os.getloadavg()[0]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(jsonable(res), indent=2) + "\n"
-    (out / "gateway.json").write_text(text)
-    (out / "gateway.md").write_text(markdown(json.loads(text)))
-    print(markdown(json.loads(text)))
+    print(write_results(out, "gateway", res, markdown))
 
 
 if __name__ == "__main__":
