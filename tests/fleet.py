@@ -66,6 +66,14 @@ class Fleet:
             lambda st: any(w.address.endswith(f":{port}") and w.state == "idle" for w in st.workers)
         )
 
+    def load(self, checkpoint: Path, stages: int) -> None:
+        """Load ``checkpoint`` as model "m" in ``stages`` equal-size stages; returns when it is
+        ready (LoadModel's progress stream ends)."""
+        request = pb.LoadModelRequest(
+            name="m", checkpoint=str(checkpoint), policy=pb.SplitPolicy(equal_size=stages)
+        )
+        list(self.admin.LoadModel(request, timeout=300))
+
     def wait(
         self, ok: Callable[[pb.ClusterStatusResponse], bool], timeout: float = 120.0
     ) -> pb.ClusterStatusResponse:

@@ -62,14 +62,7 @@ def test_worker_loss_is_survived(tmp_path):
     try:
         for _ in range(4):  # 3 stages + 1 spare
             fleet.add_worker()
-        list(
-            fleet.admin.LoadModel(
-                pb.LoadModelRequest(
-                    name="m", checkpoint=str(tmp_path / "m"), policy=pb.SplitPolicy(equal_size=3)
-                ),
-                timeout=300,
-            )
-        )
+        fleet.load(tmp_path / "m", 3)
         prompts = [[1 + i, 2 + i % 7, 3, 4 + i % 5] for i in range(20)]
         undisturbed, errors = many_streams(fleet, prompts, lambda: None)
         assert not errors and all(len(o) == NEW for o in undisturbed)
@@ -150,14 +143,7 @@ def test_kserve_stream_survives_a_worker_kill_with_request_id_and_metrics(tmp_pa
     try:
         for _ in range(3):  # 2 stages + 1 spare
             fleet.add_worker()
-        list(
-            fleet.admin.LoadModel(
-                pb.LoadModelRequest(
-                    name="m", checkpoint=str(tmp_path / "m"), policy=pb.SplitPolicy(equal_size=2)
-                ),
-                timeout=300,
-            )
-        )
+        fleet.load(tmp_path / "m", 2)
         fleet.wait(lambda st: sum(w.model == "m" and w.state == "ready" for w in st.workers) == 2)
         victim = fleet.process_of_stage(1)
         prompt, new = [3, 1, 4, 1, 5], 3 * NEW
@@ -202,14 +188,7 @@ def test_coordinator_restart_restores_models(tmp_path):
     try:
         for _ in range(2):
             fleet.add_worker()
-        list(
-            fleet.admin.LoadModel(
-                pb.LoadModelRequest(
-                    name="m", checkpoint=str(tmp_path / "m"), policy=pb.SplitPolicy(equal_size=2)
-                ),
-                timeout=300,
-            )
-        )
+        fleet.load(tmp_path / "m", 2)
         before: list[int] = []
         errors: list = []
         fleet.stream([4, 5, 6], before, errors)
@@ -243,14 +222,7 @@ def test_drain_kill_stall_soak(tmp_path):
     try:
         for _ in range(3):  # 2 stages + 1 spare
             fleet.add_worker()
-        list(
-            fleet.admin.LoadModel(
-                pb.LoadModelRequest(
-                    name="m", checkpoint=str(tmp_path / "m"), policy=pb.SplitPolicy(equal_size=2)
-                ),
-                timeout=300,
-            )
-        )
+        fleet.load(tmp_path / "m", 2)
         prompts = [[1 + i, 2 + i % 7, 3, 4 + i % 5] for i in range(8)]
         undisturbed, errors = many_streams(fleet, prompts, lambda: None)
         assert not errors and all(len(o) == NEW for o in undisturbed)

@@ -53,14 +53,7 @@ def test_sigterm_drains_worker_and_stops_coordinator(tmp_path):
     try:
         for _ in range(3):
             fleet.add_worker()
-        list(
-            fleet.admin.LoadModel(
-                pb.LoadModelRequest(
-                    name="m", checkpoint=str(tmp_path / "m"), policy=pb.SplitPolicy(equal_size=3)
-                ),
-                timeout=300,
-            )
-        )
+        fleet.load(tmp_path / "m", 3)
         # an idle spare under a stable id (a StatefulSet pod name): Ready while idle
         port = _port()
         spare = fleet.spawn(
