@@ -177,6 +177,8 @@ def test_local_cluster_self_check(tmp_path):
             "--port",
             "0",
             "--once",
+            "--max-new-tokens",
+            "6",
         ],
         capture_output=True,
         text=True,
@@ -184,6 +186,15 @@ def test_local_cluster_self_check(tmp_path):
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "same tokens as single-process transformers generate" in r.stdout
+    lines = r.stdout.splitlines()
+    # the reference model is computed (and freed) before any worker starts: the host holds
+    # the model once at a time, not the whole model beside its stages
+    first = next(i for i, ln in enumerate(lines) if ln.startswith("reference:"))
+    started = next(i for i, ln in enumerate(lines) if "workers started" in ln)
+    assert first < started
+    got = [ln for ln in lines if "-> [" in ln]
+    assert len(got) == 3 and all(len(ln.split("-> [")[1].split(",")) == 6 for ln in got)
+    assert sum("s/token" in ln for ln in lines) == 3
     assert "pipeserve generate --coordinator" in r.stdout and "grpcurl" in r.stdout
 
 

@@ -64,6 +64,7 @@ def cmd_local(args: argparse.Namespace) -> int:
         once=args.once,
         http_port=args.http_port,
         dtype=args.dtype or "",
+        new_tokens=args.max_new_tokens,
     )
 
 
@@ -92,7 +93,7 @@ def check_forward(model_dir: Path, stages: int, batch: int = 6, seq: int = 32) -
     return diff == 0
 
 
-def _host_refusal(model_dir: Path, stages: int, dtype: str) -> str:
+def _host_refusal(model_dir: Path, stages: int, dtype: str, new_tokens: int) -> str:
     """Why the stages cannot all load on this host (empty: they fit), known before any worker
     starts: a plan by bytes gives the weights and KV bytes per token of the model."""
     from pipeline_core import ModelSource, PlanError, Policy, Workload, make_plan
@@ -106,8 +107,8 @@ def _host_refusal(model_dir: Path, stages: int, dtype: str) -> str:
             trace=False,
             workload=Workload(profile=False),
         )
-        kv_tokens = sum(len(p) + NEW_TOKENS for p in PROMPTS)
-        check_host_fits(plan, kv_tokens, processes=stages + 1)  # + the coordinator
+        kv_tokens = sum(len(p) + new_tokens for p in PROMPTS)
+        check_host_fits(plan, kv_tokens, processes=stages + 2)  # + coordinator, this process
     except (PlanError, FileNotFoundError) as e:
         return str(e)
     return ""
@@ -121,18 +122,22 @@ def run_local(
     once: bool = False,
     http_port: int = 0,
     dtype: str = "",
+    new_tokens: int = NEW_TOKENS,
 ) -> int:
     """``dtype`` empty: the checkpoint's (the coordinator resolves it, as the reference's
-    ``from_pretrained(dtype="auto")`` does)."""
+    ``from_pretrained(dtype="auto")`` does).  The self-check's reference tokens are computed
+    before any worker starts and the reference model is freed, so the host holds the model
+    once at a time (the whole model, then its stages), not twice."""
     import grpc
 
     from pipeserve import rpc
     from pipeserve.v1 import pipeserve_pb2 as pb
 
-    refusal = _host_refusal(model_dir, stages, dtype)
+    refusal = _host_refusal(model_dir, stages, dtype, new_tokens)
     if refusal:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
+    prompts, expected = _reference_tokens(model_dir, dtype, new_tokens)
     port = free_port(port)
     address = f"127.0.0.1:{port}"
     log_dir = Path(".pipeserve-cache") / "logs"
@@ -161,27 +166,24 @@ def run_local(
                 for s in p.stages:
                     print(f"  stage {s.stage} on {s.worker_id}: {s.bytes_loaded} bytes, {s.state}")
         print(f"model {name!r} loaded over {stages} stages")
-        from pipeline_core.source import _hf_model_class, hf_config
-
-        config = hf_config(model_dir)
-        reference = _hf_model_class(config).from_pretrained(model_dir, dtype=dtype or "auto").eval()
-        vocab = config.get_text_config(decoder=True).vocab_size
-        prompts = [[t % vocab for t in p] for p in PROMPTS]
         ok = True
-        for prompt in prompts:
+        for prompt, want in zip(prompts, expected, strict=True):
             got: list[int] = []
             g = pb.GenerateRequest(
                 model=name,
                 token_ids=pb.TokenIds(ids=prompt),
-                max_new_tokens=NEW_TOKENS,
+                max_new_tokens=new_tokens,
                 sampling=pb.SamplingParameters(ignore_eos=True),
             )
-            for r in inference.Generate(g, timeout=300):
+            t0 = time.perf_counter()
+            times: list[float] = []
+            for r in inference.Generate(g, timeout=max(300, 60 * new_tokens)):
                 got += list(r.token_ids)
-            want = hf_greedy(reference, prompt, NEW_TOKENS)
+                times += [time.perf_counter() - t0] * len(r.token_ids)
             ok &= got == want
             note = "" if got == want else f"   (single-process transformers: {want})"
             print(f"  prompt {prompt} -> {got}{note}")
+            print(f"    {_timing(times)}")
         verdict = "same tokens as" if ok else "DIFFERENT tokens from"
         print(f"pipelined generation: {verdict} single-process transformers generate")
         ids = ",".join(map(str, prompts[0]))
@@ -219,6 +221,34 @@ def run_local(
         procs.stop()
 
 
+def _reference_tokens(
+    model_dir: Path, dtype: str, new_tokens: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """The self-check's prompts (inside the vocabulary) and the greedy tokens single-process
+    ``transformers`` generates for them; the model is freed before returning."""
+    import gc
+
+    from pipeline_core.source import _hf_model_class, hf_config
+
+    config = hf_config(model_dir)
+    vocab = config.get_text_config(decoder=True).vocab_size
+    prompts = [[t % vocab for t in p] for p in PROMPTS]
+    print(f"reference: single-process transformers generate of {len(prompts)} prompts ...")
+    reference = _hf_model_class(config).from_pretrained(model_dir, dtype=dtype or "auto").eval()
+    expected = [hf_greedy(reference, p, new_tokens) for p in prompts]
+    del reference
+    gc.collect()
+    return prompts, expected
+
+
+def _timing(times: list[float]) -> str:
+    """First token and per-token seconds of one streamed request."""
+    if not times:
+        return "no tokens"
+    per = (times[-1] - times[0]) / max(1, len(times) - 1)
+    return f"first token {times[0]:.3f} s, then {per:.3f} s/token"
+
+
 def print_gateway(url: str, model: str) -> None:
     body = (
         f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], '
@@ -250,4 +280,10 @@ def add_local_command(sub: Any) -> None:
         "--check-forward", action="store_true", help="also check the pipelined forward first"
     )
     p.add_argument("--dtype", help=DTYPE_HELP)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=NEW_TOKENS,
+        help="tokens generated per self-check prompt (compared to single-process transformers)",
+    )
     p.set_defaults(func=cmd_local)
