@@ -28,6 +28,7 @@ Peaks are ``VmHWM`` of each process (``/proc``), not ``ru_maxrss`` (see ``bench.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import gc
 import json
@@ -276,6 +277,38 @@ def _descendants(root: int) -> list[int]:
     return out
 
 
+class Watcher:
+    """Polls every process under ``root`` (2 Hz): each one's peak RSS (``VmHWM``), its command
+    line, and the largest sum of their current RSS (what the host held at once)."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.peaks: dict[int, int] = {}
+        self.names: dict[int, str] = {}
+        self.max_total = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._done.is_set():
+            total = 0
+            for pid in _descendants(self.root):
+                with contextlib.suppress(OSError, KeyError):  # gone meanwhile
+                    st = proc_status(pid)
+                    self.peaks[pid] = max(self.peaks.get(pid, 0), st["VmHWM"])
+                    total += st["VmRSS"]
+                    if pid not in self.names:
+                        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                        self.names[pid] = " ".join(a.decode() for a in argv[2:5])
+            self.max_total = max(self.max_total, total)
+            self._done.wait(0.5)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def run_pipeline(path: Path, stages: int, tokens: int) -> dict[str, Any]:
     """``pipeserve run`` with default flags; every process's peak RSS (polled), the time to
     each streamed token."""
@@ -283,18 +316,7 @@ def run_pipeline(path: Path, stages: int, tokens: int) -> dict[str, Any]:
     cmd += ["--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", str(tokens)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peaks: dict[int, int] = {}
-    done = threading.Event()
-
-    def poll() -> None:
-        while not done.is_set():
-            for pid in _descendants(proc.pid):
-                with contextlib.suppress(OSError, KeyError):  # gone meanwhile
-                    peaks[pid] = max(peaks.get(pid, 0), proc_status(pid)["VmHWM"])
-            done.wait(0.5)
-
-    watcher = threading.Thread(target=poll, daemon=True)
-    watcher.start()
+    watch = Watcher(proc.pid)
     got: list[int] = []
     times: list[float] = []
     buf = ""
@@ -308,18 +330,61 @@ def run_pipeline(path: Path, stages: int, tokens: int) -> dict[str, Any]:
             buf = ""
     err = proc.stderr.read() if proc.stderr else ""
     rc = proc.wait()
-    done.set()
-    watcher.join()
+    watch.stop()
+    peaks = sorted(watch.peaks.values(), reverse=True)
     if rc != 0:
-        return {"rc": rc, "error": err[-2000:], "peaks": sorted(peaks.values(), reverse=True)}
+        return {"rc": rc, "error": err[-2000:], "peaks": peaks}
     return {
         "rc": rc,
         "tokens": got,
-        "first_token_s": times[0],  # from the command's start: plan + load + prefill
+        "first_token_s": times[0],  # from the command's start: plan, load, prefill
         "s_per_token": (times[-1] - times[0]) / max(1, len(times) - 1),
         "total_s": time.perf_counter() - t0,
-        "peaks": sorted(peaks.values(), reverse=True),
+        "peaks": peaks,
+        "max_total_rss": watch.max_total,
     }
+
+
+def run_cluster(path: Path, stages: int, tokens: int) -> dict[str, Any]:
+    """The gRPC cluster on this host: ``pipeserve local DIR --stages N --once`` (a coordinator
+    and N stage workers as processes; its self-check generates ``tokens`` greedy tokens for
+    three prompts and compares them with single-process ``transformers``, whose model it loads
+    and frees before the workers start).  Peak RSS of every process, the most the host held at
+    once, the load seconds, each prompt's time to first token and seconds per token."""
+    cmd = [sys.executable, "-m", "pipeserve", "local", str(path), "--stages", str(stages)]
+    cmd += ["--port", "0", "--once", "--max-new-tokens", str(tokens)]
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watch = Watcher(proc.pid)
+    marks: dict[str, float] = {}
+    lines: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line.rstrip())
+        for key, text in (("workers_up", "workers started"), ("loaded", "loaded over")):
+            if text in line and key not in marks:
+                marks[key] = time.perf_counter() - t0
+    rc = proc.wait()
+    watch.stop()
+    procs = [
+        {"process": watch.names.get(pid, "?"), "peak": peak}
+        for pid, peak in sorted(watch.peaks.items(), key=lambda kv: -kv[1])
+    ]
+    out: dict[str, Any] = {"rc": rc, "procs": procs, "max_total_rss": watch.max_total}
+    out["equal"] = any("same tokens as single-process" in ln for ln in lines)
+    if rc != 0 or "loaded" not in marks:
+        return {**out, "error": "\n".join(lines[-30:])}
+    timing = [ln.split("first token ")[1] for ln in lines if "first token " in ln]
+    out["first_token_s"] = [float(t.split(" s,")[0]) for t in timing]
+    out["s_per_token"] = [float(t.split("then ")[1].split(" s/token")[0]) for t in timing]
+    out["tokens"] = [
+        ast.literal_eval(ln.split("-> ")[1].split("   ")[0]) for ln in lines if "-> [" in ln
+    ]
+    out["load_s"] = marks["loaded"] - marks["workers_up"]
+    out["total_s"] = time.perf_counter() - t0
+    out["loadavg"] = sorted([load_before, os.getloadavg()[0]])  # 1-minute, before and after
+    return out
 
 
 def plan_once(
@@ -387,8 +452,15 @@ def bench_model(name: str, root: Path, stages: int, tokens: int) -> dict[str, An
     row["run"] = run_pipeline(path, stages, tokens)
     row["run"]["equal"] = row["run"].get("tokens") == row["single"]["tokens"]
     print(f"  pipeserve run: {row['run']}", flush=True)
+    cluster_row(row, path, stages, tokens)
     plan_rows(row, path, stages, traced=True)
     return row
+
+
+def cluster_row(row: dict[str, Any], path: Path, stages: int, tokens: int) -> None:
+    evict(path)
+    row["cluster"] = run_cluster(path, stages, tokens)
+    print(f"  pipeserve local: {row['cluster']}", flush=True)
 
 
 def plan_rows(row: dict[str, Any], path: Path, stages: int, traced: bool) -> None:
@@ -415,11 +487,17 @@ def main() -> None:
         help="re-measure only the default `pipeserve plan` rows (checkpoints already in --dir); "
         "keep every other figure of --out, the traced plans included",
     )
+    ap.add_argument(
+        "--cluster-only",
+        action="store_true",
+        help="measure only the gRPC cluster rows (`pipeserve local --once`); keep the rest",
+    )
     args = ap.parse_args()
     root = Path(args.dir)
     out = Path(args.out)
     # a run of some models keeps the other models' rows of an earlier run
-    old = json.loads(out.read_text()) if out.is_file() and (args.keep or args.plans_only) else {}
+    partial = args.keep or args.plans_only or args.cluster_only
+    old = json.loads(out.read_text()) if out.is_file() and partial else {}
     rows = {r["model"]: r for r in old.get("models", [])}
     for r in [*rows.values(), old.get("plan_70b") or {}]:  # results of before --trace was opt-in
         untraced = r.pop("plan_untraced", None) or r.pop("untraced", None)
@@ -433,10 +511,12 @@ def main() -> None:
         if args.plans_only:
             print(m, flush=True)
             plan_rows(rows[m], root / m, args.stages, traced=False)
+        elif args.cluster_only:
+            cluster_row(rows[m], root / m, args.stages, args.tokens)
         else:
             rows[m] = bench_model(m, root, args.stages, args.tokens)
     plan70 = old.get("plan_70b")
-    if not args.skip_70b or plan70 is None:
+    if not (args.skip_70b or args.cluster_only) or plan70 is None:
         cfg70 = root / "llama-2-70b"
         cfg70.mkdir(parents=True, exist_ok=True)
         config_of(SHAPES["llama-2-70b"]).save_pretrained(cfg70)

@@ -9,6 +9,62 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def cluster_rows(row: Any, m: dict[str, Any], tokens: int) -> None:
+    """The gRPC cluster's rows (``pipeserve local DIR --stages 4 --once``), when measured."""
+    c, name, single = m.get("cluster"), m["model"], m["single"]
+    if not c:
+        return
+    if c.get("rc") != 0:
+        row(
+            f"{name}: gRPC cluster, `pipeserve local --stages 4 --once`",
+            "completes",
+            f"rc {c.get('rc')}: {c.get('error', '')[-300:]}",
+            "-",
+            "-",
+            False,
+        )
+        return
+    distinct = len({t for toks in c["tokens"] for t in toks})
+    row(
+        f"{name}: gRPC cluster on this host, `pipeserve local DIR --stages 4 --once "
+        f"--max-new-tokens {tokens}` (coordinator + 4 stage workers as processes; its "
+        "self-check vs single-process transformers generate, 3 prompts)",
+        "completes; tokens equal",
+        f"tokens {'equal' if c['equal'] else 'DIFFER'} ({distinct} distinct ids over 3 prompts)",
+        "HF generate in the same command, model freed before the workers start",
+        "-",
+        c["equal"],
+    )
+    workers = [p for p in c["procs"] if p["process"].split()[1:2] == ["worker"]]
+    total = sum(p["peak"] for p in workers)
+    coord = next((p["peak"] for p in c["procs"] if p["process"].split()[1:2] == ["coordinator"]), 0)
+    row(
+        f"{name}: gRPC cluster: peak RSS of each stage worker / stage bytes; the most the "
+        "host held at once (every process, current RSS polled at 2 Hz) / checkpoint bytes",
+        "report",
+        f"workers {', '.join(_gib(p['peak']) for p in workers)} (sum {_gib(total)}); "
+        f"coordinator {_gib(coord)}; at once {_gib(c['max_total_rss'])}",
+        f"stages {', '.join(_gib(b) for b in m['stage_bytes'])}; checkpoint "
+        f"{_gib(m['checkpoint_bytes'])}",
+        f"{total / sum(m['stage_bytes']):.2f}x stage bytes; at once "
+        f"{c['max_total_rss'] / m['checkpoint_bytes']:.2f}x checkpoint",
+        None,
+    )
+    row(
+        f"{name}: gRPC cluster: load (LoadModel, cold page cache), time to first token and "
+        "seconds per token of each streamed Generate",
+        "report",
+        f"load {c['load_s']:.1f} s; first token "
+        f"{', '.join(f'{t:.2f}' for t in c['first_token_s'])} s; "
+        f"{', '.join(f'{t:.2f}' for t in c['s_per_token'])} s/token",
+        f"single process: from_pretrained + first token "
+        f"{single['load_s'] + single['ttft_s']:.1f} s, {single['s_per_token']:.2f} s/token",
+        f"{min(c['s_per_token']) / single['s_per_token']:.2f}x per token (best prompt)"
+        + (f"; load average {c['loadavg'][0]:.0f}-{c['loadavg'][1]:.0f}" if "loadavg" in c else ""),
+        None,
+    )
+
+
 def report(res: dict[str, Any]) -> str:
     """The markdown results table (metric, goal, measured, baseline, ratio, verdict)."""
     rows = []
@@ -84,6 +140,7 @@ def report(res: dict[str, Any]) -> str:
                 "-",
                 False,
             )
+        cluster_rows(row, m, res["tokens"])
         p = m["plan"]
         row(
             f"{name}: `pipeserve plan DIR --stages 4` (default: balanced, profiled; cold "
