@@ -46,7 +46,9 @@ def cluster_rows(row: Any, m: dict[str, Any], tokens: int) -> None:
         f"coordinator {_gib(coord)}; at once {_gib(c['max_total_rss'])}",
         f"stages {', '.join(_gib(b) for b in m['stage_bytes'])}; checkpoint "
         f"{_gib(m['checkpoint_bytes'])}",
-        f"{total / sum(m['stage_bytes']):.2f}x stage bytes; at once "
+        f"{total / sum(m['stage_bytes']):.2f}x stage bytes (beyond the weights: "
+        f"{_gib((total - sum(m['stage_bytes'])) / len(workers))} per worker: runtime, KV cache, "
+        "buffers); at once "
         f"{c['max_total_rss'] / m['checkpoint_bytes']:.2f}x checkpoint",
         None,
     )
