@@ -34,6 +34,10 @@ RETRY_MAX_S = 10.0
 """Longest pause between two recovery attempts of one model (1, 2, 4, ... seconds)."""
 PRUNE_AFTER = 3.0
 """A lost worker no model needs is forgotten after this many ``lost_after`` periods."""
+TICK_S = 0.25
+"""The monitor's period."""
+STALL_S = 1.0
+"""A monitor tick this late means the coordinator itself stalled (see credit_stall)."""
 
 
 class Recovery:
@@ -60,9 +64,29 @@ class Recovery:
     def monitor(self, stop: threading.Event) -> None:
         """Each tick: forget long-lost workers, reclaim stale stages, and start a recovery
         for every generation model that needs one."""
-        self.started = time.monotonic()  # restored models' workers get their time from here
-        while not stop.wait(0.25):
+        self.started = last = time.monotonic()  # restored models' workers count from here
+        while not stop.wait(TICK_S):
+            now = time.monotonic()
+            self.credit_stall(now - last - TICK_S)
+            last = now
             self.tick()
+
+    def credit_stall(self, stalled: float) -> None:
+        """The coordinator itself stalled for ``stalled`` seconds (CPU starvation on a host
+        loading a 7B model, swapping, a long pause): heartbeats that arrived meanwhile sit
+        unread in its queue, so the stall is not counted against any worker.  Without this,
+        one stall longer than the heartbeat timeout counted every worker of every model lost
+        at once and failed the requests in flight (seen with Bloom-7b1 on a 24 GiB host)."""
+        if stalled < STALL_S:
+            return
+        log.warning(
+            "the coordinator stalled %.1f s (host overloaded?); not counted against workers",
+            stalled,
+        )
+        now = time.monotonic()
+        with self.lock:
+            for w in self.workers.values():
+                w.last_seen = min(now, w.last_seen + stalled)
 
     def tick(self) -> None:
         """One look at every worker and model (the monitor's; tests call it directly)."""

@@ -393,3 +393,30 @@ def test_the_domain_imports_no_grpc():
                 continue
             for mod in mods:
                 assert not mod.startswith(("grpc", "pipeserve.v1", "pipeserve.rpc")), (name, mod)
+
+
+class _Stall:
+    """A monitor's stop event whose first wait stalls ``seconds`` (the coordinator heard
+    nothing meanwhile), whose second ends the monitor."""
+
+    def __init__(self, seconds: float) -> None:
+        self.waits = [seconds, 0.0]
+
+    def wait(self, timeout: float) -> bool:
+        time.sleep(self.waits.pop(0))
+        return not self.waits
+
+
+def test_a_coordinator_stall_is_not_a_worker_loss(ckpt, plan):
+    cl = Cluster(2, plan)
+    cl.load(ckpt)
+    m = cl.c.find("m")
+    for w in cl.c.workers.values():
+        w.lost_after = 0.5
+    cl.c.monitor(_Stall(1.6))  # no heartbeat handled for 1.6 s: the coordinator stalled
+    assert m.ready and not cl.c.recoveries
+    assert all(cl.c.workers[w].state != WorkerState.LOST for w in m.workers)
+    time.sleep(0.6)  # silence the monitor saw while running on time: lost
+    assert all(cl.c.workers[w].state == WorkerState.LOST for w in m.workers)
+    cl.c.tick()
+    _wait(lambda: not m.ready)  # the recovery started
