@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from pipeserve.gateway.chunks import ChunkFormat, sse
 from pipeserve.gateway.errors import ApiError
 from pipeserve.gateway.requests import parse_params
 from pipeserve.gateway.stops import StopMatcher
@@ -45,3 +48,27 @@ def test_request_checks_refuse_what_the_engine_cannot_do():
             parse_params(body, chat=False)
         assert (e.value.status, e.value.param) == (400, param), body
         assert e.value.body()["error"]["message"]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("extra", [{}, {"usage": None}])
+def test_chunk_format_bytes_equal_the_json_of_the_chunk(chat, extra):
+    head = {"id": 'cmpl-"x"\\1', "created": 1700000000, "model": "m/ü"}
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    fmt = ChunkFormat(head, obj, extra, chat)
+    for index, text, finish in [
+        (0, "plain", None),
+        (3, 'quote " back \\ nl \n tab \t ctl \x01 é 😀 \ufffd', None),
+        (1, "", "stop"),
+        (0, "last", "length"),
+        (2, "", None),
+    ]:
+        if chat:
+            delta = {} if finish is not None and not text else {"content": text}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        want = sse({**head, "object": obj, "choices": [choice], **extra})
+        assert fmt.choice(index, text, finish) == want
+        parsed = json.loads(want.decode().removeprefix("data: "))
+        assert parsed["choices"][0]["index"] == index and parsed["object"] == obj
