@@ -3,6 +3,7 @@ holds no model (scale it horizontally).  ``pipeserve gateway --coordinator HOST:
 
 * ``app``: the Starlette routes and OpenAI response shapes; ``requests``: request bodies ->
   ``GenerateRequest``; ``streams``: one choice = one Generate stream, stop strings applied;
+  ``chunks``: the server-sent events of a streamed response (a template per response);
   ``stops``: stop strings across token boundaries; ``backend``: the ``grpc.aio`` channel,
   READY models, tokenizers; ``errors``: gRPC status -> HTTP status + OpenAI error object.
 """

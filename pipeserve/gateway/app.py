@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from pipeserve.gateway.backend import Backend, Metadata, ModelFiles
+from pipeserve.gateway.chunks import DONE, ChunkFormat, sse
 from pipeserve.gateway.errors import ApiError
 from pipeserve.gateway.metrics import GatewayMetrics
 from pipeserve.gateway.requests import (
@@ -71,10 +72,6 @@ async def _unless_disconnected(request: Request, aw: Awaitable[T]) -> T:
         await asyncio.gather(work, return_exceptions=True)
         raise ClientGone
     return work.result()
-
-
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
 class Gateway:
@@ -282,13 +279,10 @@ class Gateway:
         n: int,
         endpoint: str,
         start: float,
-    ) -> AsyncIterator[str]:
+    ) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         extra = {"usage": None} if p.include_usage else {}
-
-        def chunk(choices: list[dict[str, Any]]) -> str:
-            return _sse({**head, "object": obj, "choices": choices, **extra})
-
+        fmt = ChunkFormat(head, obj, extra, chat)  # per token: only the text is encoded
         status = "200"
         try:
             if chat:  # the assistant's role first, as OpenAI streams it
@@ -296,29 +290,27 @@ class Gateway:
                     {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
                     for i in range(n)
                 ]
-                yield chunk([{**c, "finish_reason": None} for c in roles])
-            pending = [first] if first is not None else []
+                choices = [{**c, "finish_reason": None} for c in roles]
+                yield sse({**head, "object": obj, "choices": choices, **extra})
             try:
-                while True:
-                    if pending:
-                        i, piece = pending.pop()
-                    else:
-                        nxt = await anext(events, None)
-                        if nxt is None:
-                            break
-                        i, piece = nxt
+                if first is not None:
+                    i, piece = first
                     if piece.finish:
                         usage["completion_tokens"] += piece.tokens
-                    yield chunk([self._choice(i, piece.text, piece.finish, chat, True)])
+                    yield fmt.choice(i, piece.text, piece.finish)
+                async for i, piece in events:
+                    if piece.finish:
+                        usage["completion_tokens"] += piece.tokens
+                    yield fmt.choice(i, piece.text, piece.finish)
             except ApiError as e:  # after the headers: the error goes in the stream
                 status = str(e.status)
                 log.warning("%s stream: %s %s", endpoint, e.status, e.message)
-                yield _sse(e.body())
+                yield sse(e.body())
                 return
             if p.include_usage:
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                yield _sse({**head, "object": obj, "choices": [], "usage": usage})
-            yield "data: [DONE]\n\n"
+                yield sse({**head, "object": obj, "choices": [], "usage": usage})
+            yield DONE
         except (asyncio.CancelledError, GeneratorExit):
             status = "499"
             self.metrics.disconnects.labels(endpoint).inc()

@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 
 Metadata = Sequence[tuple[str, str]]
 MODELS_TTL_S = 2.0
-"""How long a ListModels answer is reused to route requests (GET /v1/models always asks)."""
+"""How long a ListModels answer is reused to route requests (GET /v1/models always asks).
+Past it, a model the answer had READY is still routed at once while a new ListModels runs
+beside the request (the coordinator refuses a Generate for a model no longer READY with its
+own status); an unknown or not-READY model waits for the new answer."""
 
 
 @dataclass(slots=True)
@@ -81,6 +84,7 @@ class Backend:
         self._models_at = -1e9
         self._files: dict[tuple[str, str], ModelFiles] = {}
         self._files_lock = asyncio.Lock()
+        self._refresh: asyncio.Task[Any] | None = None
 
     @property
     def stub(self) -> pbg.InferenceStub:
@@ -90,6 +94,9 @@ class Backend:
         return self._stub
 
     async def close(self) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
+            await asyncio.gather(self._refresh, return_exceptions=True)
         if self._channel is not None:
             await self._channel.close()
             self._channel = self._stub = None
@@ -104,6 +111,12 @@ class Backend:
         self._models_at = time.monotonic()
         return list(r.models)
 
+    async def _list_quietly(self, md: Metadata) -> None:
+        try:
+            await self.list_models(md)
+        except ApiError as e:  # the next request that needs the answer asks again
+            log.debug("background ListModels: %s", e.message)
+
     async def ready_models(self, md: Metadata) -> list[pb.ModelInfo]:
         """The models clients can generate with now."""
         return [
@@ -115,9 +128,13 @@ class Backend:
     async def model(self, name: str, md: Metadata) -> pb.ModelInfo:
         """A READY generating model by name: 404 unknown, 503 not ready, 400 forward-only."""
         m = self._models.get(name)
-        if m is None or time.monotonic() - self._models_at > MODELS_TTL_S:
+        stale = time.monotonic() - self._models_at > MODELS_TTL_S
+        if m is None or (stale and m.state != pb.MODEL_STATE_READY):
             await self.list_models(md)
             m = self._models.get(name)
+        elif stale and (self._refresh is None or self._refresh.done()):
+            # a round trip to the coordinator off the request's path (time to first text)
+            self._refresh = asyncio.create_task(self._list_quietly(md))
         if m is None:
             known = ", ".join(sorted(self._models)) or "none loaded"
             raise ApiError(404, f"model {name!r} not found (models: {known})", param="model")

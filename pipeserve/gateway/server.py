@@ -30,6 +30,18 @@ class GatewayConfig:
     log_level: str = "info"
 
 
+def _fastest(module: str) -> str:
+    """uvicorn's C-accelerated ``module`` when it imports, else "auto" (pure Python):
+    httptools parses and frames HTTP/1.1 with less CPU per streamed chunk than h11, and
+    uvloop runs the event loop (every chunk's wake-ups) on libuv."""
+    try:
+        __import__(module)
+    except ImportError:
+        log.warning("%s is not installed: the gateway uses more CPU per token", module)
+        return "auto"
+    return module
+
+
 def serve(cfg: GatewayConfig) -> None:
     """Serve until interrupted (blocking)."""
     import uvicorn
@@ -45,4 +57,6 @@ def serve(cfg: GatewayConfig) -> None:
         access_log=False,
         timeout_graceful_shutdown=5,
         backlog=4096,
+        http=_fastest("httptools"),
+        loop=_fastest("uvloop"),
     )
