@@ -23,3 +23,27 @@ set_default_profile_cache(os.environ["PIPESERVE_PROFILE_CACHE"])  # in-process p
 @pytest.fixture(scope="session")
 def ckpt_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("ckpt")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Scheduling for ``pytest -n 2 --dist loadgroup`` (``make test``), no test changed:
+
+    * a test using a module-scoped fixture (a running cluster, a gateway, stage processes) is
+      grouped with its module's other users of it, so one xdist worker builds the fixture once
+      instead of each worker building its own copy;
+    * modules with multi-process (``slow``) tests go first and the quick unit tests last, so
+      that no long test starts at the end while the other worker sits idle (whole modules
+      move, so that a module fixture is still built once without xdist).
+    """
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        if defs is None:
+            continue
+        if any(
+            fd.scope == "module" and fd.baseid.endswith(".py")
+            for fds in defs.name2fixturedefs.values()
+            for fd in fds
+        ):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
