@@ -9,6 +9,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# One torch (OpenMP) thread in this process and in every process a test starts (stage
+# processes, workers, coordinators: they inherit the environment). The test models are tiny,
+# and ``make test`` runs two pytest workers on two cores, each starting several processes: with
+# torch's default (a thread per core) the OpenMP threads spin waiting for each other. Measured
+# on this 2-core VM (tests/models.py lm_model, 5 x hf_greedy of 40 tokens, load ~10): 2
+# threads 6.8-7.4 s CPU and 7-8 s wall, 1 thread 1.1-1.2 s CPU and 1.3-2.8 s wall. A test that
+# needs more threads sets them itself (models.torch_threads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from pipeline_core.profile_cache import set_default_profile_cache  # noqa: E402
 
 # Unit-time profiles (planning by time) go to a file of this test run, not ~/.cache; worker
