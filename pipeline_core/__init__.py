@@ -25,20 +25,79 @@
   :mod:`.errors`; nothing here reads the environment (callers pass paths and levels in).
 """
 
-from torch.distributed.pipelining import pipe_split
+from __future__ import annotations
 
-from .cost import Workload
-from .engine import EngineLimits, GenerationEngine, GenerationFailed, RequestHandle
-from .errors import CheckpointError, DoesNotFit, PlanError, TraceError, TransportError
-from .gen_stage import GenStage, UnsupportedModelError
-from .load import CheckpointIndex, ReadStats, read_tensors
-from .local import LocalPipeline
-from .local_generate import LocalGenerator
-from .plan import PLAN_VERSION, Plan, Policy, StagePlan, make_plan
-from .sampling import RequestError, ResourceExhausted, SamplingParams
-from .source import InputSpec, ModelSource, build_skeleton
-from .stage import Stage, build_stage
-from .units import Unit, find_units
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Each name is imported from its module on first use (PEP 562): a process that needs one part
+# (a coordinator planning, a worker serving generation stages, a CLI client) does not pay for
+# importing torch.distributed.pipelining and torch.export, which only forward stages use --
+# about half of every ``python -m pipeserve`` process's start-up.
+_WHERE = {
+    "pipe_split": "torch.distributed.pipelining",
+    "Workload": ".cost",
+    "EngineLimits": ".engine",
+    "GenerationEngine": ".engine",
+    "GenerationFailed": ".engine",
+    "RequestHandle": ".engine",
+    "CheckpointError": ".errors",
+    "DoesNotFit": ".errors",
+    "PlanError": ".errors",
+    "TraceError": ".errors",
+    "TransportError": ".errors",
+    "GenStage": ".gen_stage",
+    "UnsupportedModelError": ".gen_stage",
+    "CheckpointIndex": ".load",
+    "ReadStats": ".load",
+    "read_tensors": ".load",
+    "LocalPipeline": ".local",
+    "LocalGenerator": ".local_generate",
+    "PLAN_VERSION": ".plan",
+    "Plan": ".plan",
+    "Policy": ".plan",
+    "StagePlan": ".plan",
+    "make_plan": ".plan",
+    "RequestError": ".sampling",
+    "ResourceExhausted": ".sampling",
+    "SamplingParams": ".sampling",
+    "InputSpec": ".source",
+    "ModelSource": ".source",
+    "build_skeleton": ".source",
+    "Stage": ".stage",
+    "build_stage": ".stage",
+    "Unit": ".units",
+    "find_units": ".units",
+}
+
+if TYPE_CHECKING:
+    from torch.distributed.pipelining import pipe_split
+
+    from .cost import Workload
+    from .engine import EngineLimits, GenerationEngine, GenerationFailed, RequestHandle
+    from .errors import CheckpointError, DoesNotFit, PlanError, TraceError, TransportError
+    from .gen_stage import GenStage, UnsupportedModelError
+    from .load import CheckpointIndex, ReadStats, read_tensors
+    from .local import LocalPipeline
+    from .local_generate import LocalGenerator
+    from .plan import PLAN_VERSION, Plan, Policy, StagePlan, make_plan
+    from .sampling import RequestError, ResourceExhausted, SamplingParams
+    from .source import InputSpec, ModelSource, build_skeleton
+    from .stage import Stage, build_stage
+    from .units import Unit, find_units
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+    globals()[name] = value  # once: later look-ups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])
+
 
 __all__ = [
     "PLAN_VERSION",

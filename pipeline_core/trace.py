@@ -21,15 +21,19 @@ import logging
 import operator
 import re
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.distributed.pipelining import SplitPoint
-from torch.distributed.pipelining._IR import MultiUseParameterConfig, Pipe, annotate_split_points
-from torch.export import Dim
 from torch.utils._pytree import tree_map
+
+if TYPE_CHECKING:
+    from torch.distributed.pipelining._IR import Pipe
+
+# torch.distributed.pipelining and torch.export are imported where a model is traced, not
+# here: planning by bytes, generation stages and every CLI process import this module, and
+# those two take about half of a process's start-up (``python -X importtime``).
 
 from .errors import TraceError
 from .source import InputSpec, export_experts
@@ -112,6 +116,8 @@ def _fake_parameters(model: nn.Module, device: torch.device) -> FakeTensorMode:
 def _dynamic_shapes(inputs: list[InputSpec], infer: bool = False) -> tuple[Any, ...]:
     """Named dims (shared by name across inputs, bounded by ``spec.max``), or with ``infer``
     ``Dim.AUTO`` everywhere: export then works out which dims stay dynamic."""
+    from torch.export import Dim
+
     dims: dict[str, Any] = {}
     per_input = []
     for spec in inputs:
@@ -216,6 +222,13 @@ def trace_pipeline(
         is_hf: wrap a Hugging Face model so it returns one tensor (logits).
         device: where the stage will run (the graph records devices of created tensors).
     """
+    from torch.distributed.pipelining import SplitPoint
+    from torch.distributed.pipelining._IR import (
+        MultiUseParameterConfig,
+        Pipe,
+        annotate_split_points,
+    )
+
     device = torch.device(device)
     names = [s.name for s in inputs]
     export_experts(model)

@@ -9,6 +9,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# One torch (OpenMP) thread in this process and in every process a test starts (stage
+# processes, workers, coordinators: they inherit the environment). The test models are tiny,
+# and ``make test`` runs two pytest workers on two cores, each starting several processes: with
+# torch's default (a thread per core) the OpenMP threads spin waiting for each other. Measured
+# on this 2-core VM (tests/models.py lm_model, 5 x hf_greedy of 40 tokens, load ~10): 2
+# threads 6.8-7.4 s CPU and 7-8 s wall, 1 thread 1.1-1.2 s CPU and 1.3-2.8 s wall. A test that
+# needs more threads sets them itself (models.torch_threads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from pipeline_core.profile_cache import set_default_profile_cache  # noqa: E402
 
 # Unit-time profiles (planning by time) go to a file of this test run, not ~/.cache; worker
@@ -23,3 +32,27 @@ set_default_profile_cache(os.environ["PIPESERVE_PROFILE_CACHE"])  # in-process p
 @pytest.fixture(scope="session")
 def ckpt_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("ckpt")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Scheduling for ``pytest -n 2 --dist loadgroup`` (``make test``), no test changed:
+
+    * a test using a module-scoped fixture (a running cluster, a gateway, stage processes) is
+      grouped with its module's other users of it, so one xdist worker builds the fixture once
+      instead of each worker building its own copy;
+    * modules with multi-process (``slow``) tests go first and the quick unit tests last, so
+      that no long test starts at the end while the other worker sits idle (whole modules
+      move, so that a module fixture is still built once without xdist).
+    """
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        if defs is None:
+            continue
+        if any(
+            fd.scope == "module" and fd.baseid.endswith(".py")
+            for fds in defs.name2fixturedefs.values()
+            for fd in fds
+        ):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)

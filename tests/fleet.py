@@ -57,14 +57,22 @@ class Fleet:
         common = ["--host", "127.0.0.1", "--advertise-host", "127.0.0.1"]
         return self.procs.start(name, *args, *common)
 
-    def add_worker(self) -> None:
-        port = free_port()
-        self.workers[port] = self.spawn(
-            "worker", "--coordinator", self.address, "--port", str(port)
-        )
-        self.wait(
-            lambda st: any(w.address.endswith(f":{port}") and w.state == "idle" for w in st.workers)
-        )
+    def add_worker(self, n: int = 1) -> None:
+        """Start ``n`` workers together (their start-ups overlap) and wait until each is
+        registered and idle."""
+        ports: list[int] = []
+        while len(ports) < n:  # distinct: each is bound only once its worker starts
+            if (p := free_port()) not in ports and p not in self.workers:
+                ports.append(p)
+        for port in ports:
+            self.workers[port] = self.spawn(
+                "worker", "--coordinator", self.address, "--port", str(port)
+            )
+
+        def idle(st: pb.ClusterStatusResponse) -> set[int]:
+            return {int(w.address.rsplit(":", 1)[1]) for w in st.workers if w.state == "idle"}
+
+        self.wait(lambda st: set(ports) <= idle(st))
 
     def load(self, checkpoint: Path, stages: int) -> None:
         """Load ``checkpoint`` as model "m" in ``stages`` equal-size stages; returns when it is

@@ -60,8 +60,7 @@ def test_worker_loss_is_survived(tmp_path):
     save_hf(lm_model("llama"), tmp_path / "m")
     fleet = Fleet(tmp_path)
     try:
-        for _ in range(4):  # 3 stages + 1 spare
-            fleet.add_worker()
+        fleet.add_worker(4)  # 3 stages + 1 spare
         fleet.load(tmp_path / "m", 3)
         prompts = [[1 + i, 2 + i % 7, 3, 4 + i % 5] for i in range(20)]
         undisturbed, errors = many_streams(fleet, prompts, lambda: None)
@@ -141,8 +140,7 @@ def test_kserve_stream_survives_a_worker_kill_with_request_id_and_metrics(tmp_pa
     metrics = _port()
     fleet = Fleet(tmp_path, "--metrics-port", str(metrics))
     try:
-        for _ in range(3):  # 2 stages + 1 spare
-            fleet.add_worker()
+        fleet.add_worker(3)  # 2 stages + 1 spare
         fleet.load(tmp_path / "m", 2)
         fleet.wait(lambda st: sum(w.model == "m" and w.state == "ready" for w in st.workers) == 2)
         victim = fleet.process_of_stage(1)
@@ -186,8 +184,7 @@ def test_coordinator_restart_restores_models(tmp_path):
     save_hf(lm_model("llama"), tmp_path / "m")
     fleet = Fleet(tmp_path, "--state-db", str(tmp_path / "state.db"))
     try:
-        for _ in range(2):
-            fleet.add_worker()
+        fleet.add_worker(2)
         fleet.load(tmp_path / "m", 2)
         before: list[int] = []
         errors: list = []
@@ -220,8 +217,7 @@ def test_drain_kill_stall_soak(tmp_path):
     timeout = 6
     fleet = Fleet(tmp_path, "--state-db", str(tmp_path / "state.db"), "--worker-timeout", "6")
     try:
-        for _ in range(3):  # 2 stages + 1 spare
-            fleet.add_worker()
+        fleet.add_worker(3)  # 2 stages + 1 spare
         fleet.load(tmp_path / "m", 2)
         prompts = [[1 + i, 2 + i % 7, 3, 4 + i % 5] for i in range(8)]
         undisturbed, errors = many_streams(fleet, prompts, lambda: None)

@@ -51,8 +51,7 @@ def test_sigterm_drains_worker_and_stops_coordinator(tmp_path):
     save_hf(lm_model("llama"), tmp_path / "m")
     fleet = Fleet(tmp_path, "--state-db", str(tmp_path / "state.db"))
     try:
-        for _ in range(3):
-            fleet.add_worker()
+        fleet.add_worker(3)
         fleet.load(tmp_path / "m", 3)
         # an idle spare under a stable id (a StatefulSet pod name): Ready while idle
         port = _port()
