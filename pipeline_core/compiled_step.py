@@ -109,7 +109,10 @@ class CompiledDecode:
         self.compile_s: dict[tuple[str, int, int], float] = {}
         """Compile time by (layer class, row bucket, length bucket)."""
         self.compiled_steps = 0
-        """Layer calls run compiled (for tests and stats)."""
+        """Decode-step layer calls run compiled (for tests and stats)."""
+        self.eager_steps = 0
+        """Decode-step layer calls run eager (outside the buckets, too few rows, a mask it
+        cannot widen, a failed compile)."""
         mode = "reduce-overhead" if device.type == "cuda" else None
         self._fn = torch.compile(_layer_step, fullgraph=True, dynamic=False, mode=mode)
         dyn = torch._dynamo.config
@@ -173,10 +176,12 @@ class CompiledDecode:
         need = used + 1
         rb = row_bucket(rows, self.settings.row_buckets)
         if used == 0 or rb is None or rows < self.settings.min_rows or need > self.settings.max_len:
+            self.eager_steps += 1
             return None
         mask = a.get("attention_mask")
         shared = self._mask_and_pos(mask, rows, rb, used, len_bucket(need, self.settings.min_len))
         if shared is None:
+            self.eager_steps += 1
             return None
         kbuf, vbuf = layer.buffers(layer.keys, layer.values, need)
         lb = kbuf.shape[-2]
@@ -199,6 +204,7 @@ class CompiledDecode:
                 type(mod).__name__,
                 self.off,
             )
+            self.eager_steps += 1
             return None
         if first:
             self.compile_s[key] = time.perf_counter() - t0
@@ -228,7 +234,8 @@ class CompiledDecode:
             return self._shared
         need = used + 1
         if mask is None:
-            m = (torch.arange(lb, device=self.device) < need).view(1, 1, 1, lb).expand(rb, 1, 1, lb)
+            m = (torch.arange(lb, device=self.device) < need).view(1, 1, 1, lb)
+            m = m.expand(rb, 1, 1, lb).contiguous()  # the same strides as a widened mask
             if self.float_mask is not None:  # eager attention adds its mask
                 m = torch.zeros(m.shape, dtype=self.float_mask, device=self.device).masked_fill(
                     ~m, torch.finfo(self.float_mask).min
