@@ -16,6 +16,9 @@ preallocated, bucketed KV cache (:mod:`.static_cache`).
   ``torch._dynamo``'s recompile limit is raised to that number.
 * **Compile time** is the first call of a bucket's extra time, logged once per bucket and kept
   in :attr:`CompiledDecode.compile_s`.
+* **CUDA** (not yet run on a GPU: this was built on a CPU-only machine): CUDA graphs
+  (``reduce-overhead``) with the bucket buffers marked static (the graph writes them in place)
+  and each layer's output cloned (the next layer replays the same graph).
 * **Never fails a request**: a family that cannot be compiled whole (a graph break under
   ``fullgraph``, an unsupported cache, any error while compiling) falls back to the eager
   layer for good, with one log line.
@@ -113,7 +116,8 @@ class CompiledDecode:
         self.eager_steps = 0
         """Decode-step layer calls run eager (outside the buckets, too few rows, a mask it
         cannot widen, a failed compile)."""
-        mode = "reduce-overhead" if device.type == "cuda" else None
+        self.cuda_graphs = device.type == "cuda"
+        mode = "reduce-overhead" if self.cuda_graphs else None
         self._fn = torch.compile(_layer_step, fullgraph=True, dynamic=False, mode=mode)
         dyn = torch._dynamo.config
         dyn.recompile_limit = max(dyn.recompile_limit, settings.max_graphs)
@@ -185,6 +189,9 @@ class CompiledDecode:
             return None
         kbuf, vbuf = layer.buffers(layer.keys, layer.values, need)
         lb = kbuf.shape[-2]
+        if self.cuda_graphs:  # written in place by the graph: its address must not change
+            torch._dynamo.mark_static_address(kbuf)
+            torch._dynamo.mark_static_address(vbuf)
         pad = _row_padder(rows, rb)
         for k in list(a):
             if k not in ("self", cache_kw, "attention_mask"):
@@ -218,6 +225,8 @@ class CompiledDecode:
             )
         layer.advance(rows, need)
         self.compiled_steps += 1
+        if self.cuda_graphs:  # the next layer's replay of the graph overwrites its outputs
+            out = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
         if rb == rows:
             return (out,)
         if isinstance(out, torch.Tensor):
