@@ -124,7 +124,9 @@ class CompiledDecode:
         dyn.accumulated_recompile_limit = max(
             dyn.accumulated_recompile_limit, 4 * settings.max_graphs
         )
-        self._step: tuple[int, int, int] | None = None  # (id(mask), rows, used) of _shared
+        # (the model's mask, rows, used) that _shared was made for: the mask object itself is
+        # kept (compared by identity), so a later step's new mask cannot reuse its id
+        self._step: tuple[torch.Tensor | None, int, int] | None = None
         self._shared: tuple[torch.Tensor, torch.Tensor] | None = None  # (mask, pos)
         for i, mod in layers.items():
             sig = inspect.signature(unwrap(mod))
@@ -238,8 +240,14 @@ class CompiledDecode:
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """This step's mask ``[rb, 1, 1, lb]`` and write position, shared by the stage's layers
         (None: a mask this step cannot widen; run eager)."""
-        step = (id(mask), rows, used)
-        if self._step == step and self._shared is not None and self._shared[0].shape[-1] == lb:
+        last = self._step
+        if (
+            last is not None
+            and last[0] is mask
+            and last[1:] == (rows, used)
+            and self._shared is not None
+            and self._shared[0].shape[-1] == lb
+        ):
             return self._shared
         need = used + 1
         if mask is None:
@@ -258,7 +266,7 @@ class CompiledDecode:
                 m = _row_padder(rows, rb)(m)
             m = m.expand(rb, *m.shape[1:]).contiguous()
         pos = torch.tensor([used], dtype=torch.long, device=self.device)
-        self._step, self._shared = step, (m, pos)
+        self._step, self._shared = (mask, rows, used), (m, pos)
         return self._shared
 
 
