@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from .kv_cache import _classes as kv_classes
 from .stage_hooks import unwrap
 from .static_cache import bucket_layer_class, len_bucket, row_bucket
 
@@ -114,6 +115,7 @@ class CompiledDecode:
         self.compiled_steps = 0
         """Decode-step layer calls run compiled (for tests and stats)."""
         self.eager_steps = 0
+        self._noted: set[str] = set()
         """Decode-step layer calls run eager (outside the buckets, too few rows, a mask it
         cannot widen, a failed compile)."""
         self.cuda_graphs = device.type == "cuda"
@@ -176,6 +178,10 @@ class CompiledDecode:
             return None
         cls = bucket_layer_class()
         if not isinstance(layer, cls):
+            if type(layer) not in _plain_layers():  # a sliding window, a quantized cache ...
+                self._note(f"its {type(layer).__name__} cache layers are not compiled")
+                self.eager_steps += 1
+                return None
             s = self.settings
             layer = layers[i] = cls.from_layer(layer, s.row_buckets, s.min_len)
         rows, used = int(hidden.shape[0]), layer.used
@@ -187,6 +193,7 @@ class CompiledDecode:
         mask = a.get("attention_mask")
         shared = self._mask_and_pos(mask, rows, rb, used, len_bucket(need, self.settings.min_len))
         if shared is None:
+            self._note(f"a {None if mask is None else tuple(mask.shape)} mask it cannot widen")
             self.eager_steps += 1
             return None
         kbuf, vbuf = layer.buffers(layer.keys, layer.values, need)
@@ -235,6 +242,12 @@ class CompiledDecode:
             return (out[:rows],)
         return (tuple(t[:rows] if isinstance(t, torch.Tensor) else t for t in out),)
 
+    def _note(self, why: str) -> None:
+        """Log once per stage and reason why decode steps run eager."""
+        if why not in self._noted:
+            self._noted.add(why)
+            log.info("[stage %d] some decode steps stay eager: %s", self.index, why)
+
     def _mask_and_pos(
         self, mask: torch.Tensor | None, rows: int, rb: int, used: int, lb: int
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -268,6 +281,12 @@ class CompiledDecode:
         pos = torch.tensor([used], dtype=torch.long, device=self.device)
         self._step, self._shared = (mask, rows, used), (m, pos)
         return self._shared
+
+
+def _plain_layers() -> tuple[type, ...]:
+    """The full-attention cache layers a bucket layer may take over."""
+    base, growing, _ = kv_classes()
+    return (base, growing)
 
 
 def _row_padder(rows: int, rb: int) -> Any:

@@ -104,6 +104,20 @@ def test_encoder_decoder_stays_eager(tmp_path, caplog):
     assert any("encoder-decoder" in r.getMessage() for r in caplog.records)
 
 
+def test_sliding_window_layers_stay_eager(tmp_path, caplog):
+    """A cache layer that is not a plain full-attention one (Mistral's sliding window) keeps
+    its own kind and decodes eager, said once per stage."""
+    model, plan = _plan(tmp_path, "mistral", 2)
+    with caplog.at_level(logging.INFO, logger="pipeline_core.compiled_step"):
+        opts = StageOptions(compile_decode=SETTINGS)
+        with LocalGenerator(plan, in_process=True, options=opts) as gen:
+            assert gen.generate(PROMPTS, GREEDY) == hf_greedy_batch(model, PROMPTS, NEW)
+            stages = _stages(gen)
+    assert all(s.compiled.compiled_steps == 0 < s.compiled.eager_steps for s in stages)
+    said = [r for r in caplog.records if "SlidingWindowLayer" in r.getMessage()]
+    assert len(said) == len(stages)
+
+
 def test_buckets():
     assert [row_bucket(n, (1, 2, 4, 8)) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, None]
     assert [len_bucket(n, 16) for n in (1, 16, 17, 33, 100)] == [16, 16, 32, 64, 128]
