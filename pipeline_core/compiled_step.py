@@ -115,9 +115,9 @@ class CompiledDecode:
         self.compiled_steps = 0
         """Decode-step layer calls run compiled (for tests and stats)."""
         self.eager_steps = 0
-        self._noted: set[str] = set()
         """Decode-step layer calls run eager (outside the buckets, too few rows, a mask it
-        cannot widen, a failed compile)."""
+        cannot widen, a cache layer of another kind, a failed compile)."""
+        self._noted: set[str] = set()  # reasons already logged
         self.cuda_graphs = device.type == "cuda"
         mode = "reduce-overhead" if self.cuda_graphs else None
         self._fn = torch.compile(_layer_step, fullgraph=True, dynamic=False, mode=mode)
