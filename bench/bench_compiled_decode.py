@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -95,6 +96,15 @@ def run(ckpt: Path, rows: list[int], new: int, stages: int, rounds: int) -> dict
     return res
 
 
+def _ratios(r: dict[str, Any]) -> list[float]:
+    """Eager / compiled time of each round (the two ran back to back in it)."""
+    return [e / c for e, c in zip(r["eager"]["all_ms"], r["compiled"]["all_ms"], strict=True)]
+
+
+def _median_ratio(r: dict[str, Any]) -> float:
+    return statistics.median(_ratios(r))
+
+
 def markdown(res: dict[str, Any]) -> str:
     m = res["machine"]
     new = res["new_tokens"]
@@ -121,9 +131,15 @@ def markdown(res: dict[str, Any]) -> str:
         )
     for r in res["runs"]:
         lines.append(
-            f"| per-token time, compiled, {r['rows']} row(s) | (measured) | "
+            f"| per-token time, compiled, {r['rows']} row(s) (best round each) | (measured) | "
             f"{r['compiled']['ms_per_token']:.1f} ms | {r['eager']['ms_per_token']:.1f} ms "
             f"(eager) | {r['speedup']:.2f}x faster | n/a |"
+        )
+        lines.append(
+            f"| eager / compiled per round, {r['rows']} row(s) (median) | (measured) | "
+            f"{_median_ratio(r):.2f}x | "
+            + ", ".join(f"{x:.2f}x" for x in _ratios(r))
+            + " | - | n/a |"
         )
     nb = res["graphs"]
     lines += [
