@@ -21,6 +21,7 @@ ORDER = [
     "balance",
     "generate",
     "decode",
+    "compiled_decode",
     "generate_16core",
     "generate_gpu",
     "grpc",
@@ -40,6 +41,8 @@ BASELINES = {
     "generate": "HF `generate` in one process; PiPPy-style recompute; the model on 1 stage",
     "decode": "HF `generate` in one process, interleaved in the same rounds; one gloo hop "
     "measured alone",
+    "compiled_decode": "the same in-process stage(s) eager (`compile_decode` off), run alternately "
+    "in the same rounds",
     "generate_16core": "as `generate`, on the 16-core host of the GPU machine (CPU only, one "
     "thread per process, each on its own core)",
     "generate_gpu": "HF `generate` in one process on the same GPU; PiPPy-style recompute on it; "

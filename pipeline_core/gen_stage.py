@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from .compiled_step import CompiledDecode, CompileSettings, attach
 from .errors import PlanError, StageExit, StageSkip, UnsupportedModelError
 from .gen_group import GroupState, cache_bytes, merge_groups
 from .kv_cache import grow_in_place
@@ -97,6 +98,7 @@ class GenStage:
         *,
         stats: ReadStats | None = None,
         step_timing: bool = False,
+        compile_decode: CompileSettings | bool | None = None,
     ) -> None:
         if not 0 <= index < plan.num_stages:
             raise PlanError(f"stage {index} does not exist; the plan has {plan.num_stages} stages")
@@ -133,6 +135,18 @@ class GenStage:
         self.owned_layers = [i for i, m in enumerate(self._layers) if id(m) in self._owned]
         self._phantoms = [i for i, m in enumerate(self._layers) if id(m) not in self._owned]
         self._phantom_set = set(self._phantoms)
+        self.compiled: CompiledDecode | None = None
+        """The compiled decode step of the owned layers (opt-in; :mod:`.compiled_step`)."""
+        if compile_decode:
+            settings = compile_decode if isinstance(compile_decode, CompileSettings) else None
+            self.compiled = attach(
+                index,
+                self._layers,
+                self.owned_layers,
+                self.device,
+                settings or CompileSettings(),
+                self.config,
+            )
         self._structure: dict[type, int] = {}
         self.unit: str | None = None
         """The unit running now (a failure names it); None between units."""

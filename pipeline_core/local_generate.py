@@ -58,7 +58,14 @@ def _stage_main(
 
     def build(stats: ReadStats, probe: memory_probe) -> GenStage:
         probe.mark()
-        return GenStage(plan, index, device, stats=stats, step_timing=options.step_timing)
+        return GenStage(
+            plan,
+            index,
+            device,
+            stats=stats,
+            step_timing=options.step_timing,
+            compile_decode=options.compile_decode,
+        )
 
     stage = build_and_report(store, index, build)
     if stage is None:
@@ -136,7 +143,14 @@ class LocalGenerator:
                     stats, probe = ReadStats(), memory_probe()
                     probe.mark()
                     stages.append(
-                        GenStage(plan, k, devices[k], stats=stats, step_timing=opts.step_timing)
+                        GenStage(
+                            plan,
+                            k,
+                            devices[k],
+                            stats=stats,
+                            step_timing=opts.step_timing,
+                            compile_decode=opts.compile_decode,
+                        )
                     )
                     self.stage_info.append(probe.report(stats))
                 ring = InProcessRing(stages[1:]) if n > 1 else None
@@ -158,7 +172,14 @@ class LocalGenerator:
         try:
             stats, probe = ReadStats(), memory_probe()
             probe.mark()
-            stage = GenStage(plan, 0, devices[0], stats=stats, step_timing=opts.step_timing)
+            stage = GenStage(
+                plan,
+                0,
+                devices[0],
+                stats=stats,
+                step_timing=opts.step_timing,
+                compile_decode=opts.compile_decode,
+            )
             remote = self.stage_procs.wait_ready()
             self.stage_info = [probe.report(stats), *(remote[k] for k in sorted(remote))]
             ring = None

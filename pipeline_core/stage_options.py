@@ -2,15 +2,18 @@
 
 ``pipeline_core`` reads no environment: the CLI and the stage worker build
 :class:`StageOptions` from ``PIPESERVE_STEP_TIMING`` / ``PIPESERVE_CUDA_IPC``
-(:func:`pipeserve.cli.flags.stage_options_from_env`) and hand it to
+/ ``PIPESERVE_COMPILE_DECODE`` (:func:`pipeserve.cli.flags.stage_options_from_env`) and hand it to
 :class:`~pipeline_core.local_generate.LocalGenerator` or the stage job, which pass
-``step_timing`` to :class:`~pipeline_core.gen_stage.GenStage` and ``cuda_ipc`` to
-:class:`~pipeline_core.ring.Ring` (stage processes get them through their arguments).
+``step_timing`` and ``compile_decode`` to :class:`~pipeline_core.gen_stage.GenStage` and
+``cuda_ipc`` to :class:`~pipeline_core.ring.Ring` (stage processes get them through their
+arguments).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .compiled_step import CompileSettings
 
 __all__ = ["StageOptions"]
 
@@ -22,3 +25,5 @@ class StageOptions:
     cuda_ipc: bool = True
     """Two stages sharing one GPU pass CUDA IPC handles (:mod:`.colocate`); False on either end
     of an edge sends through host memory instead."""
+    compile_decode: CompileSettings | None = None
+    """Compile the stages' decode steps (:mod:`.compiled_step`); None: eager."""

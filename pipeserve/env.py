@@ -15,6 +15,8 @@ ENV_VARS = {
     "PIPESERVE_TLS_KEY": "its private key",
     "PIPESERVE_STEP_TIMING": "worker, run: 1 times each decode step per stage (compute, stage "
     "Python, sampling, send, receive-wait, scheduler) into the stats; default off",
+    "PIPESERVE_COMPILE_DECODE": "worker, run: N compiles each stage's decode steps of N rows or "
+    "more (torch.compile on a bucketed static KV cache; 1: every step); default off (eager)",
     "PIPESERVE_CUDA_IPC": "worker, run: 0 sends activations between two stages sharing one GPU "
     "through host memory instead of CUDA IPC (both ends must agree); default 1",
     "PIPESERVE_PROFILE_CACHE": "the JSON file measured unit times are kept in (planner, workers' "

@@ -162,7 +162,12 @@ class StageJob:
         req = self.req
         opts = self.options
         self.stage = GenStage(
-            self.plan, req.stage, self.device, stats=self.stats, step_timing=opts.step_timing
+            self.plan,
+            req.stage,
+            self.device,
+            stats=self.stats,
+            step_timing=opts.step_timing,
+            compile_decode=opts.compile_decode,
         )
         self.state = "joining"
         store = self._store()

@@ -9,10 +9,12 @@ import os
 from collections.abc import Mapping
 
 from pipeline_core import Policy, SamplingParams, Workload
+from pipeline_core.compiled_step import CompileSettings
 from pipeline_core.stage_options import StageOptions
 from pipeserve.tls import TLS, configure_tls
 
 __all__ = [
+    "COMPILE_DECODE_ENV",
     "CUDA_IPC_ENV",
     "DTYPE_HELP",
     "STEP_TIMING_ENV",
@@ -183,12 +185,38 @@ def log_level(default: str) -> str:
 
 STEP_TIMING_ENV = "PIPESERVE_STEP_TIMING"
 CUDA_IPC_ENV = "PIPESERVE_CUDA_IPC"
+COMPILE_DECODE_ENV = "PIPESERVE_COMPILE_DECODE"
 
 
 def stage_options_from_env(env: Mapping[str, str] | None = None) -> StageOptions:
     """Generation stage options from ``PIPESERVE_STEP_TIMING`` (``1``: keep the per-step time
     breakdown; default off) and ``PIPESERVE_CUDA_IPC`` (``0``: no CUDA IPC between two stages
-    sharing a GPU; default on)."""
+    sharing a GPU; default on) and ``PIPESERVE_COMPILE_DECODE`` (``N``: compile the decode
+    steps of ``N`` rows or more, ``1`` all of them; default off)."""
     env = os.environ if env is None else env
     timing = env.get(STEP_TIMING_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-    return StageOptions(step_timing=timing, cuda_ipc=env.get(CUDA_IPC_ENV, "1").strip() != "0")
+    return StageOptions(
+        step_timing=timing,
+        cuda_ipc=env.get(CUDA_IPC_ENV, "1").strip() != "0",
+        compile_decode=compile_settings(env.get(COMPILE_DECODE_ENV, "")),
+    )
+
+
+def compile_settings(value: str) -> CompileSettings | None:
+    """``PIPESERVE_COMPILE_DECODE``'s value as settings: a row count ``N >= 1`` (compile decode
+    steps of at least ``N`` rows; ``on``/``true``/``yes`` mean 1), ``0``/empty/``off``: None."""
+    v = value.strip().lower()
+    if v in ("", "0", "off", "false", "no"):
+        return None
+    if v in ("on", "true", "yes"):
+        return CompileSettings()
+    try:
+        rows = int(v)
+    except ValueError:
+        raise ValueError(
+            f"{COMPILE_DECODE_ENV}={value!r}: expected a row count (1: compile every decode "
+            "step, N: steps of N rows or more) or 0/off"
+        ) from None
+    if rows < 0:
+        raise ValueError(f"{COMPILE_DECODE_ENV}={value!r}: a row count cannot be negative")
+    return CompileSettings(min_rows=rows) if rows else None
