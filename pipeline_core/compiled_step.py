@@ -305,11 +305,16 @@ def attach(
     layers: Sequence[nn.Module],
     owned: Sequence[int],
     device: torch.device,
-    settings: CompileSettings,
+    settings: CompileSettings | bool | None,
     config: Any,
 ) -> CompiledDecode | None:
     """A stage's :class:`CompiledDecode` for its owned layers ``owned`` (indices into
-    ``layers``) of a model with ``config``; None, with one log line, where it does not apply."""
+    ``layers``) of a model with ``config``; None when ``settings`` is off (``None``/``False``;
+    ``True``: the default settings) and, with one log line, where it does not apply."""
+    if not settings:
+        return None
+    if settings is True:
+        settings = CompileSettings()
     if getattr(config, "is_encoder_decoder", False):
         log.info("[stage %d] decode stays eager: encoder-decoder models are not compiled", index)
         return None

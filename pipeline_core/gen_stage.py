@@ -135,18 +135,10 @@ class GenStage:
         self.owned_layers = [i for i, m in enumerate(self._layers) if id(m) in self._owned]
         self._phantoms = [i for i, m in enumerate(self._layers) if id(m) not in self._owned]
         self._phantom_set = set(self._phantoms)
-        self.compiled: CompiledDecode | None = None
+        self.compiled: CompiledDecode | None = attach(
+            index, self._layers, self.owned_layers, self.device, compile_decode, self.config
+        )
         """The compiled decode step of the owned layers (opt-in; :mod:`.compiled_step`)."""
-        if compile_decode:
-            settings = compile_decode if isinstance(compile_decode, CompileSettings) else None
-            self.compiled = attach(
-                index,
-                self._layers,
-                self.owned_layers,
-                self.device,
-                settings or CompileSettings(),
-                self.config,
-            )
         self._structure: dict[type, int] = {}
         self.unit: str | None = None
         """The unit running now (a failure names it); None between units."""
