@@ -90,7 +90,7 @@ class _Command:
 class RingLike(Protocol):
     """What the scheduler needs of a ring (:class:`Ring`, or the in-process stand-in)."""
 
-    inbox: queue.Queue[Any]
+    inbox: queue.Queue[Any] | queue.SimpleQueue[Any]
     timeout_s: float
 
     def send(self, msg: RingMessage) -> None: ...
@@ -130,7 +130,7 @@ class GenerationEngine:
         self.context_limit = self.context if self.context is not None else math.inf
         self.can_merge = stage.can_merge
         self.eos, self.pad_id = eos_and_pad(stage.model)
-        self.inbox: queue.Queue[Any] = ring.inbox if ring is not None else queue.Queue()
+        self.inbox = ring.inbox if ring is not None else queue.Queue()
         self._pending: deque[RequestHandle] = deque()
         self._lock = threading.Lock()
         self._groups: dict[int, Group] = {}

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_map
 from .compiled_step import CompiledDecode, CompileSettings, attach
 from .errors import PlanError, StageExit, StageSkip, UnsupportedModelError
 from .gen_group import GroupState, cache_bytes, merge_groups
-from .kv_cache import grow_in_place
+from .kv_cache import advance_phantoms, grow_in_place
 from .load import ReadStats
 from .logits_rules import LogitsRules
 from .plan import Plan
@@ -52,6 +52,7 @@ from .stage_hooks import (
     inject,
     meta_buffers,
     meta_experts,
+    meta_key,
     out_tensors,
     to_meta,
     unwrap,
@@ -140,6 +141,7 @@ class GenStage:
         )
         """The compiled decode step of the owned layers (opt-in; :mod:`.compiled_step`)."""
         self._structure: dict[type, int] = {}
+        self._shadows: dict[Hashable, Any] = {}
         self.unit: str | None = None
         """The unit running now (a failure names it); None between units."""
         self._ctx: PassCtx | None = None
@@ -260,9 +262,16 @@ class GenStage:
             ) from e
 
     def _shadow(self, mod: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        """A module this stage does not own: zeros shaped like its output (worked out on meta)."""
-        out = self._on_meta(mod, "the output shape", *args, **kwargs)
+        """A module this stage does not own: zeros shaped like its output (meta, once a shape)."""
+        key = (id(mod), meta_key(args), meta_key(kwargs))
+        out = self._shadows.get(key)
+        if out is None:
+            if len(self._shadows) >= 256:  # keys that change every step (an int position)
+                self._shadows.clear()
+            out = self._shadows[key] = self._on_meta(mod, "the output shape", *args, **kwargs)
         dev = self.device
+        if isinstance(out, torch.Tensor):  # the usual case; tree_map costs ~50 us
+            return torch.zeros(out.shape, dtype=out.dtype, device=dev)
         return tree_map(
             lambda t: (
                 torch.zeros(t.shape, dtype=t.dtype, device=dev)
@@ -403,7 +412,8 @@ class GenStage:
         dec = Payload.from_wire(payloads[slot], self.device)
         inputs = self._model_inputs(g, prefill)
         res = self._run("decoder", dec, lambda: self.model(**inputs))
-        self._advance_phantoms(g, int(g.ids.shape[1]) if prefill else 1)
+        n = int(g.ids.shape[1]) if prefill else 1
+        advance_phantoms(self._self_cache(g), self._phantoms, g.rows, n, self.device)
         logits = None
         if res[0] == "exit":
             payloads = [*payloads[:slot], res[1].to_wire()]
@@ -421,14 +431,6 @@ class GenStage:
 
     def _cache_len(self, g: GroupState) -> int | None:
         return self._self_cache(g).get_seq_length()
-
-    def _advance_phantoms(self, g: GroupState, n: int) -> None:
-        if n <= 0:
-            return
-        cache = self._self_cache(g)
-        z = torch.zeros(g.rows, 1, n, 1, device=self.device)
-        for i in self._phantoms:
-            cache.update(z, z, i)
 
     def select(self, gid: int, keep: torch.Tensor) -> None:
         """Keep only rows ``keep`` of group ``gid`` (finished or cancelled rows leave)."""

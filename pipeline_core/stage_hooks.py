@@ -5,8 +5,9 @@ where this stage stops and inject them where the next one starts.
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ __all__ = [
     "inject",
     "meta_buffers",
     "meta_experts",
+    "meta_key",
     "out_tensors",
     "to_meta",
     "unwrap",
@@ -77,8 +79,13 @@ def unwrap(mod: nn.Module) -> Callable[..., Any]:
     return type(mod).forward
 
 
-def _first_param(mod: nn.Module) -> inspect.Signature:
-    return inspect.signature(unwrap(mod))
+@functools.cache
+def _signature(cls: type) -> tuple[inspect.Signature, dict[str, int]]:
+    """``cls.forward``'s signature and each parameter's position, once per class:
+    ``inspect.signature`` of a decorated forward (Hugging Face wraps most) costs tens of
+    microseconds, and a stage binds the call it stops at and the one it starts at every step."""
+    sig = inspect.signature(cls.forward)
+    return sig, {name: i for i, name in enumerate(sig.parameters)}
 
 
 def bind(fn: Callable[..., Any], mod: nn.Module) -> Callable[..., Any]:
@@ -131,6 +138,24 @@ def to_meta(v: Any) -> Any:
     return v
 
 
+def meta_key(v: Any) -> Hashable:
+    """What a meta-device run of a call with arguments ``v`` can depend on: tensors' dtypes and
+    shapes (never their values), plain values, containers' structure.  A cache (``to_meta``
+    turns it into None) counts by its type; any other object by its identity, which only
+    costs misses (see :meth:`~pipeline_core.gen_stage.GenStage._shadow`)."""
+    if isinstance(v, torch.Tensor):
+        return (v.dtype, tuple(v.shape))
+    if v is None or isinstance(v, int | float | str):
+        return (type(v), v)
+    if isinstance(v, tuple | list):
+        return (type(v), *(meta_key(x) for x in v))
+    if isinstance(v, dict):
+        return (dict, *((k, meta_key(x)) for k, x in v.items()))
+    if type(v).__name__.endswith("Cache"):
+        return type(v)
+    return (type(v), id(v))
+
+
 def out_tensors(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
@@ -145,12 +170,11 @@ def capture(
     mod: nn.Module, args: tuple, kwargs: dict, produced: dict[int, torch.Tensor]
 ) -> tuple[tuple[int, torch.Tensor], ...]:
     """The arguments of this call that earlier units of the pass produced (always the first)."""
-    sig = _first_param(mod)
+    sig, index = _signature(type(mod))
     bound = sig.bind(mod, *args, **kwargs)
-    names = list(sig.parameters)
     out = []
     for name, v in bound.arguments.items():
-        pos = names.index(name)
+        pos = index[name]
         if isinstance(v, torch.Tensor) and (pos == 1 or id(v) in produced):
             out.append((pos, v))
     return tuple(out)
@@ -159,7 +183,7 @@ def capture(
 def inject(
     mod: nn.Module, args: tuple, kwargs: dict, carry: tuple[tuple[int, torch.Tensor], ...]
 ) -> tuple[tuple, dict]:
-    sig = _first_param(mod)
+    sig, _ = _signature(type(mod))
     bound = sig.bind(mod, *args, **kwargs)
     names = list(sig.parameters)
     for pos, t in carry:

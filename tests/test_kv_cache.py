@@ -6,7 +6,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig
 from transformers.cache_utils import DynamicLayer
 
-from pipeline_core.kv_cache import MIN_SPARE, grow_in_place
+from pipeline_core.kv_cache import MIN_SPARE, advance_phantoms, grow_in_place
 
 
 def _kv(rows: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,3 +88,44 @@ def test_phantom_layer_tracks_lengths_like_a_dynamic_layer():
         layer = cache.layers[1]
         layer.keys = layer.values = torch.zeros(4, 1, layer.keys.shape[-2] + 2, 1)
     append(4, 1)
+
+
+def test_advance_phantoms_moves_every_phantom_as_one_view():
+    """All of a stage's phantoms advance together (one zeros view shared, no per-layer update)
+    and hold what plain layers fed zeros hold, through row selection and merging."""
+    cfg = LlamaConfig(num_hidden_layers=4, hidden_size=16, num_attention_heads=2)
+    phantoms = [0, 2, 3]
+    ours = grow_in_place(DynamicCache(config=cfg), phantoms=phantoms)
+    ref = DynamicCache(config=cfg)
+
+    def advance(rows: int, n: int) -> None:
+        advance_phantoms(ours, phantoms, rows, n, torch.device("cpu"))
+        z = torch.zeros(rows, 1, n, 1)
+        for i in phantoms:
+            ref.update(z, z, i)
+        for i in phantoms:
+            for attr in ("keys", "values"):
+                a, b = getattr(ours.layers[i], attr), getattr(ref.layers[i], attr)
+                assert a.shape == b.shape and torch.equal(a, b)
+        assert ours.get_seq_length(0) == ref.get_seq_length(0)
+
+    advance(3, 5)  # prefill: each layer's own update
+    advance(3, 1)
+    view = ours.layers[0].keys
+    assert all(ours.layers[i].keys is view for i in phantoms)  # one view for all
+    buf = ours._pipeserve_phantoms
+    for _ in range(MIN_SPARE):
+        advance(3, 1)
+    assert ours._pipeserve_phantoms is buf  # appends are views of one buffer
+    advance(3, 1)  # past the spare room: a bigger buffer
+    assert ours._pipeserve_phantoms.shape[-2] > buf.shape[-2]
+    for cache in (ours, ref):
+        cache.batch_select_indices(torch.tensor([0, 2]))
+    advance(2, 1)
+    for cache in (ours, ref):  # merge: the engine replaces the tensors (left-padded, 4 rows)
+        for i in phantoms:
+            layer = cache.layers[i]
+            layer.keys = layer.values = torch.zeros(4, 1, layer.keys.shape[-2] + 2, 1)
+    advance(4, 1)
+    advance(4, 1)
+    assert ours.layers[0].keys.data_ptr() == ours._pipeserve_phantoms.data_ptr()

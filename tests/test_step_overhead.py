@@ -1,0 +1,40 @@
+"""Per-step work a generation stage must not repeat (issue 23): a unit the stage skips is run
+on the meta device once per shape of its arguments, not once per step; tokens stay equal to
+``generate``'s."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline_core import ModelSource, Policy, make_plan
+from pipeline_core.gen_stage import GenStage
+from pipeline_core.local_generate import LocalGenerator
+from pipeline_core.sampling import SamplingParams
+
+from .models import hf_greedy_batch, lm_model, save_hf
+
+PROMPT = [5, 6, 7, 8, 9]
+NEW = 6
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_skipped_units_run_on_meta_once_per_shape(tmp_path, monkeypatch, family):
+    model = lm_model(family)
+    ckpt = save_hf(model, tmp_path / family)
+    plan = make_plan(ModelSource(checkpoint=str(ckpt)), Policy.equal_size(3), trace=False)
+    runs: list[tuple[int, str]] = []
+    on_meta = GenStage._on_meta
+
+    def counted(self, mod, what, *args, **kwargs):
+        runs.append((self.index, type(mod).__name__))
+        return on_meta(self, mod, what, *args, **kwargs)
+
+    monkeypatch.setattr(GenStage, "_on_meta", counted)
+    params = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
+    want = hf_greedy_batch(model, [PROMPT], NEW)
+    with LocalGenerator(plan, in_process=True) as gen:
+        assert gen.generate([PROMPT], params) == want
+        assert runs  # later stages skip the embeddings
+        first = len(runs)
+        assert gen.generate([PROMPT], params) == want  # the same shapes again
+    assert len(runs) == first, runs[first:]
