@@ -38,6 +38,7 @@ from torch.utils._pytree import tree_map
 from .compiled_step import CompiledDecode, CompileSettings, attach
 from .errors import PlanError, StageExit, StageSkip, UnsupportedModelError
 from .gen_group import GroupState, cache_bytes, merge_groups
+from .gen_support import SUPPORTED_FAMILIES, check_supported
 from .kv_cache import advance_phantoms, grow_in_place
 from .load import ReadStats
 from .logits_rules import LogitsRules
@@ -65,27 +66,6 @@ from .unit_load import load_units
 __all__ = ["SUPPORTED_FAMILIES", "GenStage", "GroupState", "StageExit", "UnsupportedModelError"]
 
 log = logging.getLogger(__name__)
-
-SUPPORTED_FAMILIES = (
-    "gpt2",
-    "opt",
-    "bloom",
-    "gpt_neo",
-    "codegen",
-    "llama",
-    "t5",
-    "mistral",
-    "qwen2",
-    "falcon",
-    "gptj",
-    "bart",
-    "marian",
-    "mbart",
-    "pegasus",
-    "mixtral",
-)
-"""Families tested token-for-token against ``transformers`` ``generate``; other causal-LM and
-encoder-decoder families with a per-layer ``DynamicCache`` use the same runner."""
 
 
 class GenStage:
@@ -116,7 +96,7 @@ class GenStage:
         model = build_skeleton(plan.source, parse_dtype(plan.dtype), traceable=False)
         self.model = model
         self.config = model.config
-        _check_supported(model)
+        check_supported(model)
         self.enc_dec = bool(getattr(self.config, "is_encoder_decoder", False))
         names = plan.stages[index].units
         unit_mods: dict[int, nn.Module] = {}
@@ -486,21 +466,3 @@ class GenStage:
             "busy_ms": int(self.busy_s * 1000),
             **self.timing.totals(),
         }
-
-
-def _check_supported(model: nn.Module) -> None:
-    cfg = model.config
-    can = getattr(model, "can_generate", lambda: False)()
-    if not can:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} ({cfg.model_type}) cannot generate: generation needs a "
-            f"causal-LM or encoder-decoder LM; supported families: "
-            f"{', '.join(SUPPORTED_FAMILIES)}"
-        )
-    if hasattr(model, "_supports_default_dynamic_cache") and not (
-        model._supports_default_dynamic_cache()
-    ):
-        raise UnsupportedModelError(
-            f"{cfg.model_type} does not use a standard per-layer KV cache; supported "
-            f"families: {', '.join(SUPPORTED_FAMILIES)}"
-        )

@@ -32,7 +32,7 @@ import pytest
 from pipeline_core import ModelSource, Policy, make_plan, split
 from pipeline_core.cost import Workload
 from pipeline_core.engine import GenerationFailed
-from pipeline_core.gen_stage import SUPPORTED_FAMILIES
+from pipeline_core.gen_support import SUPPORTED_FAMILIES
 from pipeline_core.local_generate import LocalGenerator
 from pipeline_core.plan import Plan, StagePlan
 from pipeline_core.sampling import SamplingParams

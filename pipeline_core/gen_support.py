@@ -1,0 +1,51 @@
+"""Which models the generation stage runs: the families tested token-for-token, and the
+check that refuses a model it cannot run, before any weight is read."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+__all__ = ["SUPPORTED_FAMILIES", "check_supported"]
+
+SUPPORTED_FAMILIES = (
+    "gpt2",
+    "opt",
+    "bloom",
+    "gpt_neo",
+    "codegen",
+    "llama",
+    "t5",
+    "mistral",
+    "qwen2",
+    "falcon",
+    "gptj",
+    "bart",
+    "marian",
+    "mbart",
+    "pegasus",
+    "mixtral",
+)
+"""Families tested token-for-token against ``transformers`` ``generate``; other causal-LM and
+encoder-decoder families with a per-layer ``DynamicCache`` use the same runner."""
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedModelError` (naming the supported families) for a model
+    that cannot generate or keeps no standard per-layer KV cache."""
+    cfg = model.config
+    can = getattr(model, "can_generate", lambda: False)()
+    if not can:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} ({cfg.model_type}) cannot generate: generation needs a "
+            f"causal-LM or encoder-decoder LM; supported families: "
+            f"{', '.join(SUPPORTED_FAMILIES)}"
+        )
+    if hasattr(model, "_supports_default_dynamic_cache") and not (
+        model._supports_default_dynamic_cache()
+    ):
+        raise UnsupportedModelError(
+            f"{cfg.model_type} does not use a standard per-layer KV cache; supported "
+            f"families: {', '.join(SUPPORTED_FAMILIES)}"
+        )
