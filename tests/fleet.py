@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -22,7 +23,7 @@ from pipeserve.v1 import pipeserve_pb2_grpc as pbg
 from .cluster import ROOT
 from .cluster import port as free_port
 
-__all__ = ["NEW", "Fleet", "many_streams"]
+__all__ = ["NEW", "Fleet", "many_streams", "run_streams", "stream_into"]
 
 NEW = 40
 """Tokens each stream generates."""
@@ -97,17 +98,7 @@ class Fleet:
         return m
 
     def stream(self, prompt: list[int], out: list, errors: list) -> None:
-        req = pb.GenerateRequest(
-            model="m",
-            token_ids=pb.TokenIds(ids=prompt),
-            max_new_tokens=NEW,
-            sampling=pb.SamplingParameters(ignore_eos=True),
-        )
-        try:
-            for r in self.inference.Generate(req, timeout=300):
-                out.extend(r.token_ids)
-        except grpc.RpcError as e:
-            errors.append((e.code(), e.details()))
+        stream_into(self.inference, prompt, out, errors, NEW)
 
     def close(self) -> None:
         for p in self.procs.procs:
@@ -117,22 +108,50 @@ class Fleet:
             p.wait(timeout=30)
 
 
-def many_streams(
-    fleet: Fleet, prompts: list[list[int]], after: Callable[[], object]
-) -> tuple[list, list]:
-    """One stream per prompt; ``after()`` once every stream is under way; (outputs, errors)."""
+def stream_into(inference: Any, prompt: list[int], out: list, errors: list, new: int) -> None:
+    """Generate ``new`` greedy tokens for ``prompt`` from model "m", streamed into ``out``; a
+    failed call lands in ``errors`` as (code, details)."""
+    req = pb.GenerateRequest(
+        model="m",
+        token_ids=pb.TokenIds(ids=prompt),
+        max_new_tokens=new,
+        sampling=pb.SamplingParameters(ignore_eos=True),
+    )
+    try:
+        for r in inference.Generate(req, timeout=300):
+            out.extend(r.token_ids)
+    except grpc.RpcError as e:
+        errors.append((e.code(), e.details()))
+
+
+def run_streams(
+    stream: Callable[[list[int], list, list], None],
+    prompts: list[list[int]],
+    after: Callable[[], Any],
+    wait_s: float = 60,
+) -> tuple[list, list, Any]:
+    """One ``stream(prompt, out, errors)`` thread per prompt; ``after()`` once every stream is
+    under way (or ``wait_s`` passed); (outputs, errors, what ``after`` returned)."""
     outs: list[list[int]] = [[] for _ in prompts]
     errors: list = []
     threads = [
-        threading.Thread(target=fleet.stream, args=(p, o, errors))
+        threading.Thread(target=stream, args=(p, o, errors))
         for p, o in zip(prompts, outs, strict=True)
     ]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + wait_s
     while sum(map(len, outs)) < 2 * len(prompts) and time.monotonic() < deadline:
         time.sleep(0.01)  # every stream is under way
-    after()
+    result = after()
     for t in threads:
         t.join(300)
+    return outs, errors, result
+
+
+def many_streams(
+    fleet: Fleet, prompts: list[list[int]], after: Callable[[], object]
+) -> tuple[list, list]:
+    """One stream per prompt; ``after()`` once every stream is under way; (outputs, errors)."""
+    outs, errors, _ = run_streams(fleet.stream, prompts, after)
     return outs, errors

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from .container_engine import (
     serve_wheels,
     start_engine,
 )
+from .fleet import run_streams, stream_into
 from .models import hf_greedy_batch, lm_model, save_hf
 
 pytestmark = [pytest.mark.slow, pytest.mark.container]
@@ -230,34 +230,10 @@ def test_image_runs_the_cluster(engine, tmp_path):
         want = [hf_greedy_batch(model, [p], NEW)[0] for p in prompts]
 
         def stream(prompt: list[int], out: list[int], errors: list) -> None:
-            req = pb.GenerateRequest(
-                model="m",
-                token_ids=pb.TokenIds(ids=prompt),
-                max_new_tokens=NEW,
-                sampling=pb.SamplingParameters(ignore_eos=True),
-            )
-            try:
-                for r in inference.Generate(req, timeout=300):
-                    out.extend(r.token_ids)
-            except grpc.RpcError as e:
-                errors.append((e.code(), e.details()))
+            stream_into(inference, prompt, out, errors, NEW)
 
         def many(after) -> tuple[list[list[int]], list, object]:
-            outs: list[list[int]] = [[] for _ in prompts]
-            errors: list = []
-            threads = [
-                threading.Thread(target=stream, args=(p, o, errors))
-                for p, o in zip(prompts, outs, strict=True)
-            ]
-            for t in threads:
-                t.start()
-            deadline = time.monotonic() + 120
-            while sum(map(len, outs)) < 2 * len(prompts) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            result = after()
-            for t in threads:
-                t.join(300)
-            return outs, errors, result
+            return run_streams(stream, prompts, after, wait_s=120)
 
         outs, errors, _ = many(lambda: None)
         assert not errors and outs == want  # tokens equal single-process generate
