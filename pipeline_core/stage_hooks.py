@@ -141,8 +141,10 @@ def to_meta(v: Any) -> Any:
 def meta_key(v: Any) -> Hashable:
     """What a meta-device run of a call with arguments ``v`` can depend on: tensors' dtypes and
     shapes (never their values), plain values, containers' structure.  A cache (``to_meta``
-    turns it into None) counts by its type; any other object by its identity, which only
-    costs misses (see :meth:`~pipeline_core.gen_stage.GenStage._shadow`)."""
+    turns it into None) counts by its type; any other object as itself -- the key holds it, so
+    its ``id`` cannot pass to another object while the key is cached (an ``id`` alone could,
+    once the object is freed) -- or, unhashable, as a key nothing else equals: both only cost
+    misses (see :meth:`~pipeline_core.gen_stage.GenStage._shadow`)."""
     if isinstance(v, torch.Tensor):
         return (v.dtype, tuple(v.shape))
     if v is None or isinstance(v, int | float | str):
@@ -153,7 +155,11 @@ def meta_key(v: Any) -> Hashable:
         return (dict, *((k, meta_key(x)) for k, x in v.items()))
     if type(v).__name__.endswith("Cache"):
         return type(v)
-    return (type(v), id(v))
+    try:
+        hash(v)
+    except TypeError:
+        return object()
+    return (type(v), v)
 
 
 def out_tensors(out: Any) -> list[torch.Tensor]:

@@ -5,11 +5,13 @@ on the meta device once per shape of its arguments, not once per step; tokens st
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pipeline_core import ModelSource, Policy, make_plan
 from pipeline_core.gen_stage import GenStage
 from pipeline_core.local_generate import LocalGenerator
 from pipeline_core.sampling import SamplingParams
+from pipeline_core.stage_hooks import meta_key
 
 from .models import hf_greedy_batch, lm_model, save_hf
 
@@ -38,3 +40,21 @@ def test_skipped_units_run_on_meta_once_per_shape(tmp_path, monkeypatch, family)
         first = len(runs)
         assert gen.generate([PROMPT], params) == want  # the same shapes again
     assert len(runs) == first, runs[first:]
+
+
+def test_meta_keys_of_other_objects_never_outlive_their_object():
+    """Two objects alive one after the other can share an ``id``; a key holding the first
+    keeps it alive, so the second never hits the first's cached meta output."""
+
+    class Opaque:
+        pass
+
+    class Unhashable:
+        __hash__ = None  # type: ignore[assignment]
+
+    keys = [meta_key(Opaque()) for _ in range(8)]  # each object freed once its key is made
+    assert len(set(keys)) == 8
+    shared = Opaque()
+    assert meta_key(shared) == meta_key(shared)  # the same object: a hit
+    assert meta_key(Unhashable()) != meta_key(Unhashable())
+    assert meta_key((torch.zeros(2, 3), 4)) == meta_key((torch.ones(2, 3), 4))
