@@ -169,6 +169,13 @@ def bench(tmp: Path, short: bool, stages: list[int]) -> dict[str, Any]:
     return res
 
 
+def _shown(st: dict[str, float], c: str) -> float:
+    """A stage's figure as the table shows it: stage Python includes what ran ahead."""
+    if c == "stage_py":
+        return st["stage_py"] + st.get("ahead", 0.0)
+    return st.get(c, 0.0)
+
+
 def _f(x: float) -> str:
     return f"{x:.2f}"
 
@@ -218,28 +225,30 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         "## Where a decode step's time goes (ms per token, per stage)",
         "",
-        "| stages | stage | compute | stage Python | sampling | send | receive-wait | "
-        "scheduler | sum |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| stages | stage | compute | stage Python | of it, ahead | sampling | send | "
+        "receive-wait | scheduler | sum |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, r in sorted(lat.items()):
         lines.append(
             f"| HF generate | - | {_f(r['hf_compute_ms'])} | {_f(r['hf_python_ms'])} "
-            "(all outside the units) | | | | | "
+            "(all outside the units) | | | | | | "
             f"{_f(r['hf_compute_ms'] + r['hf_python_ms'])} |"
         )
         for i, st in enumerate(r["stages"]):
             lines.append(
                 f"| {n} | {i} | "
-                + " | ".join(_f(st[c]) for c in CATEGORIES)
+                + " | ".join(_f(_shown(st, c)) for c in CATEGORIES)
                 + f" | {_f(st['total'])} |"
             )
     lines += [
         "",
         "Compute: inside the units the stage owns (embeddings, decoder layers, norm, head -- "
         "the model's own modules); stage Python: the rest of its step (the model's code "
-        "outside the units, hooks, passthroughs, phantom cache layers, packing); "
-        "receive-wait: blocked for the next message (the other stages' work and the hops); "
+        "outside the units, hooks, passthroughs, phantom cache layers, packing); of it, "
+        "ahead: the part a later stage ran before the step's message came (decode ahead: "
+        "`pipeline_core/decode_ahead.py`), while earlier stages computed -- off the token's "
+        "path unless the message came first; receive-wait: blocked for the next message (the other stages' work and the hops); "
         "scheduler: stage 0's loop outside its steps and sends.  Each stage's row sums to its "
         "wall time per token.",
         "",

@@ -2,8 +2,8 @@
 
 Every error that can reach a user says what was wrong and what to do about it.
 ``ValueError`` subclasses mean bad arguments; ``RuntimeError`` subclasses mean bad state.
-:class:`StageExit` and :class:`StageSkip` never reach a user: they end a generation stage's
-part of a forward pass (:mod:`.gen_stage`).
+:class:`StageExit`, :class:`StageSkip` and :class:`AheadMiss` never reach a user: they end a
+generation stage's part of a forward pass (:mod:`.gen_stage`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 __all__ = [
     "ECHO_CHARS",
+    "AheadMiss",
     "CheckpointError",
     "DoesNotFit",
     "GenerationFailed",
@@ -90,3 +91,8 @@ class StageExit(Exception):
 
 class StageSkip(Exception):
     """This stage owns nothing of the pass at the point where the previous stage stopped."""
+
+
+class AheadMiss(Exception):
+    """A decode step prepared ahead of its message met another message (another group, rows
+    leaving, a control message): the preparation is dropped (``GenStage.decode_ahead``)."""

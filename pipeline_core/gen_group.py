@@ -21,6 +21,9 @@ class GroupState:
     """HF ``model_kwargs``: cache, attention_mask, position_ids, encoder outputs, ..."""
     sampling: Any = None
     """Last stage only: the rows' :class:`~pipeline_core.sampling.Sampler`."""
+    ahead_call: int | None = None
+    """The hooked call where this group's last decode step came in from the previous stage
+    (None: not known, or its next step cannot be prepared ahead; see ``GenStage.decode_ahead``)."""
 
     @property
     def rows(self) -> int:

@@ -36,9 +36,9 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from .compiled_step import CompiledDecode, CompileSettings, attach
-from .errors import PlanError, StageExit, StageSkip, UnsupportedModelError
+from .errors import AheadMiss, PlanError, StageExit, StageSkip, UnsupportedModelError
 from .gen_group import GroupState, cache_bytes, merge_groups
-from .gen_support import SUPPORTED_FAMILIES, check_supported
+from .gen_support import SUPPORTED_FAMILIES, check_supported, decoder_layers
 from .kv_cache import advance_phantoms, grow_in_place
 from .load import ReadStats
 from .logits_rules import LogitsRules
@@ -110,7 +110,7 @@ class GenStage:
         self._has_meta: dict[int, bool] = {
             k: any(p.is_meta for p in m.parameters()) for k, m in unit_mods.items()
         }
-        self._layers = self._find_layers()
+        self._layers = decoder_layers(model)
         cache_module_list_slices(model)  # the decoder slices its layer list every step
         self._layer_ids = {id(m) for m in self._layers}
         self.owned_layers = [i for i, m in enumerate(self._layers) if id(m) in self._owned]
@@ -125,6 +125,8 @@ class GenStage:
         self.unit: str | None = None
         """The unit running now (a failure names it); None between units."""
         self._ctx: PassCtx | None = None
+        self._payload: Payload | None = None
+        """The payload the last pass started from (an ahead pass's came during the pass)."""
         self._call_map: dict[str, dict[int, int]] = {"encoder": {}, "decoder": {}}
         self._pass_name = "decoder"
         self._idle: set[str] = set()  # passes this stage takes no part in
@@ -137,6 +139,9 @@ class GenStage:
         self.groups: dict[int, GroupState] = {}
         self.timeline = Timeline()
         self.steps = 0
+        self.ahead_steps = 0
+        self.ahead_misses = 0
+        """Decode steps run ahead of their message, and preparations another message undid."""
         self.busy_s = 0.0
         self.wait_s = 0.0
         self.send_s = 0.0
@@ -152,22 +157,6 @@ class GenStage:
         self.decoder_start = decoder_start_id(model) if self.enc_dec else None
         self.rules = LogitsRules(model) if self.is_last else None
 
-    # ------------------------------------------------------------------ building
-
-    def _find_layers(self) -> list[nn.Module]:
-        """The decoder's layer list: cache layer ``i`` belongs to element ``i``."""
-        decoder = self.model.get_decoder()
-        n = self.config.get_text_config(decoder=True).num_hidden_layers
-        if self.enc_dec:
-            n = getattr(self.config, "num_decoder_layers", None) or n
-        for _, m in decoder.named_modules():
-            if isinstance(m, nn.ModuleList) and len(m) == n:
-                return list(m)
-        raise UnsupportedModelError(
-            f"cannot find the decoder's {n} layers in {type(self.model).__name__}; "
-            f"supported families: {', '.join(SUPPORTED_FAMILIES)}"
-        )
-
     # ------------------------------------------------------------------ hooks
 
     def _pre_hook(self, mod: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -179,6 +168,11 @@ class GenStage:
         self._call_map[self._pass_name][i] = id(mod)
         self.unit = self._names.get(id(mod))
         owned = id(mod) in self._owned
+        if ctx.ahead is not None:
+            if i == ctx.ahead_call:
+                ctx.payload, ctx.ahead = ctx.ahead(), None  # blocks until the step's message
+            elif owned:  # never run an owned unit on a step whose inputs have not come
+                raise AheadMiss
         if owned and self.timing.on:
             self.timing.unit_start()
         if ctx.payload is not None and i == ctx.payload.call:
@@ -275,15 +269,24 @@ class GenStage:
 
     # ------------------------------------------------------------------ passes
 
-    def _run(self, name: str, payload: Payload | None, fn: Callable[[], Any]) -> Any:
-        """Run one pass; returns ``("exit", Payload)``, ``("done", output)`` or ``("skip",)``."""
+    def _run(
+        self,
+        name: str,
+        payload: Payload | None,
+        fn: Callable[[], Any],
+        ahead: tuple[int, Callable[[], Payload]] | None = None,
+    ) -> Any:
+        """Run one pass; returns ``("exit", Payload)``, ``("done", output)`` or ``("skip",)``.
+        ``ahead``: (call, fetch) of a pass run before its payload came (:meth:`decode_ahead`)."""
         if payload is not None:
             known = self._call_map[name].get(payload.call)
             if known is not None and known not in self._owned:
                 return ("skip",)
-        elif name in self._idle:
+        elif name in self._idle and ahead is None:
             return ("skip",)
         self._ctx = PassCtx(payload)
+        if ahead is not None:
+            self._ctx.ahead_call, self._ctx.ahead = ahead
         self._pass_name = name
         self.unit = None
         try:
@@ -294,6 +297,7 @@ class GenStage:
             return ("skip",)
         finally:
             ctx, self._ctx = self._ctx, None
+            self._payload = ctx.payload  # an ahead pass's, once it came
         if not ctx.entered:  # owns nothing of this pass; a later stage starts it
             if payload is None:
                 self._idle.add(name)
@@ -385,13 +389,32 @@ class GenStage:
         g.ids = torch.cat([g.ids, tokens.to(self.device).view(-1, 1)], dim=-1)
         return self._decoder_pass(g, prefill=False, payloads=payloads)
 
+    def can_decode_ahead(self, gid: int) -> bool:
+        """Whether group ``gid``'s next decode step can be run ahead of its message
+        (:mod:`.decode_ahead`): a later stage of a decoder-only model whose only group it is
+        (with two the next message is as likely the other's), after one plain decode step told
+        where steps come in (and they carry no earlier unit's output, see :class:`PassCtx`)."""
+        g = self.groups.get(gid)
+        return g is not None and g.ahead_call is not None and len(self.groups) == 1
+
     def _decoder_pass(
-        self, g: GroupState, prefill: bool, payloads: list[Any]
+        self,
+        g: GroupState,
+        prefill: bool,
+        payloads: list[Any],
+        ahead: tuple[int, Callable[[], Payload]] | None = None,
     ) -> tuple[list[Any], torch.Tensor | None]:
         slot = len(payloads) - 1
         dec = Payload.from_wire(payloads[slot], self.device)
         inputs = self._model_inputs(g, prefill)
-        res = self._run("decoder", dec, lambda: self.model(**inputs))
+        res = self._run("decoder", dec, lambda: self.model(**inputs), ahead)
+        if ahead is not None:
+            dec = self._payload
+            if dec is None:  # the pass ended before the call: nothing came, nothing ran
+                raise AheadMiss
+        if not prefill and not self.is_first and not self.enc_dec:  # where the next comes in
+            ok = dec is not None and all(p >= 0 for p, _ in dec.carry)
+            g.ahead_call = dec.call if ok else None
         n = int(g.ids.shape[1]) if prefill else 1
         advance_phantoms(self._self_cache(g), self._phantoms, g.rows, n, self.device)
         logits = None

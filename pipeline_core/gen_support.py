@@ -7,7 +7,7 @@ from torch import nn
 
 from .errors import UnsupportedModelError
 
-__all__ = ["SUPPORTED_FAMILIES", "check_supported"]
+__all__ = ["SUPPORTED_FAMILIES", "check_supported", "decoder_layers"]
 
 SUPPORTED_FAMILIES = (
     "gpt2",
@@ -49,3 +49,18 @@ def check_supported(model: nn.Module) -> None:
             f"{cfg.model_type} does not use a standard per-layer KV cache; supported "
             f"families: {', '.join(SUPPORTED_FAMILIES)}"
         )
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder's layer list: cache layer ``i`` belongs to element ``i``."""
+    config = model.config
+    n = config.get_text_config(decoder=True).num_hidden_layers
+    if getattr(config, "is_encoder_decoder", False):
+        n = getattr(config, "num_decoder_layers", None) or n
+    for _, m in model.get_decoder().named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) == n:
+            return list(m)
+    raise UnsupportedModelError(
+        f"cannot find the decoder's {n} layers in {type(model).__name__}; "
+        f"supported families: {', '.join(SUPPORTED_FAMILIES)}"
+    )

@@ -12,6 +12,7 @@ import json
 import logging
 import multiprocessing as mp
 import queue
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,11 +23,11 @@ from .errors import PlanError
 from .gen_stage import GenStage
 from .load import ReadStats
 from .plan import Plan
-from .ring import Ring
+from .ring import CLOSED, Ring
 from .ring_messages import RingMessage, decode, encode
 from .sampling import SamplingParams
 from .source import hf_tokenizer
-from .stage_loop import serve_generation, stage_message
+from .stage_loop import serve_generation
 from .stage_options import StageOptions
 from .stage_procs import (
     StageProcesses,
@@ -71,29 +72,55 @@ def _stage_main(
     if stage is None:
         return
     ring = Ring(store, index, plan.num_stages, device, timeout_s, cuda_ipc=options.cuda_ipc)
-    serve_generation(stage, ring)
+    serve_generation(stage, ring, ahead=options.decode_ahead)
+
+
+class _StageEnd:
+    """A later stage's end of the in-process ring: its inbox, and the next stage's."""
+
+    def __init__(self, nxt: queue.SimpleQueue[Any]) -> None:
+        self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._next = nxt
+
+    def recv(self, timeout: float | None = None) -> RingMessage:
+        return self.inbox.get(timeout=timeout)
+
+    def send(self, msg: RingMessage) -> None:
+        self._next.put(decode(encode(msg)))  # each message as a Ring would carry it
 
 
 class InProcessRing:
-    """Stages ``1..S-1`` in the scheduler's own process: a message stage 0 sends goes through
-    each of them in turn (the same :func:`stage_message` the stage processes run) and what the
-    last one sends lands in stage 0's inbox.  No overlap between stages -- for tests and
-    debugging, where one process is faster than S and tracebacks stay in one place."""
+    """Stages ``1..S-1`` in the scheduler's own process, each on its own thread running the
+    same :func:`serve_generation` loop as a stage process (decode ahead included), linked by
+    queues; what the last one sends lands in stage 0's inbox -- for tests and debugging, where
+    one process is faster than S and tracebacks stay in one place.  A stage loop that raises
+    closes the ring (stage 0 fails its requests instead of waiting for a timeout)."""
 
-    def __init__(self, stages: Sequence[GenStage]) -> None:
+    def __init__(self, stages: Sequence[GenStage], *, ahead: bool = True) -> None:
         self.stages = list(stages)
-        self.inbox: queue.Queue[Any] = queue.Queue()
+        self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.timeout_s = 300.0
         self.bytes_sent = 0
+        nxt, ends = self.inbox, []
+        for _ in self.stages:
+            ends.insert(0, _StageEnd(nxt))
+            nxt = ends[0].inbox
+        self._first = nxt
+        for stage, end in zip(self.stages, ends, strict=True):
+            name = f"stage-{stage.index}"
+            threading.Thread(
+                target=self._serve, args=(stage, end, ahead), name=name, daemon=True
+            ).start()
+
+    def _serve(self, stage: GenStage, end: _StageEnd, ahead: bool) -> None:
+        try:
+            serve_generation(stage, end, ahead=ahead)  # type: ignore[arg-type]
+        except BaseException:
+            log.exception("[stage %d] in-process stage loop failed", stage.index)
+            self.inbox.put(CLOSED)
 
     def send(self, msg: RingMessage) -> None:
-        out: RingMessage | None = decode(encode(msg))  # each message as a Ring would carry it
-        for stage in self.stages:
-            if out is None:
-                return
-            out = stage_message(stage, out)
-        if out is not None:
-            self.inbox.put(out)
+        self._first.put(decode(encode(msg)))
 
 
 class LocalGenerator:
@@ -104,8 +131,8 @@ class LocalGenerator:
         devices: one device per stage (default: all ``cpu``).
         threads_per_stage: torch threads in each stage process and in this one.
         limits: the scheduler's KV budget and batching limits.
-        in_process: every stage in this process (:class:`InProcessRing`: the same stage code,
-            no stage processes, no overlap between stages) -- for tests and debugging.
+        in_process: every stage in this process (:class:`InProcessRing`: the same stage loop,
+            a thread per later stage, no stage processes) -- for tests and debugging.
         log_level: the stage processes' logging level (default: this process's).
         options: step timing and CUDA IPC for every stage (the caller reads the environment:
             :func:`pipeserve.cli.flags.stage_options_from_env`).
@@ -153,7 +180,7 @@ class LocalGenerator:
                         )
                     )
                     self.stage_info.append(probe.report(stats))
-                ring = InProcessRing(stages[1:]) if n > 1 else None
+                ring = InProcessRing(stages[1:], ahead=opts.decode_ahead) if n > 1 else None
                 self.engine = GenerationEngine(stages[0], ring, limits)
             except BaseException:
                 torch.set_num_threads(self._saved_threads)

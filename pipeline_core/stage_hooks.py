@@ -69,6 +69,10 @@ class PassCtx:
     """(call, first output tensor) of the last unit this stage ran in this pass."""
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)
     """Outputs of earlier stages' units by call (a negative carry position, see capture)."""
+    ahead: Callable[[], Payload] | None = None
+    """A pass run ahead of its message: at call ``ahead_call`` the hook calls ``ahead`` for the
+    payload (it blocks until the step's message arrives; see ``GenStage.decode_ahead``)."""
+    ahead_call: int = -1
 
     def __post_init__(self) -> None:
         if self.payload is not None:

@@ -1,7 +1,7 @@
 """The per-stage step loop of generation: what every stage does with a ring message.
 
-Stages ``1..S-1`` run :func:`serve_generation` on their own process (or, in one process,
-:class:`~pipeline_core.local_generate.InProcessRing` calls :func:`stage_message` for each);
+Stages ``1..S-1`` run :func:`serve_generation` on their own process (or, in one process, on
+a thread each: :class:`~pipeline_core.local_generate.InProcessRing`);
 stage 0's scheduler (:mod:`.engine`) calls :func:`run_step` for its own part of each step.  The
 last stage chooses the tokens and sends them back to stage 0 (:class:`Tokens`).
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
+from .decode_ahead import Ahead, run_ahead
 from .gen_stage import GenStage
 from .ring import Ring
 from .ring_messages import (
@@ -49,12 +50,16 @@ def prompt_cols(enc_dec: bool, n: int, width: int) -> slice:
     return slice(0, n) if enc_dec else slice(width - n, width)
 
 
-def run_step(stage: GenStage, msg: Prefill | Decode) -> Prefill | Decode | Tokens | Fail:
+def run_step(
+    stage: GenStage,
+    msg: Prefill | Decode,
+    ahead: Ahead | None = None,
+) -> Prefill | Decode | Tokens | Fail:
     """Run one step on ``stage``; returns the message to send on (the last stage: the
-    tokens; a failure: :class:`Fail`, the stage stays up)."""
+    tokens; a failure: :class:`Fail`, the stage stays up).  ``ahead``: the step was already
+    run before ``msg`` came (:mod:`.decode_ahead`); only its result is sent on here."""
     gid = msg.group
-    t0 = time.perf_counter()
-    w0 = time.time()
+    t0, w0 = (ahead.t0, ahead.w0) if ahead is not None else (time.perf_counter(), time.time())
     try:
         out: Prefill | Decode | Tokens
         if isinstance(msg, Prefill):
@@ -75,7 +80,12 @@ def run_step(stage: GenStage, msg: Prefill | Decode) -> Prefill | Decode | Token
                 g.sampling = Sampler(msg.floats, msg.ints, own, stage.rules, prompts)
             out = Prefill(gid, ids, mask, msg.floats, msg.ints, msg.decoder_prefix, tuple(payloads))
         else:
-            payloads, logits = stage.decode(gid, msg.keep, msg.tokens, list(msg.payloads))
+            if ahead is None:
+                payloads, logits = stage.decode(gid, msg.keep, msg.tokens, list(msg.payloads))
+            elif isinstance(ahead.result, BaseException):
+                raise ahead.result
+            else:
+                payloads, logits = ahead.result
             out = Decode(gid, msg.keep, msg.tokens, tuple(payloads))
         if stage.is_last:
             g = stage.groups[gid]
@@ -84,11 +94,12 @@ def run_step(stage: GenStage, msg: Prefill | Decode) -> Prefill | Decode | Token
             out = Tokens(gid, g.sampling.choose(g.ids, logits))
             if stage.timing.on:
                 stage.timing.sample_s += time.perf_counter() - ts
+        busy = time.perf_counter() - t0 - (ahead.wait_s if ahead is not None else 0.0)
         stage.steps += 1
-        stage.busy_s += time.perf_counter() - t0
+        stage.busy_s += busy
         if stage.timing.on:
             stage.timing.steps += 1
-            stage.timing.step_s += time.perf_counter() - t0
+            stage.timing.step_s += busy
         rows = int(out.tokens.shape[0]) if isinstance(out, Tokens) else stage.groups[gid].rows
         stage.timeline.record("compute", gid, rows, w0, time.time())
         return out
@@ -107,7 +118,7 @@ def stage_stats(stage: GenStage) -> tuple[int, ...]:
 
 def stage_message(stage: GenStage, msg: RingMessage) -> RingMessage | None:
     """What stage ``stage.index >= 1`` does with one ring message: the message it sends on
-    (None: nothing).  Shared by :func:`serve_generation` and the in-process ring."""
+    (None: nothing)."""
     if isinstance(msg, Prefill | Decode):
         return run_step(stage, msg)
     if isinstance(msg, Release):
@@ -124,20 +135,31 @@ def stage_message(stage: GenStage, msg: RingMessage) -> RingMessage | None:
     return msg  # Ping (the last stage sends it on to stage 0, which drops it), Stop, Tokens
 
 
-def serve_generation(stage: GenStage, ring: Ring) -> None:
-    """Serve stage ``stage.index >= 1`` until stage 0 sends :class:`Stop`."""
+def serve_generation(stage: GenStage, ring: Ring, *, ahead: bool = True) -> None:
+    """Serve stage ``stage.index >= 1`` until stage 0 sends :class:`Stop`.  ``ahead``: run a
+    lone group's decode steps ahead of their messages (:mod:`.decode_ahead`)."""
+    last: int | None = None  # the group of the last step
     while True:
         t0 = time.time()
-        msg = ring.recv()
-        assert msg is not None  # no timeout: a message, or ConnectionError
+        msg: RingMessage | None = None
+        done: Ahead | None = None
+        if ahead and last is not None and ring.inbox.empty() and stage.can_decode_ahead(last):
+            msg, done = run_ahead(stage, ring, last)
+            if done.result is None or msg is None:
+                done = None  # another message came (or none was taken): handle it as usual
+        if msg is None:
+            msg = ring.recv()
+            assert msg is not None  # no timeout: a message, or ConnectionError
         compute = isinstance(msg, Prefill | Decode)
         if compute:
             t1 = time.time()
-            stage.timeline.record("wait", msg.group, 0, t0, t1)
-            stage.wait_s += t1 - t0
+            start, wait = (done.w_wait, done.wait_s) if done is not None else (t0, t1 - t0)
+            stage.timeline.record("wait", msg.group, 0, start, start + wait)
+            stage.wait_s += wait
             if stage.timing.on:
-                stage.timing.wait_s += t1 - t0
-        out = stage_message(stage, msg)
+                stage.timing.wait_s += wait
+            last = msg.group
+        out = run_step(stage, msg, done) if compute else stage_message(stage, msg)
         t2 = time.time()
         if out is not None:
             ring.send(out)

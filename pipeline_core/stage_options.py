@@ -1,11 +1,13 @@
 """Per-process choices for a generation stage, passed in from the edge.
 
 ``pipeline_core`` reads no environment: the CLI and the stage worker build
-:class:`StageOptions` from ``PIPESERVE_STEP_TIMING`` / ``PIPESERVE_CUDA_IPC``
-/ ``PIPESERVE_COMPILE_DECODE`` (:func:`pipeserve.cli.flags.stage_options_from_env`) and hand it to
+:class:`StageOptions` from ``PIPESERVE_STEP_TIMING`` / ``PIPESERVE_CUDA_IPC`` /
+``PIPESERVE_COMPILE_DECODE`` / ``PIPESERVE_DECODE_AHEAD``
+(:func:`pipeserve.cli.flags.stage_options_from_env`) and hand it to
 :class:`~pipeline_core.local_generate.LocalGenerator` or the stage job, which pass
 ``step_timing`` and ``compile_decode`` to :class:`~pipeline_core.gen_stage.GenStage` and
-``cuda_ipc`` to :class:`~pipeline_core.ring.Ring` (stage processes get them through their
+``cuda_ipc`` to :class:`~pipeline_core.ring.Ring`, ``decode_ahead`` to
+:func:`~pipeline_core.stage_loop.serve_generation` (stage processes get them through their
 arguments).
 """
 
@@ -27,3 +29,6 @@ class StageOptions:
     of an edge sends through host memory instead."""
     compile_decode: CompileSettings | None = None
     """Compile the stages' decode steps (:mod:`.compiled_step`); None: eager."""
+    decode_ahead: bool = True
+    """Later stages run a lone group's next decode step up to where its payload comes in
+    before the step arrives (:mod:`.decode_ahead`)."""

@@ -10,6 +10,8 @@ up:
 * ``stage_py``: the rest of a step -- the model's Python outside the units (masks, rotary
   tables, ``prepare_inputs_for_generation``), the hooks, passthroughs of units the stage does
   not own, cache bookkeeping (phantom layers), payload packing;
+* ``ahead``: the part of ``stage_py`` a later stage ran before the step's message came
+  (``GenStage.decode_ahead``): spent while the earlier stages computed, off the token's path;
 * ``sample``: logits rules and sampling (last stage);
 * ``send``: handing the step's message to the next stage (gloo send until flushed);
 * ``wait``: blocked waiting for the next message;
@@ -30,7 +32,7 @@ from typing import Any
 
 __all__ = ["CATEGORIES", "TIMING_FIELDS", "StepTimes", "breakdown"]
 
-CATEGORIES = ("compute", "stage_py", "sample", "send", "wait", "sched")
+CATEGORIES = ("compute", "stage_py", "ahead", "sample", "send", "wait", "sched")
 TIMING_FIELDS = (
     "t_steps",
     "t_compute_us",
@@ -39,6 +41,7 @@ TIMING_FIELDS = (
     "t_send_us",
     "t_wait_us",
     "t_loop_us",
+    "t_ahead_us",
 )
 """Integer totals a stage reports with its cache figures (``cache_stats``)."""
 
@@ -57,6 +60,8 @@ class StepTimes:
     wait_s: float = 0.0
     loop_s: float = 0.0
     """Stage 0: the scheduler loop while not waiting (its steps and sends included)."""
+    ahead_s: float = 0.0
+    """Of ``step_s``: run before the step's message came (``GenStage.decode_ahead``)."""
     _unit_t0: float = 0.0
 
     def unit_start(self) -> None:
@@ -85,7 +90,15 @@ class StepTimes:
 
     def totals(self) -> dict[str, int]:
         """The :data:`TIMING_FIELDS` (microseconds; ``t_steps`` a count)."""
-        us = [self.compute_s, self.step_s, self.sample_s, self.send_s, self.wait_s, self.loop_s]
+        us = [
+            self.compute_s,
+            self.step_s,
+            self.sample_s,
+            self.send_s,
+            self.wait_s,
+            self.loop_s,
+            self.ahead_s,
+        ]
         return dict(zip(TIMING_FIELDS, [self.steps, *(int(x * 1e6) for x in us)], strict=True))
 
 
@@ -102,7 +115,8 @@ def breakdown(before: dict[str, Any], after: dict[str, Any], steps: int | None =
     loop = ms["t_loop_us"]
     out = {
         "compute": ms["t_compute_us"],
-        "stage_py": ms["t_step_us"] - ms["t_compute_us"] - ms["t_sample_us"],
+        "stage_py": ms["t_step_us"] - ms["t_compute_us"] - ms["t_sample_us"] - ms["t_ahead_us"],
+        "ahead": ms["t_ahead_us"],
         "sample": ms["t_sample_us"],
         "send": ms["t_send_us"],
         "wait": ms["t_wait_us"],

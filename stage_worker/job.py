@@ -184,7 +184,7 @@ class StageJob:
         else:
             self.state = "ready"
             self.on_ready()
-            serve_generation(self.stage, ring)  # until stage 0 sends STOP
+            serve_generation(self.stage, ring, ahead=opts.decode_ahead)  # until STOP
 
     def status(self) -> dict[str, Any]:
         kv = {}

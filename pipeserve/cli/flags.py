@@ -16,6 +16,7 @@ from pipeserve.tls import TLS, configure_tls
 __all__ = [
     "COMPILE_DECODE_ENV",
     "CUDA_IPC_ENV",
+    "DECODE_AHEAD_ENV",
     "DTYPE_HELP",
     "STEP_TIMING_ENV",
     "add_observability_flags",
@@ -186,19 +187,22 @@ def log_level(default: str) -> str:
 STEP_TIMING_ENV = "PIPESERVE_STEP_TIMING"
 CUDA_IPC_ENV = "PIPESERVE_CUDA_IPC"
 COMPILE_DECODE_ENV = "PIPESERVE_COMPILE_DECODE"
+DECODE_AHEAD_ENV = "PIPESERVE_DECODE_AHEAD"
 
 
 def stage_options_from_env(env: Mapping[str, str] | None = None) -> StageOptions:
     """Generation stage options from ``PIPESERVE_STEP_TIMING`` (``1``: keep the per-step time
     breakdown; default off) and ``PIPESERVE_CUDA_IPC`` (``0``: no CUDA IPC between two stages
     sharing a GPU; default on) and ``PIPESERVE_COMPILE_DECODE`` (``N``: compile the decode
-    steps of ``N`` rows or more, ``1`` all of them; default off)."""
+    steps of ``N`` rows or more, ``1`` all of them; default off) and ``PIPESERVE_DECODE_AHEAD``
+    (``0``: later stages wait for each decode step before starting it; default on)."""
     env = os.environ if env is None else env
     timing = env.get(STEP_TIMING_ENV, "").strip().lower() in ("1", "true", "yes", "on")
     return StageOptions(
         step_timing=timing,
         cuda_ipc=env.get(CUDA_IPC_ENV, "1").strip() != "0",
         compile_decode=compile_settings(env.get(COMPILE_DECODE_ENV, "")),
+        decode_ahead=env.get(DECODE_AHEAD_ENV, "1").strip() != "0",
     )
 
 

@@ -111,7 +111,7 @@ def _run_torchrun(args, plan, ids, params, tok) -> int:  # type: ignore[no-untyp
     stage = GenStage(plan, rank, step_timing=opts.step_timing, compile_decode=opts.compile_decode)
     ring = Ring(store, rank, world, cuda_ipc=opts.cuda_ipc)
     if rank != 0:
-        serve_generation(stage, ring)
+        serve_generation(stage, ring, ahead=opts.decode_ahead)
         dist.destroy_process_group()
         return 0
     engine = GenerationEngine(stage, ring)

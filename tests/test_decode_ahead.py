@@ -1,0 +1,110 @@
+"""Decode ahead (issue 23): a later stage runs its part of a lone group's next decode step up to
+where the previous stage's payload comes in, before the step's message arrives, and undoes the
+preparation when another message comes.  Stages run on threads of one process here (the same
+``serve_generation`` loop as stage processes; the process path runs in test_generation.py)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from pipeline_core import ModelSource, Policy, make_plan
+from pipeline_core.local_generate import LocalGenerator
+from pipeline_core.sampling import SamplingParams
+from pipeline_core.stage_options import StageOptions
+
+from .models import hf_greedy_batch, lm_model, save_hf
+
+PROMPTS = [[5, 6, 7, 8, 9], [11, 3, 12], [2, 14, 9, 8, 21, 30, 4]]
+
+
+def _later_stages(gen: LocalGenerator) -> list:
+    assert gen.engine is not None and gen.engine.ring is not None
+    return gen.engine.ring.stages
+
+
+@pytest.mark.parametrize(("family", "stages"), [("llama", 4), ("gpt2", 3), ("bloom", 2)])
+def test_steps_run_ahead_give_generates_tokens(tmp_path, family, stages):
+    model = lm_model(family)
+    plan = make_plan(
+        ModelSource(checkpoint=str(save_hf(model, tmp_path / family))),
+        Policy.equal_size(stages),
+        trace=False,
+    )
+    new = 12
+    with LocalGenerator(plan, in_process=True) as gen:
+        got = gen.generate([PROMPTS[0]], SamplingParams(max_new_tokens=new, ignore_eos=True))
+        later = _later_stages(gen)
+        # every later stage ran decode steps ahead of their messages: at most all but the
+        # first (which learns where steps come in); fewer when a step's message was already
+        # waiting when the stage looked (then there is nothing to win)
+        assert all(0 < st.ahead_steps <= new - 2 for st in later), [st.ahead_steps for st in later]
+    assert got == hf_greedy_batch(model, [PROMPTS[0]], new)
+
+
+def test_other_messages_undo_the_preparation(tmp_path):
+    """Requests arriving mid-flight (a second group, merges, rows leaving at different
+    lengths) and stats requests (a control message around the ring) meet stages that
+    prepared a step ahead: each is undone and handled as usual; every request's tokens stay
+    those of ``generate`` alone."""
+    model = lm_model("llama")
+    plan = make_plan(
+        ModelSource(checkpoint=str(save_hf(model, tmp_path / "llama"))),
+        Policy.equal_size(3),
+        trace=False,
+    )
+    lengths = [20, 6, 13]
+    alone = [hf_greedy_batch(model, [p], n)[0] for p, n in zip(PROMPTS, lengths, strict=True)]
+    with LocalGenerator(plan, in_process=True) as gen:
+        handles = []
+        for p, n in zip(PROMPTS, lengths, strict=True):
+            handles.append(gen.submit(p, SamplingParams(max_new_tokens=n, ignore_eos=True)))
+            time.sleep(0.05)
+            gen.stats()  # a Stats message round the ring while steps are prepared ahead
+        results = [h.result(timeout=120) for h in handles]
+        later = _later_stages(gen)
+        assert all(st.ahead_steps > 0 for st in later)
+        assert any(st.ahead_misses > 0 for st in later)
+    assert [r.tokens for r in results] == alone
+
+
+def test_off_switch(tmp_path):
+    model = lm_model("llama")
+    plan = make_plan(
+        ModelSource(checkpoint=str(save_hf(model, tmp_path / "llama"))),
+        Policy.equal_size(3),
+        trace=False,
+    )
+    off = StageOptions(decode_ahead=False)
+    with LocalGenerator(plan, in_process=True, options=off) as gen:
+        got = gen.generate([PROMPTS[2]], SamplingParams(max_new_tokens=8, ignore_eos=True))
+        assert [st.ahead_steps for st in _later_stages(gen)] == [0, 0]
+    assert got == hf_greedy_batch(model, [PROMPTS[2]], 8)
+
+
+def test_the_last_stage_sees_the_real_tokens(tmp_path):
+    """The ids are prepared with a placeholder for the new token; the last stage's logits
+    rules read their values (a repetition penalty): they must be the tokens that came."""
+
+    model = lm_model("gpt2")
+    plan = make_plan(
+        ModelSource(checkpoint=str(save_hf(model, tmp_path / "gpt2"))),
+        Policy.equal_size(2),
+        trace=False,
+    )
+    new = 16
+    with torch.no_grad():
+        ref = model.generate(
+            input_ids=torch.tensor([PROMPTS[1]]),
+            do_sample=False,
+            max_new_tokens=new,
+            repetition_penalty=1.5,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(PROMPTS[1]) :].tolist()
+    pen = SamplingParams(max_new_tokens=new, repetition_penalty=1.5, ignore_eos=True)
+    with LocalGenerator(plan, in_process=True) as gen:
+        assert gen.generate([PROMPTS[1]], pen) == [ref]
+        assert _later_stages(gen)[0].ahead_steps > 0
