@@ -248,7 +248,8 @@ def markdown(res: dict[str, Any]) -> str:
         "outside the units, hooks, passthroughs, phantom cache layers, packing); of it, "
         "ahead: the part a later stage ran before the step's message came (decode ahead: "
         "`pipeline_core/decode_ahead.py`), while earlier stages computed -- off the token's "
-        "path unless the message came first; receive-wait: blocked for the next message (the other stages' work and the hops); "
+        "path unless the message came first; receive-wait: blocked for the next message (the "
+        "other stages' work and the hops); "
         "scheduler: stage 0's loop outside its steps and sends.  Each stage's row sums to its "
         "wall time per token.",
         "",
