@@ -53,8 +53,12 @@ class InProcessPipeline:
         self.args: list[list[Wire]] = self.stages[0].args
         self.outputs: list[Wire] = self.stages[0].outputs
 
-    def __call__(self, chunks: int = 1, **inputs: Any) -> Any:
+    def __call__(self, *args: Any, chunks: int = 1, **inputs: Any) -> Any:
+        """Run the model on a batch; positional args follow the plan's input order."""
         names = [s.name for s in self.plan.inputs]
+        if len(args) > len(names):
+            raise TypeError(f"expected at most {len(names)} positional inputs ({names})")
+        inputs.update(zip(names, args, strict=False))
         unknown = [n for n in inputs if n not in names]
         if unknown:
             raise TypeError(f"unknown inputs {unknown}; the model takes {names}")
@@ -64,6 +68,16 @@ class InProcessPipeline:
         check_chunks(chunks, self.plan.rows_mixed)
         results = [self._microbatch(mb) for mb in split_microbatches(inputs, chunks)]
         return restructure(merge_microbatches(results), self.plan.output_tree)
+
+    def map(self, batches: list[dict[str, Any]], chunks: int = 1) -> list[Any]:
+        """One output per batch of named inputs, in order (as :meth:`LocalPipeline.map`)."""
+        return [self(**b, chunks=chunks) for b in batches]
+
+    def __enter__(self) -> InProcessPipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
     def _microbatch(self, mb: dict[str, Any]) -> Any:
         sent: dict[tuple[int, Any], Any] = {}  # (stage, output index) -> value as received
