@@ -48,6 +48,7 @@ _WHERE = {
     "TransportError": ".errors",
     "GenStage": ".gen_stage",
     "UnsupportedModelError": ".gen_stage",
+    "InProcessPipeline": ".inprocess",
     "CheckpointIndex": ".load",
     "ReadStats": ".load",
     "read_tensors": ".load",
@@ -66,6 +67,7 @@ _WHERE = {
     "build_skeleton": ".source",
     "Stage": ".stage",
     "build_stage": ".stage",
+    "build_stages": ".stage",
     "Unit": ".units",
     "find_units": ".units",
 }
@@ -77,13 +79,14 @@ if TYPE_CHECKING:
     from .engine import EngineLimits, GenerationEngine, GenerationFailed, RequestHandle
     from .errors import CheckpointError, DoesNotFit, PlanError, TraceError, TransportError
     from .gen_stage import GenStage, UnsupportedModelError
+    from .inprocess import InProcessPipeline
     from .load import CheckpointIndex, ReadStats, read_tensors
     from .local import LocalPipeline
     from .local_generate import LocalGenerator
     from .plan import PLAN_VERSION, Plan, Policy, StagePlan, make_plan
     from .sampling import RequestError, ResourceExhausted, SamplingParams
     from .source import InputSpec, ModelSource, build_skeleton
-    from .stage import Stage, build_stage
+    from .stage import Stage, build_stage, build_stages
     from .units import Unit, find_units
 
 
@@ -108,6 +111,7 @@ __all__ = [
     "GenStage",
     "GenerationEngine",
     "GenerationFailed",
+    "InProcessPipeline",
     "InputSpec",
     "LocalGenerator",
     "LocalPipeline",
@@ -129,6 +133,7 @@ __all__ = [
     "Workload",
     "build_skeleton",
     "build_stage",
+    "build_stages",
     "find_units",
     "make_plan",
     "pipe_split",

@@ -22,7 +22,7 @@ from .load import ReadStats
 from .microbatch import check_chunks
 from .plan import Plan
 from .runtime import DRIVER, Driver, RankMap, make_mesh, serve_stage
-from .stage import Stage, build_stage, trace_plan
+from .stage import Stage, build_stage
 from .stage_procs import (
     StageProcesses,
     build_and_report,
@@ -31,11 +31,26 @@ from .stage_procs import (
     root_log_level,
     stage_setup,
 )
-from .trace import restructure
+from .trace import Wire, restructure
 
 __all__ = ["LocalPipeline", "make_mesh", "memory_probe"]
 
 log = logging.getLogger(__name__)
+
+WIRING_KEY = "wiring"
+"""Store key where stage 0 puts the pipeline's wiring when no stage runs in the driver."""
+
+
+def _wiring_json(args: list[list[Wire]], outputs: list[Wire]) -> dict[str, Any]:
+    return {
+        "args": [[w.to_json() for w in a] for a in args],
+        "outputs": [w.to_json() for w in outputs],
+    }
+
+
+def _wiring_from_json(d: dict[str, Any]) -> tuple[list[list[Wire]], list[Wire]]:
+    args = [[Wire.from_json(w) for w in a] for a in d["args"]]
+    return args, [Wire.from_json(w) for w in d["outputs"]]
 
 
 def _stage_main(
@@ -54,7 +69,10 @@ def _stage_main(
     store = connect(port, ranks.world_size, timeout_s)
 
     def build(stats: ReadStats, probe: memory_probe) -> Stage:
-        return build_stage(plan, index, device, stats=stats, on_traced=probe.mark)
+        stage = build_stage(plan, index, device, stats=stats, on_traced=probe.mark)
+        if index == 0 and not host_last:  # the driver's wiring, set before ready/0
+            store.set(WIRING_KEY, json.dumps(_wiring_json(stage.args, stage.outputs)))
+        return stage
 
     stage = build_and_report(store, index, build)
     if stage is None:
@@ -123,9 +141,8 @@ class LocalPipeline:
         except BaseException:
             self._kill()
             raise
-        if hosted is None:
-            traced = trace_plan(plan).pipeline
-            args, outputs = traced.args, traced.outputs
+        if hosted is None:  # stage 0 reported the wiring it traced: no trace here
+            args, outputs = _wiring_from_json(json.loads(self.store.get(WIRING_KEY)))
         else:
             args, outputs = hosted.args, hosted.outputs
         self.driver = Driver(mesh, args, outputs, hosted=hosted)

@@ -24,7 +24,7 @@ from .plan import Plan
 from .source import build_skeleton, parse_dtype
 from .trace import TracedPipeline, Wire, model_name_of, trace_pipeline
 
-__all__ = ["Stage", "build_stage", "trace_plan"]
+__all__ = ["Stage", "build_stage", "build_stages", "trace_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +97,28 @@ def build_stage(
         raise PlanError(f"stage {index} does not exist; the plan has {plan.num_stages} stages")
     device = torch.device(device)
     t = trace_plan(plan, device)
-    traced = t.pipeline
-    gm = traced.modules[index]
-    del traced.modules[:]  # other stages' graphs (fake tensors) are not needed
+    gm = t.pipeline.modules[index]
+    del t.pipeline.modules[:]  # other stages' graphs (fake tensors) are not needed
     if on_traced is not None:
         on_traced()
-    stats = stats if stats is not None else ReadStats()
+    return _load_stage(gm, plan, index, t, device, stats if stats is not None else ReadStats())
+
+
+def build_stages(plan: Plan, device: torch.device | str = "cpu") -> list[Stage]:
+    """Every stage of ``plan`` in this process, from one trace (what :func:`build_stage` does
+    once per stage process): for running a plan's split in one process
+    (:class:`~pipeline_core.inprocess.InProcessPipeline`)."""
+    device = torch.device(device)
+    t = trace_plan(plan, device)
+    return [
+        _load_stage(gm, plan, k, t, device, ReadStats()) for k, gm in enumerate(t.pipeline.modules)
+    ]
+
+
+def _load_stage(
+    gm: fx.GraphModule, plan: Plan, index: int, t: Traced, device: torch.device, stats: ReadStats
+) -> Stage:
+    traced = t.pipeline
     _materialize(gm, plan, index, traced.prefix, t, device, stats)
     _compiled_python(gm)
     log.info("[stage %d] loaded %d bytes from %s", index, stats.total_bytes, plan.source.checkpoint)

@@ -34,7 +34,8 @@ def ckpt_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("ckpt")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]):
     """Scheduling for ``pytest -n 2 --dist loadgroup`` (``make test``), no test changed:
 
     * a test using a module-scoped fixture (a running cluster, a gateway, stage processes) is
@@ -43,6 +44,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     * modules with multi-process (``slow``) tests go first and the quick unit tests last, so
       that no long test starts at the end while the other worker sits idle (whole modules
       move, so that a module fixture is still built once without xdist).
+
+    The marks are set before the other hooks run (xdist's reads them); after them, a grouped
+    test's node id gets its ``@group`` suffix where xdist's own could not give it: pytest-xdist
+    3.8 writes ``item._nodeid``, which pytest 9 no longer reads (it keeps ``item._id``), so
+    every group was silently ignored and both workers built each module fixture (CI: the
+    gateway's 40 s ``pipeserve local`` start twice, the cluster's 39 s twice).
     """
     for item in items:
         defs = getattr(item, "_fixtureinfo", None)
@@ -56,3 +63,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
     slow = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow)
+    yield
+    if getattr(config.option, "loadgroup", False):
+        for item in items:
+            _group_node_id(item)
+
+
+def _group_node_id(item: pytest.Item) -> None:
+    """Append ``@group`` to a grouped test's node id (what xdist's scheduler groups by) unless
+    xdist already did."""
+    groups = sorted({str(m.args[0]) for m in item.iter_markers("xdist_group") if m.args})
+    if not groups or "@" in item.nodeid.rpartition("]")[2].rpartition("::")[2]:
+        return
+    node_id = f"{item.nodeid}@{'_'.join(groups)}"
+    if hasattr(item, "_id"):  # pytest >= 9
+        from _pytest.nodeid import NodeId
+
+        item._id = NodeId.parse(node_id)
+    else:
+        item._nodeid = node_id

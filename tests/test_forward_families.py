@@ -13,7 +13,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline_core import InputSpec, LocalPipeline, ModelSource, Policy, make_plan
+from pipeline_core import (
+    InProcessPipeline,
+    InputSpec,
+    LocalPipeline,
+    ModelSource,
+    Policy,
+    make_plan,
+)
 from pipeline_core.errors import PlanError
 
 from .models import VOCAB, clip_model, save_hf
@@ -34,6 +41,8 @@ def _ckpt(model, tmp_path):
 
 @pytest.mark.parametrize("family,stages", [("albert", 2), ("deberta-v2", 3)])
 def test_modules_called_more_than_once(family, stages, tmp_path):
+    """Each stage loads its copies of the shared module; the stages run in one process (the
+    same stage graphs and shards as stage processes: tests/test_pipeline_e2e.py)."""
     from .models import hf_model
 
     model = hf_model(family)
@@ -44,10 +53,10 @@ def test_modules_called_more_than_once(family, stages, tmp_path):
     mask[0, :3] = 0
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask).logits
-    with LocalPipeline(plan) as pipe:
-        for chunks in (1, 3):
-            out = pipe(input_ids=ids, attention_mask=mask, chunks=chunks)
-            torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    pipe = InProcessPipeline(plan)
+    for chunks in (1, 3):
+        out = pipe(input_ids=ids, attention_mask=mask, chunks=chunks)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 
 def test_audio_model_needs_inputs_then_matches(tmp_path):

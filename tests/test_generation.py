@@ -2,7 +2,10 @@
 
 Greedy tokens must be *identical* to ``model.generate(do_sample=False)`` in one process, for a
 batch of prompts of different lengths (left-padded, as ``generate`` takes them), 32 new tokens,
-on 2 and 3 stages of every supported family.
+on 2 and 3 stages of every supported family: a decoder-only and an encoder-decoder family over
+the ring between stage processes, the others with the stages in this process
+(``in_process``: the same stage code and messages, without the start-up of a process per
+stage; tests/test_generation_splits.py cuts every family everywhere that way too).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def _plan(tmp_path, family: str, stages: int, model=None):
 
 
 GREEDY = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
+IN_PROCESSES = {("llama", 3), ("t5", 2)}  # (family, stages) run in stage processes
 
 
 @pytest.mark.parametrize("stages", [2, 3])
@@ -49,7 +53,7 @@ GREEDY = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
 def test_generation_matches_hf_generate(family, stages, tmp_path):
     model, plan = _plan(tmp_path, family, stages)
     ref = hf_greedy_batch(model, PROMPTS, NEW)
-    with LocalGenerator(plan) as gen:
+    with LocalGenerator(plan, in_process=(family, stages) not in IN_PROCESSES) as gen:
         assert gen.generate(PROMPTS, GREEDY) == ref
         # every stage loaded only its own shard
         read = [info["bytes_read"] for info in gen.stage_info]

@@ -12,6 +12,11 @@
 * bfloat16 stages.
 * The model's own decoding rules (``generation_config``: forced EOS, n-gram bans, ...) and the
   repetition penalty, applied to each request's own tokens as ``generate`` applies them.
+
+Stages run in this process (``LocalGenerator(in_process=True)``: the same stage code and ring
+messages without a process per stage): what is checked here is each model's arithmetic and
+rules; the ring between stage processes has its own tests (``test_generation``,
+``test_generation_splits``, the cluster tests).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ GREEDY = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
 def _generate(model, tmp_path, policy: Policy, prompts):
     ckpt = save_hf(model, tmp_path / "ckpt")
     plan = make_plan(ModelSource(checkpoint=str(ckpt)), policy, trace=False)
-    with LocalGenerator(plan) as gen:
+    with LocalGenerator(plan, in_process=True) as gen:
         return plan, gen.generate(prompts, GREEDY)
 
 
@@ -81,7 +86,7 @@ def test_the_models_own_decoding_rules(family, tmp_path):
     ckpt = save_hf(model, tmp_path / "ckpt")
     plan = make_plan(ModelSource(checkpoint=str(ckpt)), Policy.equal_size(2), trace=False)
     params = SamplingParams(max_new_tokens=NEW, repetition_penalty=1.3)
-    with LocalGenerator(plan) as gen:
+    with LocalGenerator(plan, in_process=True) as gen:
         got = gen.generate(PROMPTS, params)
     want = []
     for p in PROMPTS:
@@ -129,7 +134,7 @@ def test_bfloat16_matches_generate_of_the_bfloat16_checkpoint(tmp_path):
     plan = make_plan(
         ModelSource(checkpoint=str(ckpt)), Policy.equal_size(2), trace=False, dtype="bfloat16"
     )
-    with LocalGenerator(plan) as gen:
+    with LocalGenerator(plan, in_process=True) as gen:
         got = [gen.generate([p], GREEDY)[0] for p in PROMPTS]
     ref = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
     with torch_threads(1):  # as the stages run
