@@ -274,6 +274,9 @@ class Channel:
         self._host = self.device.type == "cpu"
         self._pending: list[tuple[Any, Any]] = []
         self._layouts: dict[tuple[int, ...], _Layout] = {}
+        self._spare: tuple[torch.Tensor, Any, int] | None = None
+        """A host receive frame no result refers to: (frame, the numpy array on its memory,
+        its address) -- a receive allocates and wraps no frame (issue 23)."""
         self.bytes_sent = 0
 
     def send(self, values: Sequence[Any], dst: int) -> None:
@@ -355,9 +358,14 @@ class Channel:
 
     def recv(self, src: int) -> list[Any]:
         """Receive one message from rank ``src`` (blocking)."""
-        frame = torch.empty(FRAME, dtype=torch.int64, device=self.device)
+        spare, self._spare = self._spare, None  # taken: a concurrent recv makes its own
+        if spare is None:
+            frame = torch.empty(FRAME, dtype=torch.int64, device=self.device)
+            spare = (frame, frame.numpy() if self._host else None, frame.data_ptr())
+        frame, words, address = spare
         self.pg.recv([frame], src, 0).wait()
-        words = frame.cpu().numpy()  # the same memory on CPU (see [Note: frames built ...])
+        if words is None:  # a device's frame: its ints copied back to the host
+            words = frame.cpu().numpy()
         length, inline = int(words[0]), int(words[1])
         head_n = min(length, FRAME - 2)
         header = struct.unpack_from(f"<{head_n}q", words, 16)
@@ -374,7 +382,7 @@ class Channel:
             if layout.packed:
                 self.pg.recv([packed], src, 0).wait()
         if self._host:  # copied out by address (see [Note: frames built ...])
-            base = frame.data_ptr() + start if inline else packed.data_ptr()
+            base = address + start if inline else packed.data_ptr()
             tensors = []
             for dtype, shape, n, offset in layout.tensors:
                 t = torch.empty(shape, dtype=dtype)
@@ -383,6 +391,7 @@ class Channel:
                 elif n:
                     self.pg.recv([t.view(-1).view(torch.uint8)], src, 0).wait()
                 tensors.append(t)
+            self._spare = spare  # every tensor was copied out: the next receive may reuse it
             return layout.build(tensors)
         if inline:
             packed = frame.view(torch.uint8)[start : start + layout.packed]

@@ -167,3 +167,12 @@ def test_remembered_headers_are_bounded() -> None:
 def test_corrupt_header_is_a_transport_error(header: list[int]) -> None:
     with pytest.raises(TransportError, match="corrupt message header"):
         decode_header(header)
+
+
+def test_messages_in_a_row_share_nothing() -> None:
+    """Every kind of message in turn over one channel (a receiver reuses its frame): each
+    arrives intact and stays so while the ones after it arrive."""
+    msgs = [*MESSAGES.values(), *(m for m, _ in BOUNDARIES.values()), MESSAGES["decode step"]]
+    got, _, b = _roundtrip(msgs)
+    assert all(_same(m, g) for m, g in zip(msgs, got, strict=True))
+    assert b._spare is not None
