@@ -1,11 +1,14 @@
 """The cost of one hop between two generation stages on this host (issue 23).
 
 Two processes, one thread each, send a decode step's message back and forth; the one-way hop is
-half the round trip.  Three layers, each on top of the one before:
+half the round trip; the CPU time both processes spend (every thread: the receiving one, gloo's)
+per hop is reported too -- on a shared machine the wall-clock median moves with the other load
+(a woken process waits for a core), the CPU time much less.  Three layers, each on top of the
+one before:
 
 * ``gloo``: one ``send``/``recv`` of a tensor of the activation's size on a two-rank gloo group;
-* ``channel``: :class:`~pipeline_core.transport.Channel` with a decode step's message (header
-  frame + packed payload: two gloo messages);
+* ``channel``: :class:`~pipeline_core.transport.Channel` with a decode step's message (one gloo
+  message: header and payload in one frame);
 * ``ring``: :class:`~pipeline_core.ring.Ring` (the channel, plus the receiving thread and the
   queue that hands the message to the stage's loop) -- what a pipeline step pays per stage.
 
@@ -89,12 +92,12 @@ def _peer(rank: int, port: int, kind: str, hidden: int, iters: int, q: Any) -> N
     for _ in range(20):
         one()
     times = []
+    cpu0 = time.process_time()
     for _ in range(iters):
         t0 = time.perf_counter()
         one()
         times.append(time.perf_counter() - t0)
-    if rank == 0:
-        q.put(times)
+    q.put((rank, times, time.process_time() - cpu0))
     if kind == "ring":  # STOP ends each side's receiving thread
         from pipeline_core.ring_messages import Stop
 
@@ -125,15 +128,21 @@ def hop_costs(hidden: int, iters: int = 500) -> dict[str, Any]:
         procs = [ctx.Process(target=_peer, args=(r, port, kind, hidden, iters, q)) for r in (0, 1)]
         for p in procs:
             p.start()
-        times = q.get(timeout=300)
+        got = sorted(q.get(timeout=300) for _ in procs)
         for p in procs:
             p.join(timeout=30)
-        times.sort()
+        times = sorted(got[0][1])
         out[kind] = {
             "hop_ms": statistics.median(times) / 2 * 1e3,
             "hop_p10_ms": times[len(times) // 10] / 2 * 1e3,
+            "cpu_per_hop_ms": sum(cpu for _r, _t, cpu in got) / (2 * iters) * 1e3,
         }
-        print(f"[hop] {kind}: {out[kind]['hop_ms']:.3f} ms one way (median)", flush=True)
+        r = out[kind]
+        print(
+            f"[hop] {kind}: {r['hop_ms']:.3f} ms one way (median), p10 {r['hop_p10_ms']:.3f}, "
+            f"CPU {r['cpu_per_hop_ms']:.3f} ms a hop (both processes)",
+            flush=True,
+        )
     return out
 
 

@@ -24,11 +24,13 @@ groups a channel runs on are made here too (:func:`gloo_group`, :func:`nccl_grou
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import logging
 import math
+import operator
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -87,6 +89,7 @@ FRAME = 2048
 """Ints in the first frame (16 KiB): header and small payloads (a decode step's) in one message."""
 PACK_LIMIT = 256 * 1024
 """Tensors up to this many bytes share one packed payload message."""
+_Q, _D = struct.Struct("<q"), struct.Struct("<d")
 
 
 def _pad8(n: int) -> int:
@@ -104,35 +107,46 @@ def encode_header(values: Sequence[Any]) -> tuple[list[int], list[torch.Tensor]]
     """Header ints and the tensors to send after it, in order."""
     header: list[int] = [len(values)]
     tensors: list[torch.Tensor] = []
-
-    def put(v: Any) -> None:
-        if isinstance(v, torch.Tensor):
-            if v.dtype not in _CODE:
-                raise TransportError(f"cannot send dtype {v.dtype}")
-            header.extend([_TENSOR, _CODE[v.dtype], v.dim(), *v.shape])
-            if v.numel():
-                tensors.append(v)
-        elif isinstance(v, bool):
-            header.extend([_BOOL, int(v)])
-        elif isinstance(v, int):
-            header.extend([_INT, v])
-        elif isinstance(v, float):
-            header.extend([_FLOAT, struct.unpack("<q", struct.pack("<d", v))[0]])
-        elif v is None:
-            header.append(_NONE)
-        elif isinstance(v, StageFailure):
-            header.append(_FAIL)
-            put(torch.tensor(list(v.message.encode()), dtype=torch.uint8))
-        elif isinstance(v, tuple | list):
-            header.extend([_TUPLE, len(v)])
-            for item in v:
-                put(item)
-        else:
-            raise TransportError(f"cannot send a value of type {type(v).__name__}")
-
     for v in values:
-        put(v)
+        _put(v, header, tensors)
     return header, tensors
+
+
+def _put(v: Any, header: list[int], tensors: list[torch.Tensor]) -> None:
+    # the commonest types by identity first: an isinstance chain costs more than the rest of
+    # a small message's header (issue 23)
+    t = type(v)
+    if t is int:
+        header += (_INT, v)
+    elif t is tuple or t is list:
+        header += (_TUPLE, len(v))
+        for item in v:
+            _put(item, header, tensors)
+    elif isinstance(v, torch.Tensor):
+        code = _CODE.get(v.dtype)
+        if code is None:
+            raise TransportError(f"cannot send dtype {v.dtype}")
+        shape = v.shape
+        header += (_TENSOR, code, len(shape), *shape)
+        if v.numel():
+            tensors.append(v)
+    elif v is None:
+        header.append(_NONE)
+    elif isinstance(v, bool):
+        header += (_BOOL, int(v))
+    elif isinstance(v, int):
+        header += (_INT, int(v))
+    elif isinstance(v, float):
+        header += (_FLOAT, _Q.unpack(_D.pack(v))[0])
+    elif isinstance(v, tuple | list):
+        header += (_TUPLE, len(v))
+        for item in v:
+            _put(item, header, tensors)
+    elif isinstance(v, StageFailure):
+        header.append(_FAIL)
+        _put(torch.tensor(list(v.message.encode()), dtype=torch.uint8), header, tensors)
+    else:
+        raise TransportError(f"cannot send a value of type {type(v).__name__}")
 
 
 def decode_header(header: list[int]) -> tuple[list[Any], list[tuple[torch.dtype, list[int]]]]:
@@ -157,7 +171,7 @@ def decode_header(header: list[int]) -> tuple[list[Any], list[tuple[torch.dtype,
         if kind == _BOOL:
             return bool(take())
         if kind == _FLOAT:
-            return struct.unpack("<d", struct.pack("<q", take()))[0]
+            return _D.unpack(_Q.pack(take()))[0]
         if kind == _NONE:
             return None
         if kind == _TUPLE:
@@ -166,14 +180,89 @@ def decode_header(header: list[int]) -> tuple[list[Any], list[tuple[torch.dtype,
             return _Fail(get())
         raise TransportError(f"corrupt message header (kind {kind})")
 
-    values = [get() for _ in range(take())]
+    try:
+        values = [get() for _ in range(take())]
+    except (IndexError, ValueError) as e:  # a count past the end, a negative dimension
+        raise TransportError(f"corrupt message header ({e})") from e
     if pos != len(header):
         raise TransportError("corrupt message header (trailing data)")
     return values, specs
 
 
+Build = Callable[[list[torch.Tensor]], Any]
+
+
+def _builder(v: Any) -> Build | None:
+    """A function of the received tensors giving the value placeholder ``v`` stands for, or
+    None when ``v`` holds no tensor (it is immutable: every message may share it)."""
+    if isinstance(v, _Slot):
+        return operator.itemgetter(v.i)
+    if isinstance(v, _Fail):
+        inner = _builder(v.inner)
+        assert inner is not None
+        return lambda ts: StageFailure(bytes(inner(ts).tolist()).decode(errors="replace"))
+    if isinstance(v, tuple):
+        parts = [_builder(x) for x in v]
+        if all(p is None for p in parts):
+            return None
+        fns = [p if p is not None else _const(x) for p, x in zip(parts, v, strict=True)]
+        return lambda ts: tuple([f(ts) for f in fns])
+    return None
+
+
+def _const(v: Any) -> Build:
+    return lambda _ts: v
+
+
+class _Layout:
+    """What one header means, worked out once: the header of a decode step's message is the
+    same every step (group, dtypes, shapes; never tensor values), so a receiver decodes it
+    once per shape, not once per message (issue 23)."""
+
+    __slots__ = ("build", "packed", "tensors")
+
+    def __init__(self, header: Sequence[int]) -> None:
+        values, specs = decode_header(list(header))
+        self.tensors: list[tuple[torch.dtype, tuple[int, ...], int, int]] = []
+        """(dtype, shape, bytes, offset in the packed payload or -1: its own message)."""
+        self.packed = 0
+        for dtype, shape in specs:
+            n = math.prod(shape) * dtype.itemsize
+            small = 0 < n <= PACK_LIMIT
+            self.tensors.append((dtype, tuple(shape), n, self.packed if small else -1))
+            self.packed += _pad8(n) if small else 0
+        parts = [_builder(v) for v in values]
+        fns = [p if p is not None else _const(v) for p, v in zip(parts, values, strict=True)]
+        self.build: Build = lambda ts: [f(ts) for f in fns]
+
+
+_LAYOUTS_KEPT = 256
+"""Distinct headers a receiver remembers (prefills vary; decode steps repeat)."""
+
+
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _host_ready(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as dense host memory whose bytes are its values."""
+    if not t.is_cpu:
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    return t
+
+
+def _pack(tensors: Sequence[torch.Tensor], sizes: Sequence[int], addr: int) -> None:
+    """Copy each tensor's bytes to host address ``addr`` on, 8-byte aligned."""
+    for t, n in zip(tensors, sizes, strict=True):
+        if 0 < n <= PACK_LIMIT:
+            ctypes.memmove(addr, t.data_ptr(), n)
+            addr += _pad8(n)
 
 
 class Channel:
@@ -182,12 +271,46 @@ class Channel:
     def __init__(self, pg: dist.ProcessGroup, device: torch.device | str = "cpu") -> None:
         self.pg = pg
         self.device = torch.device(device)
+        self._host = self.device.type == "cpu"
         self._pending: list[tuple[Any, Any]] = []
+        self._layouts: dict[tuple[int, ...], _Layout] = {}
+        self._spare: tuple[torch.Tensor, Any, int] | None = None
+        """A host receive frame no result refers to: (frame, the numpy array on its memory,
+        its address) -- a receive allocates and wraps no frame (issue 23)."""
         self.bytes_sent = 0
 
     def send(self, values: Sequence[Any], dst: int) -> None:
         """Queue ``values`` for rank ``dst`` (non-blocking; see :meth:`flush`)."""
         header, tensors = encode_header(values)
+        parts = self._host_parts(header, tensors) if self._host else self._parts(header, tensors)
+        for t in parts:
+            self._pending.append((self.pg.send([t], dst, 0), t))
+            self.bytes_sent += t.nbytes
+        if len(self._pending) > 256:
+            self.flush()
+
+    def _host_parts(self, header: list[int], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The gloo messages of one message (see [Note: frames built in host bytes])."""
+        srcs = [_host_ready(t) for t in tensors]
+        sizes = [t.nbytes for t in srcs]
+        head = header[: FRAME - 2]
+        start = 8 * (2 + len(head))
+        packed_n = sum(_pad8(n) for n in sizes if n <= PACK_LIMIT)
+        inline = len(header) == len(head) and 0 < packed_n <= 8 * FRAME - start
+        raw = bytearray(8 * FRAME)
+        struct.pack_into(f"<{2 + len(head)}q", raw, 0, len(header), packed_n * inline, *head)
+        parts = [torch.frombuffer(raw, dtype=torch.int64)]
+        if len(header) > len(head):
+            parts.append(torch.tensor(header[len(head) :], dtype=torch.int64))
+        if inline:
+            _pack(srcs, sizes, parts[0].data_ptr() + start)
+        elif packed_n:
+            parts.append(torch.zeros(packed_n, dtype=torch.uint8))
+            _pack(srcs, sizes, parts[-1].data_ptr())
+        return parts + [_as_bytes(t) for t in srcs if t.nbytes > PACK_LIMIT]
+
+    def _parts(self, header: list[int], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The messages of one message on a device channel (NCCL: tensors stay there)."""
         payloads = [_as_bytes(x.to(self.device)) for x in tensors]
         small = [b for b in payloads if b.numel() <= PACK_LIMIT]
         head = header[: FRAME - 2]
@@ -196,37 +319,28 @@ class Channel:
         inline = len(header) == len(head) and 0 < packed_n <= 8 * FRAME - start
         # [Note: frames built in host bytes] the frame is written as bytes and wrapped once:
         # indexing a tensor from Python costs ~7 us a write (30 for a slice), which made a
-        # decode step's send ~0.2 ms of CPU (issue 23)
+        # decode step's send ~0.2 ms of CPU (issue 23); on the host the payloads are copied in
+        # by address too (each torch view or slice costs microseconds)
         raw = bytearray(8 * FRAME)
         struct.pack_into(f"<{2 + len(head)}q", raw, 0, len(header), packed_n * inline, *head)
-        host = self.device.type == "cpu"
-        if inline and host:
-            for b in small:
-                raw[start : start + b.numel()] = memoryview(b.numpy())
-                start += _pad8(b.numel())
         frame = torch.frombuffer(raw, dtype=torch.int64).to(self.device)
         parts = [frame]
         if len(header) > FRAME - 2:
             rest = header[FRAME - 2 :]
             parts.append(torch.tensor(rest, dtype=torch.int64, device=self.device))
-        if inline and not host:
+        if inline:
             fb = frame.view(torch.uint8)
             for b in small:
                 fb[start : start + b.numel()] = b
                 start += _pad8(b.numel())
-        elif small and not inline:
+        elif small:
             padded = []
             for b in small:
                 padded.append(b)
                 if b.numel() % 8:
                     padded.append(b.new_zeros(-b.numel() % 8))
             parts.append(torch.cat(padded))
-        parts += [b for b in payloads if b.numel() > PACK_LIMIT]
-        for t in parts:
-            self._pending.append((self.pg.send([t], dst, 0), t))
-            self.bytes_sent += t.numel() * t.element_size()
-        if len(self._pending) > 256:
-            self.flush()
+        return parts + [b for b in payloads if b.numel() > PACK_LIMIT]
 
     def flush(self) -> None:
         """Wait until every queued send has completed."""
@@ -234,51 +348,63 @@ class Channel:
             work.wait()
         self._pending.clear()
 
+    def _layout(self, header: tuple[int, ...]) -> _Layout:
+        layout = self._layouts.get(header)
+        if layout is None:
+            if len(self._layouts) >= _LAYOUTS_KEPT:
+                self._layouts.clear()
+            layout = self._layouts[header] = _Layout(header)
+        return layout
+
     def recv(self, src: int) -> list[Any]:
         """Receive one message from rank ``src`` (blocking)."""
-        frame = torch.empty(FRAME, dtype=torch.int64, device=self.device)
+        spare, self._spare = self._spare, None  # taken: a concurrent recv makes its own
+        if spare is None:
+            frame = torch.empty(FRAME, dtype=torch.int64, device=self.device)
+            spare = (frame, frame.numpy() if self._host else None, frame.data_ptr())
+        frame, words, address = spare
         self.pg.recv([frame], src, 0).wait()
-        words = frame.cpu().numpy()  # the same memory on CPU (see [Note: frames built ...])
+        if words is None:  # a device's frame: its ints copied back to the host
+            words = frame.cpu().numpy()
         length, inline = int(words[0]), int(words[1])
         head_n = min(length, FRAME - 2)
-        header = words[2 : 2 + head_n].tolist()
+        header = struct.unpack_from(f"<{head_n}q", words, 16)
         if length > FRAME - 2:
             rest = torch.empty(length - (FRAME - 2), dtype=torch.int64, device=self.device)
             self.pg.recv([rest], src, 0).wait()
-            header += rest.tolist()
-        values, specs = decode_header(header)
-        sizes = [math.prod(shape) * dtype.itemsize for dtype, shape in specs]
-        packed_total = sum(_pad8(n) for n in sizes if 0 < n <= PACK_LIMIT)
-        if inline:
-            if inline != packed_total:
-                raise TransportError("corrupt message header (inlined payload size)")
-            start = 8 * (2 + head_n)
-            packed = frame.view(torch.uint8)[start : start + packed_total]
-        else:
-            packed = torch.empty(packed_total, dtype=torch.uint8, device=self.device)
-            if packed_total:
+            header += tuple(rest.tolist())
+        layout = self._layout(header)
+        if inline and inline != layout.packed:
+            raise TransportError("corrupt message header (inlined payload size)")
+        start = 8 * (2 + head_n)
+        if not inline:
+            packed = torch.empty(layout.packed, dtype=torch.uint8, device=self.device)
+            if layout.packed:
                 self.pg.recv([packed], src, 0).wait()
-        tensors, offset = [], 0
-        for (dtype, shape), n in zip(specs, sizes, strict=True):
-            if 0 < n <= PACK_LIMIT:
+        if self._host:  # copied out by address (see [Note: frames built ...])
+            base = address + start if inline else packed.data_ptr()
+            tensors = []
+            for dtype, shape, n, offset in layout.tensors:
+                t = torch.empty(shape, dtype=dtype)
+                if offset >= 0:
+                    ctypes.memmove(t.data_ptr(), base + offset, n)
+                elif n:
+                    self.pg.recv([t.view(-1).view(torch.uint8)], src, 0).wait()
+                tensors.append(t)
+            self._spare = spare  # every tensor was copied out: the next receive may reuse it
+            return layout.build(tensors)
+        if inline:
+            packed = frame.view(torch.uint8)[start : start + layout.packed]
+        tensors = []
+        for dtype, shape, n, offset in layout.tensors:
+            if offset >= 0:
                 buf = packed[offset : offset + n]
-                offset += _pad8(n)
             else:
                 buf = torch.empty(n, dtype=torch.uint8, device=self.device)
                 if n:
                     self.pg.recv([buf], src, 0).wait()
             tensors.append(buf.view(dtype).reshape(shape))
-
-        def fill(v: Any) -> Any:
-            if isinstance(v, _Slot):
-                return tensors[v.i]
-            if isinstance(v, tuple):
-                return tuple(fill(x) for x in v)
-            if isinstance(v, _Fail):
-                return StageFailure(bytes(fill(v.inner).tolist()).decode(errors="replace"))
-            return v
-
-        return [fill(v) for v in values]
+        return layout.build(tensors)
 
 
 # ---------------------------------------------------------------------------- process groups

@@ -12,7 +12,16 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pipeline_core.transport import FRAME, PACK_LIMIT, Channel
+from pipeline_core.errors import TransportError
+from pipeline_core.transport import (
+    _DTYPES,
+    _LAYOUTS_KEPT,
+    FRAME,
+    PACK_LIMIT,
+    Channel,
+    StageFailure,
+    decode_header,
+)
 
 
 def _pair() -> tuple[Channel, Channel]:
@@ -70,3 +79,100 @@ def test_decode_step_is_one_gloo_message() -> None:
     assert len(a._pending) == 1
     assert a.bytes_sent == FRAME * 8
     a._pending.clear()  # nobody receives it here
+
+
+def _roundtrip(msgs: list[list[Any]]) -> tuple[list[list[Any]], Channel, Channel]:
+    """Each message of ``msgs`` sent over one channel pair and received in order."""
+    a, b = _pair()
+    got: list[Any] = []
+    t = threading.Thread(target=lambda: got.extend(b.recv(0) for _ in msgs))
+    t.start()
+    for msg in msgs:
+        a.send(msg, 1)
+    a.flush()
+    t.join(30)
+    assert len(got) == len(msgs), "not everything arrived"
+    return got, a, b
+
+
+def _bytes(n: int) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.int64).remainder(251).to(torch.uint8)
+
+
+_HEAD = 8 * 7  # a frame's two counts and a one-tensor message's 5 header ints, in bytes
+BOUNDARIES = {  # a message, and the gloo messages it takes
+    "payload filling the frame": ([_bytes(8 * FRAME - _HEAD)], 1),
+    "payload a byte over the frame": ([_bytes(8 * FRAME - _HEAD + 1)], 2),
+    "packed at PACK_LIMIT": ([_bytes(PACK_LIMIT)], 2),
+    "own message over PACK_LIMIT": ([_bytes(PACK_LIMIT + 1)], 2),
+    "inlined beside a large one": ([_bytes(PACK_LIMIT + 1), _bytes(5)], 2),
+    "header filling the frame": ([None] + [0] * ((FRAME - 4) // 2), 1),
+    "header an int over the frame": ([None, None] + [0] * ((FRAME - 4) // 2), 2),
+}
+
+
+@pytest.mark.parametrize("name", list(BOUNDARIES))
+def test_frame_boundaries(name: str) -> None:
+    """Sizes either side of what one frame holds and of what is packed: every byte arrives,
+    in as many gloo messages as the layout says."""
+    msg, messages = BOUNDARIES[name]
+    (got,), a, _ = _roundtrip([msg])
+    assert _same(msg, got)
+    counted = Channel(a.pg)
+    counted.send(msg, 1)
+    assert len(counted._pending) == messages
+    counted._pending.clear()  # nobody receives it
+
+
+def test_every_value_kind_and_dtype() -> None:
+    """Every dtype the header can name, odd layouts (a transposed view, a 0-d tensor, a
+    conjugate view, a strided column) and every plain value kind arrive as sent."""
+    tensors = [torch.randn(3, 5).mul(9).to(d) for d in _DTYPES]
+    z = torch.randn(2, 3, dtype=torch.complex64)
+    odd = [torch.randn(4, 6).t(), torch.tensor(3.5), z.conj(), torch.randn(2, 3)[:, 1]]
+    plain = [0, -(2**62), 7, 1.25, -0.0, float("inf"), True, False, None]
+    nested = (1, (2.5, (torch.ones(2), None)), [3, torch.zeros(1, dtype=torch.int8)])
+    msg = [*tensors, *odd, *plain, nested, StageFailure("stage 2 failed: ü"), StageFailure("")]
+    (got,), _, _ = _roundtrip([msg])
+    assert _same(msg[:-2], got[:-2])
+    assert [type(v) for v in got[:-2]] == [type(v) for v in msg[:-3]] + [tuple]
+    assert [(f.message if isinstance(f, StageFailure) else f) for f in got[-2:]] == [
+        "stage 2 failed: ü",
+        "",
+    ]
+    conj = got[len(tensors) + 2]
+    assert torch.equal(conj, z.conj().resolve_conj()) and not conj.is_conj()
+
+
+def test_a_repeated_header_gives_fresh_tensors() -> None:
+    """Decode steps repeat one header (decoded once): each message still gets its own values,
+    in tensors of its own (a later message never overwrites an earlier one's)."""
+    steps = [
+        [2, 0, None, torch.tensor([i]), ((7, (1,), (torch.randn(1, 1, 8),)),)] for i in range(3)
+    ]
+    got, _, b = _roundtrip(steps)
+    assert all(_same(s, g) for s, g in zip(steps, got, strict=True))
+    assert len(b._layouts) == 1
+    assert got[0][3].data_ptr() != got[1][3].data_ptr()
+
+
+def test_remembered_headers_are_bounded() -> None:
+    msgs = [[i, torch.tensor([i])] for i in range(_LAYOUTS_KEPT + 5)]
+    got, _, b = _roundtrip(msgs)
+    assert all(_same(m, g) for m, g in zip(msgs, got, strict=True))
+    assert 0 < len(b._layouts) <= _LAYOUTS_KEPT
+
+
+@pytest.mark.parametrize("header", [[2, 1, 5], [1, 0, 99, 1, 2], [1, 42]])
+def test_corrupt_header_is_a_transport_error(header: list[int]) -> None:
+    with pytest.raises(TransportError, match="corrupt message header"):
+        decode_header(header)
+
+
+def test_messages_in_a_row_share_nothing() -> None:
+    """Every kind of message in turn over one channel (a receiver reuses its frame): each
+    arrives intact and stays so while the ones after it arrive."""
+    msgs = [*MESSAGES.values(), *(m for m, _ in BOUNDARIES.values()), MESSAGES["decode step"]]
+    got, _, b = _roundtrip(msgs)
+    assert all(_same(m, g) for m, g in zip(msgs, got, strict=True))
+    assert b._spare is not None
