@@ -2,6 +2,7 @@
 
     python -m bench.bench_decode            # full: 1, 2, 4 stages, 3 rounds of 64 tokens
     python -m bench.bench_decode --short    # 2 rounds of 32 tokens (a few minutes)
+    python -m bench.bench_decode --rounds 7 # more rounds: this VM's speed drifts 5-10%
 
 The model and the fairness rules are ``bench_generate``'s: the random 134M Llama (hidden 768,
 12 layers, fp32), a 16-token prompt, per-token time ``(time for N+1 new tokens - time for 1)
@@ -158,11 +159,12 @@ def latency(model: Any, ckpt: Path, stages: list[int], new: int, rounds: int) ->
     return out
 
 
-def bench(tmp: Path, short: bool, stages: list[int]) -> dict[str, Any]:
+def bench(tmp: Path, short: bool, stages: list[int], rounds: int | None) -> dict[str, Any]:
     model, ckpt = build(tmp / "llama")
     res: dict[str, Any] = {"hidden": model.config.hidden_size}
     res["params"] = sum(p.numel() for p in model.parameters())
-    new, rounds = (32, 2) if short else (64, 3)
+    new, default = (32, 2) if short else (64, 3)
+    rounds = rounds or default
     res["new_tokens"], res["rounds"] = new, rounds
     res["hop"] = hop_costs(model.config.hidden_size, 200 if short else 500) | {"load": load()}
     res["latency"] = latency(model, ckpt, stages, new, rounds)
@@ -203,7 +205,10 @@ def markdown(res: dict[str, Any]) -> str:
         f"tokens, median of {res['rounds']} rounds, HF `generate` interleaved in the same "
         f"rounds.  One torch thread in every process (HF: one process; the pipeline: one per "
         f"stage, one computing at a time at batch 1).  Date: {res['date']}.  "
-        "Command: `python -m bench.bench_decode" + (" --short" if res.get("short") else "") + "`.",
+        "Command: `python -m bench.bench_decode"
+        + (" --short" if res.get("short") else "")
+        + (f" --rounds {res['rounds']}" if res["rounds"] not in (2, 3) else "")
+        + "`.",
         "",
         "| metric | goal | measured | baseline | ratio | |",
         "|---|---|---|---|---|---|",
@@ -215,6 +220,12 @@ def markdown(res: dict[str, Any]) -> str:
         "with the scheduler's priority), so ratios measured under load favour the pipeline; "
         "the 1-stage row (HF's work in one process) is the control, and only a run at a "
         "1-minute load average well below 1 checks the goals.  "
+        "The median of each round's own ratio (paired, so drift of the machine's speed "
+        "between rounds cancels): "
+        + ", ".join(
+            f"{n} stage(s) {statistics.median(r['ratios']):.3f}x" for n, r in sorted(lat.items())
+        )
+        + ".  "
         "Ratios of each round (1-minute load average at its start): "
         + "; ".join(
             f"{n} stage(s): "
@@ -275,6 +286,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS), help="results directory")
     ap.add_argument("--short", action="store_true", help="2 rounds of 32 tokens")
     ap.add_argument("--stages", default="1,2,4", help="stage counts (comma-separated)")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds (default 3; --short 2)")
     ap.add_argument("--name", default="decode", help="results file stem")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
@@ -287,7 +299,8 @@ def main() -> None:
     t0 = time.perf_counter()
     res: dict[str, Any] = {"machine": machine(), "code": code_state(), "short": args.short}
     with tempfile.TemporaryDirectory(prefix="bench_decode_") as d:
-        res.update(bench(Path(d), args.short, [int(x) for x in args.stages.split(",")]))
+        stages = [int(x) for x in args.stages.split(",")]
+        res.update(bench(Path(d), args.short, stages, args.rounds))
     res["total_s"] = time.perf_counter() - t0
     res["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     print(write_results(out, args.name, res, markdown))
