@@ -20,6 +20,7 @@ import torch
 
 from .microbatch import check_chunks, merge_microbatches, split_microbatches
 from .plan import Plan
+from .source import check_inputs
 from .stage import Stage, build_stages
 from .trace import WHOLE, Wire, restructure
 from .transport import decode_header, encode_header
@@ -52,6 +53,7 @@ class InProcessPipeline:
         self.stages: list[Stage] = build_stages(plan, device)
         self.args: list[list[Wire]] = self.stages[0].args
         self.outputs: list[Wire] = self.stages[0].outputs
+        self._required = sorted({w.name for a in self.args for w in a if w.src == "input"})
 
     def __call__(self, *args: Any, chunks: int = 1, **inputs: Any) -> Any:
         """Run the model on a batch; positional args follow the plan's input order."""
@@ -59,12 +61,7 @@ class InProcessPipeline:
         if len(args) > len(names):
             raise TypeError(f"expected at most {len(names)} positional inputs ({names})")
         inputs.update(zip(names, args, strict=False))
-        unknown = [n for n in inputs if n not in names]
-        if unknown:
-            raise TypeError(f"unknown inputs {unknown}; the model takes {names}")
-        for spec in self.plan.inputs:
-            if spec.name in inputs:
-                spec.check(inputs[spec.name])
+        check_inputs(self.plan.inputs, inputs, self._required)
         check_chunks(chunks, self.plan.rows_mixed)
         results = [self._microbatch(mb) for mb in split_microbatches(inputs, chunks)]
         return restructure(merge_microbatches(results), self.plan.output_tree)

@@ -22,6 +22,7 @@ from .load import ReadStats
 from .microbatch import check_chunks
 from .plan import Plan
 from .runtime import DRIVER, Driver, RankMap, make_mesh, serve_stage
+from .source import check_inputs
 from .stage import Stage, build_stage
 from .stage_procs import (
     StageProcesses,
@@ -159,16 +160,7 @@ class LocalPipeline:
         return self.map([inputs], chunks)[0]
 
     def _check(self, inputs: dict[str, Any]) -> None:
-        names = [s.name for s in self.plan.inputs]
-        missing = [n for n in self.driver.input_names if n not in inputs]
-        if missing:
-            raise TypeError(f"missing inputs {missing}; the model takes {names}")
-        unknown = [n for n in inputs if n not in names]
-        if unknown:
-            raise TypeError(f"unknown inputs {unknown}; the model takes {names}")
-        for spec in self.plan.inputs:
-            if spec.name in inputs:
-                spec.check(inputs[spec.name])
+        check_inputs(self.plan.inputs, inputs, self.driver.input_names)
 
     def map(self, batches: list[dict[str, Any]], chunks: int = 1) -> list[Any]:
         """Run several batches back to back without draining the pipeline between them.

@@ -33,6 +33,7 @@ __all__ = [
     "InputSpec",
     "ModelSource",
     "build_skeleton",
+    "check_inputs",
     "default_inputs",
     "meta_parameters",
     "parse_dtype",
@@ -145,6 +146,21 @@ class InputSpec:
         if dtype == torch.bool:
             return torch.ones(self.shape, dtype=dtype, device=device)
         return torch.randint(0, self.high or 2, self.shape, dtype=dtype, device=device)
+
+
+def check_inputs(specs: list[InputSpec], inputs: dict[str, Any], required: list[str]) -> None:
+    """Raise TypeError for a missing (one of ``required``) or unknown input, ValueError for one
+    that cannot be fed where it was traced (:meth:`InputSpec.check`)."""
+    names = [s.name for s in specs]
+    missing = [n for n in required if n not in inputs]
+    if missing:
+        raise TypeError(f"missing inputs {missing}; the model takes {names}")
+    unknown = [n for n in inputs if n not in names]
+    if unknown:
+        raise TypeError(f"unknown inputs {unknown}; the model takes {names}")
+    for spec in specs:
+        if spec.name in inputs:
+            spec.check(inputs[spec.name])
 
 
 @dataclass(kw_only=True)
