@@ -3,10 +3,11 @@
 :class:`InProcessPipeline` builds every stage of a plan from one trace
 (:func:`~pipeline_core.stage.build_stages`: the same graphs and checkpoint shards a stage
 process loads), cuts each batch into the same microbatches as :class:`~.local.LocalPipeline`
-and routes values by the plan's wiring; every value that would cross a process (inputs to a
-stage, a stage's outputs to another stage or to the driver) is first encoded by the
-transport's message codec (a value it cannot carry raises ``TransportError``, as a stage
-process would) and arrives as the transport delivers it (lists as tuples, tensors as copies).
+and routes values by the plan's wiring as the driver does (:class:`~.runtime.Routes`); every
+value that would cross a process (inputs to a stage, a stage's outputs to another stage or to
+the driver) is first encoded by the transport's message codec (a value it cannot carry raises
+``TransportError``, as a stage process would) and arrives as the transport delivers it (lists
+as tuples, tensors as copies).
 No overlap between stages and no start-up: for tests that check a split's numbers for many
 models, and for debugging a plan with tracebacks in one place.  One real multi-process run
 proves the transport and the processes (``tests/test_pipeline_e2e.py``).
@@ -20,9 +21,10 @@ import torch
 
 from .microbatch import check_chunks, merge_microbatches, split_microbatches
 from .plan import Plan
+from .runtime import DRIVER, Routes, pick, resolve
 from .source import check_inputs
 from .stage import Stage, build_stages
-from .trace import WHOLE, Wire, restructure
+from .trace import Wire, restructure
 from .transport import decode_header, encode_header
 
 __all__ = ["InProcessPipeline"]
@@ -53,7 +55,7 @@ class InProcessPipeline:
         self.stages: list[Stage] = build_stages(plan, device)
         self.args: list[list[Wire]] = self.stages[0].args
         self.outputs: list[Wire] = self.stages[0].outputs
-        self._required = sorted({w.name for a in self.args for w in a if w.src == "input"})
+        self.routes = Routes.from_wiring(self.args, self.outputs)
 
     def __call__(self, *args: Any, chunks: int = 1, **inputs: Any) -> Any:
         """Run the model on a batch; positional args follow the plan's input order."""
@@ -61,7 +63,7 @@ class InProcessPipeline:
         if len(args) > len(names):
             raise TypeError(f"expected at most {len(names)} positional inputs ({names})")
         inputs.update(zip(names, args, strict=False))
-        check_inputs(self.plan.inputs, inputs, self._required)
+        check_inputs(self.plan.inputs, inputs, self.routes.input_names)
         check_chunks(chunks, self.plan.rows_mixed)
         results = [self._microbatch(mb) for mb in split_microbatches(inputs, chunks)]
         return restructure(merge_microbatches(results), self.plan.output_tree)
@@ -77,29 +79,15 @@ class InProcessPipeline:
         pass
 
     def _microbatch(self, mb: dict[str, Any]) -> Any:
-        sent: dict[tuple[int, Any], Any] = {}  # (stage, output index) -> value as received
-
-        def value(w: Wire, received: dict[Any, Any]) -> Any:
-            if w.src == "const":
-                return w.value
-            if w.src == "input":
-                return received[w.name]
-            return received[(w.stage, w.index)]
-
+        routes = self.routes
+        received: dict[tuple[int, Any], Any] = {}  # (producer, key) -> value as received
         for k, stage in enumerate(self.stages):
-            wires = stage.my_args
-            feed = sorted({w.name for w in wires if w.src == "input"})
-            received: dict[Any, Any] = dict(zip(feed, _carry([mb[n] for n in feed]), strict=True))
-            received.update(sent)
-            raw = stage.forward([value(w, received) for w in wires])
-            wanted = sorted(
-                {
-                    w.index
-                    for w in [*(w for a in self.args[k + 1 :] for w in a), *self.outputs]
-                    if w.src == "stage" and w.stage == k
-                }
-            )
-            picked = [raw if i == WHOLE else raw[i] for i in wanted]
-            sent.update({(k, i): v for i, v in zip(wanted, _carry(picked), strict=True)})
-        outs = [value(w, {**mb, **sent}) for w in self.outputs]
+            names = routes.flows.get((DRIVER, k), [])
+            fed = _carry([mb[n] for n in names])
+            received.update({(DRIVER, n): v for n, v in zip(names, fed, strict=True)})
+            raw = stage.forward([resolve(w, received, {}) for w in stage.my_args])
+            wanted = routes.sent(k)
+            out = _carry([pick(raw, i) for i in wanted])
+            received.update({(k, i): v for i, v in zip(wanted, out, strict=True)})
+        outs = [resolve(w, received, mb) for w in self.outputs]
         return outs[0] if len(outs) == 1 else tuple(outs)

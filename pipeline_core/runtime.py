@@ -61,6 +61,8 @@ __all__ = [
     "nccl_between",
     "nccl_group",
     "nccl_usable",
+    "pick",
+    "resolve",
     "serve_stage",
     "use_device",
 ]
@@ -115,6 +117,15 @@ class Routes:
                 flows[(w.stage, DRIVER)].add(w.index)
         return cls(len(args), {k: sorted(v, key=str) for k, v in flows.items()})
 
+    @property
+    def input_names(self) -> list[str]:
+        """The model inputs some stage takes (the driver's flows), sorted."""
+        return sorted({n for (p, _), keys in self.flows.items() if p == DRIVER for n in keys})
+
+    def sent(self, producer: int) -> list[Any]:
+        """Every output index of stage ``producer`` some consumer takes, sorted."""
+        return sorted({i for (p, _), keys in self.flows.items() if p == producer for i in keys})
+
     def producers(self, consumer: int) -> list[int]:
         return sorted(p for (p, c) in self.flows if c == consumer)
 
@@ -122,11 +133,14 @@ class Routes:
         return sorted((c for (p, c) in self.flows if p == producer), key=lambda c: (c == DRIVER, c))
 
 
-def _pick(raw: Any, index: int) -> Any:
+def pick(raw: Any, index: int) -> Any:
+    """Output ``index`` of a stage's raw result (``WHOLE``: all of it)."""
     return raw if index == WHOLE else raw[index]
 
 
-def _resolve(w: Wire, received: dict[tuple[int, Any], Any], inputs: dict[str, Any]) -> Any:
+def resolve(w: Wire, received: dict[tuple[int, Any], Any], inputs: dict[str, Any]) -> Any:
+    """The value wire ``w`` carries: a constant, a model input (as received from the driver,
+    else from ``inputs``) or a stage's output received as ``(stage, index)``."""
     if w.src == "const":
         return w.value
     if w.src == "input":
@@ -212,7 +226,7 @@ class StageExecutor:
                 self._raw = self._failure  # an earlier stage failed on this microbatch
             else:
                 try:
-                    args = [_resolve(w, self._received, {}) for w in self.stage.my_args]
+                    args = [resolve(w, self._received, {}) for w in self.stage.my_args]
                     self._raw = self.stage.forward(args)
                 except Exception as e:  # a bad request must not kill the stage
                     log.warning("[stage %d] forward failed: %s", me, e)
@@ -226,7 +240,7 @@ class StageExecutor:
                 if isinstance(self._raw, StageFailure):
                     self.mesh.send([self._raw], me, c)
                 else:
-                    self.mesh.send([_pick(self._raw, i) for i in routes.flows[(me, c)]], me, c)
+                    self.mesh.send([pick(self._raw, i) for i in routes.flows[(me, c)]], me, c)
             self._raw = None
 
 
@@ -262,7 +276,7 @@ class Driver:
         self.window = window  # microbatches fed ahead of outputs; 0: twice the stage count
         self.outputs = outputs
         self.routes = Routes.from_wiring(args, outputs)
-        self.input_names = sorted({w.name for a in args for w in a if w.src == "input"})
+        self.input_names = self.routes.input_names
         self.hosted = StageExecutor(hosted, mesh, self.routes) if hosted is not None else None
 
     def run(self, inputs: dict[str, Any], chunks: int = 1) -> Any:
@@ -315,7 +329,7 @@ class Driver:
                 for key, v in zip(routes.flows[(p, DRIVER)], vals, strict=True):
                     got[(p, key)] = v
             if failure is None:
-                outs = [_resolve(w, got, mb) for w in self.outputs]
+                outs = [resolve(w, got, mb) for w in self.outputs]
                 results.append(outs[0] if len(outs) == 1 else tuple(outs))
             feed(i + 1 + window)
             if i + 1 == ends[0]:
