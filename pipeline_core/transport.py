@@ -118,7 +118,7 @@ def _put(v: Any, header: list[int], tensors: list[torch.Tensor]) -> None:
     t = type(v)
     if t is int:
         header += (_INT, v)
-    elif t is tuple or t is list:
+    elif t is tuple or t is list or isinstance(v, tuple | list):
         header += (_TUPLE, len(v))
         for item in v:
             _put(item, header, tensors)
@@ -138,10 +138,6 @@ def _put(v: Any, header: list[int], tensors: list[torch.Tensor]) -> None:
         header += (_INT, int(v))
     elif isinstance(v, float):
         header += (_FLOAT, _Q.unpack(_D.pack(v))[0])
-    elif isinstance(v, tuple | list):
-        header += (_TUPLE, len(v))
-        for item in v:
-            _put(item, header, tensors)
     elif isinstance(v, StageFailure):
         header.append(_FAIL)
         _put(torch.tensor(list(v.message.encode()), dtype=torch.uint8), header, tensors)
@@ -257,6 +253,23 @@ def _host_ready(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _first_frame(header: list[int], packed_n: int) -> tuple[bytearray, int, bool]:
+    """The first frame's bytes with the header (its first ``FRAME - 2`` ints) written in;
+    where an inlined payload starts; whether the ``packed_n`` bytes of small payloads are
+    inlined (they fit after a whole header).
+
+    [Note: frames built in host bytes] the frame is written as bytes and wrapped once:
+    indexing a tensor from Python costs ~7 us a write (30 for a slice), which made a decode
+    step's send ~0.2 ms of CPU (issue 23); on the host the payloads are copied in by address
+    too (each torch view or slice costs microseconds)."""
+    head = header[: FRAME - 2]
+    start = 8 * (2 + len(head))
+    inline = len(header) == len(head) and 0 < packed_n <= 8 * FRAME - start
+    raw = bytearray(8 * FRAME)
+    struct.pack_into(f"<{2 + len(head)}q", raw, 0, len(header), packed_n * inline, *head)
+    return raw, start, inline
+
+
 def _pack(tensors: Sequence[torch.Tensor], sizes: Sequence[int], addr: int) -> None:
     """Copy each tensor's bytes to host address ``addr`` on, 8-byte aligned."""
     for t, n in zip(tensors, sizes, strict=True):
@@ -293,15 +306,11 @@ class Channel:
         """The gloo messages of one message (see [Note: frames built in host bytes])."""
         srcs = [_host_ready(t) for t in tensors]
         sizes = [t.nbytes for t in srcs]
-        head = header[: FRAME - 2]
-        start = 8 * (2 + len(head))
         packed_n = sum(_pad8(n) for n in sizes if n <= PACK_LIMIT)
-        inline = len(header) == len(head) and 0 < packed_n <= 8 * FRAME - start
-        raw = bytearray(8 * FRAME)
-        struct.pack_into(f"<{2 + len(head)}q", raw, 0, len(header), packed_n * inline, *head)
+        raw, start, inline = _first_frame(header, packed_n)
         parts = [torch.frombuffer(raw, dtype=torch.int64)]
-        if len(header) > len(head):
-            parts.append(torch.tensor(header[len(head) :], dtype=torch.int64))
+        if len(header) > FRAME - 2:
+            parts.append(torch.tensor(header[FRAME - 2 :], dtype=torch.int64))
         if inline:
             _pack(srcs, sizes, parts[0].data_ptr() + start)
         elif packed_n:
@@ -313,16 +322,7 @@ class Channel:
         """The messages of one message on a device channel (NCCL: tensors stay there)."""
         payloads = [_as_bytes(x.to(self.device)) for x in tensors]
         small = [b for b in payloads if b.numel() <= PACK_LIMIT]
-        head = header[: FRAME - 2]
-        start = 8 * (2 + len(head))  # inlined payload: right after the header
-        packed_n = sum(_pad8(b.numel()) for b in small)
-        inline = len(header) == len(head) and 0 < packed_n <= 8 * FRAME - start
-        # [Note: frames built in host bytes] the frame is written as bytes and wrapped once:
-        # indexing a tensor from Python costs ~7 us a write (30 for a slice), which made a
-        # decode step's send ~0.2 ms of CPU (issue 23); on the host the payloads are copied in
-        # by address too (each torch view or slice costs microseconds)
-        raw = bytearray(8 * FRAME)
-        struct.pack_into(f"<{2 + len(head)}q", raw, 0, len(header), packed_n * inline, *head)
+        raw, start, inline = _first_frame(header, sum(_pad8(b.numel()) for b in small))
         frame = torch.frombuffer(raw, dtype=torch.int64).to(self.device)
         parts = [frame]
         if len(header) > FRAME - 2:
