@@ -116,11 +116,13 @@ def stage_stats(stage: GenStage) -> tuple[int, ...]:
     return tuple(s[k] for k in STATS_FIELDS)
 
 
-def stage_message(stage: GenStage, msg: RingMessage) -> RingMessage | None:
+def stage_message(
+    stage: GenStage, msg: RingMessage, ahead: Ahead | None = None
+) -> RingMessage | None:
     """What stage ``stage.index >= 1`` does with one ring message: the message it sends on
-    (None: nothing)."""
+    (None: nothing).  ``ahead``: ``msg``'s step, already run (:func:`run_step`)."""
     if isinstance(msg, Prefill | Decode):
-        return run_step(stage, msg)
+        return run_step(stage, msg, ahead)
     if isinstance(msg, Release):
         stage.release(msg.group)
         return None if stage.is_last else msg
@@ -159,7 +161,7 @@ def serve_generation(stage: GenStage, ring: Ring, *, ahead: bool = True) -> None
             if stage.timing.on:
                 stage.timing.wait_s += wait
             last = msg.group
-        out = run_step(stage, msg, done) if compute else stage_message(stage, msg)
+        out = stage_message(stage, msg, done)
         t2 = time.time()
         if out is not None:
             ring.send(out)
