@@ -85,6 +85,9 @@ class _StageEnd:
     def recv(self, timeout: float | None = None) -> RingMessage:
         return self.inbox.get(timeout=timeout)
 
+    def waiting(self) -> bool:
+        return not self.inbox.empty()
+
     def send(self, msg: RingMessage) -> None:
         self._next.put(decode(encode(msg)))  # each message as a Ring would carry it
 

@@ -5,9 +5,18 @@ which runs the scheduler -- no driver in between.  Each edge is its own two-rank
 (NCCL between two GPUs; two stages sharing one GPU: gloo carrying CUDA IPC handles, so the
 activations stay on the GPU -- see :mod:`~pipeline_core.colocate`; else gloo through host
 memory: CPU stages), created in
-ascending edge order so start-up cannot deadlock.  A thread per process keeps a receive posted
-on the inbound edge and queues the messages, so a stage can send while its successor is also
-sending (a ring of blocking sends would deadlock).
+ascending edge order so start-up cannot deadlock.
+
+A send completes only once the receiver has posted its receive, so someone must keep a receive
+posted on every edge, else a ring of stages each sending would deadlock.  On stage 0 a thread
+does (it receives and queues the messages in ``inbox``, which stage 0's scheduler also takes
+its own commands from).  A later stage over gloo instead keeps its next message's first-frame
+receive posted itself and waits on it in :meth:`Ring.recv` -- no thread, no queue: each hop
+woke three sleeping threads (gloo's, the receiving one, the stage's), ~0.1 ms more a hop on a
+stage that had been idle (issue 23).  Its sends can still not deadlock: a receive is posted
+whenever it is not taking a message, and the chain of stages waiting on a send ends at stage
+0's thread, which always takes them.  NCCL and CUDA-IPC edges keep the thread (an NCCL receive
+posted ahead would hold a kernel on the GPU).
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import torch.distributed as dist
 
 from .colocate import EdgeKind, IpcChannel, choose_edge
 from .ring_messages import RingMessage, Stop, decode, encode
-from .transport import Channel, device_identity, gloo_group, nccl_group, use_device
+from .transport import Channel, Posted, device_identity, gloo_group, nccl_group, use_device
 
 __all__ = ["CLOSED", "Ring", "RingClosed"]
 
@@ -66,6 +75,9 @@ class Ring:
         self._out: Channel | IpcChannel | None = None
         self._in: Channel | IpcChannel | None = None
         self._thread: threading.Thread | None = None
+        self._posted: Posted | None = None
+        """A later stage over gloo: its next message's receive, posted (see module docstring)."""
+        self._plain_in = False
         if num_stages == 1:
             return
         device = torch.device(device)
@@ -87,8 +99,13 @@ class Ring:
                 self._out = ch
             if edge == in_edge:
                 self._in = ch
-        self._thread = threading.Thread(target=self._receive, name="ring-recv", daemon=True)
-        self._thread.start()
+                self._plain_in = kind in (EdgeKind.GLOO, EdgeKind.LOCAL)
+        if index > 0 and self._plain_in:
+            assert isinstance(self._in, Channel)
+            self._posted = self._in.post(0)  # the sender is rank 0 of the inbound edge
+        else:
+            self._thread = threading.Thread(target=self._receive, name="ring-recv", daemon=True)
+            self._thread.start()
 
     def _receive(self) -> None:
         assert self._in is not None
@@ -113,7 +130,13 @@ class Ring:
         return self._out.bytes_sent if self._out is not None else 0
 
     def recv(self, timeout: float | None = None) -> RingMessage | None:
-        """The next inbound message; None when ``timeout`` passes; raises when the ring broke."""
+        """The next inbound message; None when ``timeout`` passes; raises when the ring broke.
+        A stage that receives itself (see module docstring) waits without a timeout: gloo
+        closes the edge when a wait times out."""
+        if self._thread is None and self.num_stages > 1:
+            if timeout is not None:
+                raise ValueError(f"stage {self.index} receives without a timeout")
+            return self._take()
         try:
             msg = self.inbox.get(timeout=timeout)
         except queue.Empty:
@@ -121,3 +144,23 @@ class Ring:
         if isinstance(msg, RingClosed):
             raise ConnectionError(f"stage {self.index}: the previous stage is gone")
         return msg
+
+    def _take(self) -> RingMessage:
+        """The posted message (then the next one's receive posted, unless it ended the ring)."""
+        posted, self._posted = self._posted, None
+        if posted is None:
+            raise ConnectionError(f"stage {self.index}: the ring was stopped or broke")
+        assert isinstance(self._in, Channel)
+        try:
+            msg = decode(self._in.take(posted))
+        except Exception as e:
+            log.warning("[stage %d] ring receive ended: %s", self.index, e)
+            raise ConnectionError(f"stage {self.index}: the previous stage is gone ({e})") from e
+        if not isinstance(msg, Stop):
+            self._posted = self._in.post(0)
+        return msg
+
+    def waiting(self) -> bool:
+        """Whether a message is known to be here already (one received by this stage itself
+        may be, unseen: gloo tells only on a wait)."""
+        return not self.inbox.empty()

@@ -145,7 +145,7 @@ def serve_generation(stage: GenStage, ring: Ring, *, ahead: bool = True) -> None
         t0 = time.time()
         msg: RingMessage | None = None
         done: Ahead | None = None
-        if ahead and last is not None and ring.inbox.empty() and stage.can_decode_ahead(last):
+        if ahead and last is not None and not ring.waiting() and stage.can_decode_ahead(last):
             msg, done = run_ahead(stage, ring, last)
             if done.result is None or msg is None:
                 done = None  # another message came (or none was taken): handle it as usual

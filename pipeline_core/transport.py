@@ -1,16 +1,19 @@
 """Point-to-point transport of activation values over ``torch.distributed``.
 
 A message is a list of values (tensors, ints, floats, bools, None, and tuples of those).  It
-goes as an int64 header describing every value (kind, dtype, shape) -- in one fixed-size frame
-of ``FRAME`` ints whose first int is the header length and second the bytes of payload inlined
-in the frame, plus a second frame only when the header is longer -- then the payloads: tensors
-of at most ``PACK_LIMIT`` bytes travel together in one packed buffer (8-byte aligned), inside
-the frame itself when they fit after the header (a decode step's activations: the whole message
-is one gloo message), larger ones one message each.  Fewer messages matter: a small gloo
-message costs about as much as hundreds of KiB of bandwidth, and gloo sends a message only
-once its receive is posted, which for a second message of the same step is after the receiver
-woke up and read the header: a round trip more (issue 23 measured the two-message decode hop at
-several times a one-message one).
+goes as an int64 header describing every value (kind, dtype, shape) -- in one first frame of at
+most ``FRAME`` ints whose first int is the header length and second the bytes of payload inlined
+in the frame, plus a second message only when the header is longer -- then the payloads:
+tensors of at most ``PACK_LIMIT`` bytes travel together in one packed buffer (8-byte aligned),
+inside the first frame itself when they fit after the header (a decode step's activations,
+up to a 7B model's fp32 hidden state: the whole message is one gloo message), larger ones one
+message each.  Fewer messages matter: a small gloo message costs about as much as hundreds of
+KiB of bandwidth, and gloo sends a message only once its receive is posted, which for a second
+message of the same step is after the receiver woke up and read the header: a round trip more
+(issue 23 measured the two-message decode hop at several times a one-message one).  Over gloo
+the first frame is sent only as long as it is used (a receive may be larger than what
+arrives): a full frame's bytes cost ~0.1 ms a hop on a receiver that had been idle (issue 23);
+NCCL needs both ends' sizes equal, so device channels send it whole.
 
 Because every message carries its own header, shapes may change from one request to the next,
 and a receiver never guesses.  Payloads travel as raw bytes (``uint8`` views), so any dtype
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Channel",
+    "Posted",
     "StageFailure",
     "decode_header",
     "device_identity",
@@ -85,8 +89,9 @@ _DTYPES = [
 ]
 _CODE = {d: i for i, d in enumerate(_DTYPES)}
 _TENSOR, _INT, _NONE, _BOOL, _FLOAT, _TUPLE, _FAIL = range(7)
-FRAME = 2048
-"""Ints in the first frame (16 KiB): header and small payloads (a decode step's) in one message."""
+FRAME = 8192
+"""Ints in the first frame at most (64 KiB): header and small payloads (a decode step's) in
+one message."""
 PACK_LIMIT = 256 * 1024
 """Tensors up to this many bytes share one packed payload message."""
 _Q, _D = struct.Struct("<q"), struct.Struct("<d")
@@ -253,10 +258,11 @@ def _host_ready(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _first_frame(header: list[int], packed_n: int) -> tuple[bytearray, int, bool]:
+def _first_frame(header: list[int], packed_n: int, whole: bool) -> tuple[bytearray, int, bool]:
     """The first frame's bytes with the header (its first ``FRAME - 2`` ints) written in;
     where an inlined payload starts; whether the ``packed_n`` bytes of small payloads are
-    inlined (they fit after a whole header).
+    inlined (they fit after a whole header).  ``whole``: ``FRAME`` ints long (NCCL), else only
+    as long as it is used.
 
     [Note: frames built in host bytes] the frame is written as bytes and wrapped once:
     indexing a tensor from Python costs ~7 us a write (30 for a slice), which made a decode
@@ -265,7 +271,7 @@ def _first_frame(header: list[int], packed_n: int) -> tuple[bytearray, int, bool
     head = header[: FRAME - 2]
     start = 8 * (2 + len(head))
     inline = len(header) == len(head) and 0 < packed_n <= 8 * FRAME - start
-    raw = bytearray(8 * FRAME)
+    raw = bytearray(8 * FRAME if whole else start + packed_n * inline)
     struct.pack_into(f"<{2 + len(head)}q", raw, 0, len(header), packed_n * inline, *head)
     return raw, start, inline
 
@@ -276,6 +282,15 @@ def _pack(tensors: Sequence[torch.Tensor], sizes: Sequence[int], addr: int) -> N
         if 0 < n <= PACK_LIMIT:
             ctypes.memmove(addr, t.data_ptr(), n)
             addr += _pad8(n)
+
+
+class Posted:
+    """A first frame's receive posted by :meth:`Channel.post`."""
+
+    __slots__ = ("spare", "src", "work")
+
+    def __init__(self, src: int, spare: tuple[torch.Tensor, Any, int], work: Any) -> None:
+        self.src, self.spare, self.work = src, spare, work
 
 
 class Channel:
@@ -307,7 +322,7 @@ class Channel:
         srcs = [_host_ready(t) for t in tensors]
         sizes = [t.nbytes for t in srcs]
         packed_n = sum(_pad8(n) for n in sizes if n <= PACK_LIMIT)
-        raw, start, inline = _first_frame(header, packed_n)
+        raw, start, inline = _first_frame(header, packed_n, whole=False)
         parts = [torch.frombuffer(raw, dtype=torch.int64)]
         if len(header) > FRAME - 2:
             parts.append(torch.tensor(header[FRAME - 2 :], dtype=torch.int64))
@@ -322,7 +337,7 @@ class Channel:
         """The messages of one message on a device channel (NCCL: tensors stay there)."""
         payloads = [_as_bytes(x.to(self.device)) for x in tensors]
         small = [b for b in payloads if b.numel() <= PACK_LIMIT]
-        raw, start, inline = _first_frame(header, sum(_pad8(b.numel()) for b in small))
+        raw, start, inline = _first_frame(header, sum(_pad8(b.numel()) for b in small), whole=True)
         frame = torch.frombuffer(raw, dtype=torch.int64).to(self.device)
         parts = [frame]
         if len(header) > FRAME - 2:
@@ -358,12 +373,22 @@ class Channel:
 
     def recv(self, src: int) -> list[Any]:
         """Receive one message from rank ``src`` (blocking)."""
+        return self.take(self.post(src))
+
+    def post(self, src: int) -> Posted:
+        """Post the receive of the next message's first frame from rank ``src`` (a sender's
+        send of it can complete from now on); :meth:`take` waits for the message."""
         spare, self._spare = self._spare, None  # taken: a concurrent recv makes its own
         if spare is None:
             frame = torch.empty(FRAME, dtype=torch.int64, device=self.device)
             spare = (frame, frame.numpy() if self._host else None, frame.data_ptr())
+        return Posted(src, spare, self.pg.recv([spare[0]], src, 0))
+
+    def take(self, posted: Posted) -> list[Any]:
+        """The message whose receive :meth:`post` posted (blocking until it is all here)."""
+        src, spare = posted.src, posted.spare
         frame, words, address = spare
-        self.pg.recv([frame], src, 0).wait()
+        posted.work.wait()
         if words is None:  # a device's frame: its ints copied back to the host
             words = frame.cpu().numpy()
         length, inline = int(words[0]), int(words[1])

@@ -21,6 +21,7 @@ from pipeline_core.transport import (
     Channel,
     StageFailure,
     decode_header,
+    encode_header,
 )
 
 
@@ -73,12 +74,25 @@ def test_channel_roundtrip(name: str) -> None:
 
 
 def test_decode_step_is_one_gloo_message() -> None:
-    """A decode step's message is one gloo send (the receiver posts no second receive)."""
+    """A decode step's message is one gloo send (the receiver posts no second receive), only
+    as long as its header and payload (over gloo the frame is not sent whole)."""
     a, _ = _pair()
-    a.send(MESSAGES["decode step"], 1)
+    msg = MESSAGES["decode step"]
+    a.send(msg, 1)
     assert len(a._pending) == 1
-    assert a.bytes_sent == FRAME * 8
+    header, tensors = encode_header(msg)
+    assert a.bytes_sent == 8 * (2 + len(header)) + sum(t.nbytes for t in tensors) < 8 * FRAME
     a._pending.clear()  # nobody receives it here
+
+
+def test_shorter_frames_after_longer_ones() -> None:
+    """A receive reuses its frame: a short message after a long one reads none of the long
+    one's bytes left behind it (the header says where each message ends)."""
+    big = [torch.arange(3000, dtype=torch.float32), (1, 2.5)]
+    msgs = [big, [7], [None, torch.tensor([1.5])], big, [torch.zeros(0)], MESSAGES["decode step"]]
+    got, _, _ = _roundtrip(msgs)
+    for m, g in zip(msgs, got, strict=True):
+        assert _same(m, g)
 
 
 def _roundtrip(msgs: list[list[Any]]) -> tuple[list[list[Any]], Channel, Channel]:
