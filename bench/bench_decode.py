@@ -10,7 +10,8 @@ The model and the fairness rules are ``bench_generate``'s: the random 134M Llama
 one process on one thread; the pipeline runs S processes of one thread each, but at batch 1
 only one of them computes at any moment (the others wait in a blocking receive), so both sides
 have one thread computing.  HF ``generate`` runs in the same rounds, interleaved with the
-pipeline's, so each ratio comes from one run under the same load (the 1-minute load average is
+pipeline's (after it in even rounds, before it in odd ones), so each ratio comes from one run
+under the same load (the 1-minute load average is
 recorded beside each figure: this machine is shared).
 
 With step timing on (``StageOptions(step_timing=True)``, which ``LocalGenerator`` passes to
@@ -131,10 +132,15 @@ def latency(model: Any, ckpt: Path, stages: list[int], new: int, rounds: int) ->
             with LocalGenerator(plan, options=StageOptions(step_timing=True)) as gen:
                 gen.generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))
                 _hf_generate_s(model, prompt, 4)
-                for _ in range(rounds):
+                for i in range(rounds):
                     loads.append(load())
+                    # every other round HF first: a machine speeding up or slowing down over
+                    # a round favours neither side in the paired ratios' median
+                    if i % 2:
+                        hf.append(_hf_round(model, prompt, new, clock))
                     ours.append(_ours_round(gen, prompt, new))
-                    hf.append(_hf_round(model, prompt, new, clock))
+                    if not i % 2:
+                        hf.append(_hf_round(model, prompt, new, clock))
             o = statistics.median(r["s_per_token"] for r in ours)
             h = statistics.median(r["s_per_token"] for r in hf)
             out[n] = {
@@ -207,7 +213,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"transformers {m['transformers']}.  Model: random Llama, {res['params'] / 1e6:.0f}M "
         f"parameters, fp32, hidden {res['hidden']}; 16-token prompt, {res['new_tokens']} new "
         f"tokens, median of {res['rounds']} rounds, HF `generate` interleaved in the same "
-        f"rounds.  One torch thread in every process (HF: one process; the pipeline: one per "
+        "rounds (after the pipeline in even rounds, before it in odd ones).  "
+        "One torch thread in every process (HF: one process; the pipeline: one per "
         f"stage, one computing at a time at batch 1).  Date: {res['date']}.  "
         "Command: `python -m bench.bench_decode"
         + (" --short" if res.get("short") else "")
