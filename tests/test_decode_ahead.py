@@ -61,15 +61,19 @@ def test_other_messages_undo_the_preparation(tmp_path):
     alone = [hf_greedy_batch(model, [p], n)[0] for p, n in zip(PROMPTS, lengths, strict=True)]
     with LocalGenerator(plan, in_process=True) as gen:
         handles = []
-        for p, n in zip(PROMPTS, lengths, strict=True):
+        for i, (p, n) in enumerate(zip(PROMPTS, lengths, strict=True)):
             handles.append(gen.submit(p, SamplingParams(max_new_tokens=n, ignore_eos=True)))
-            time.sleep(0.05)
+            if i == 0:  # the first request alone for 8 tokens: its later steps run ahead
+                stream = iter(handles[0])
+                for _ in range(8):
+                    next(stream)
+                assert sum(st.ahead_steps for st in _later_stages(gen)) > 0
+            else:
+                time.sleep(0.05)
             gen.stats()  # a Stats message round the ring while steps are prepared ahead
         results = [h.result(timeout=120) for h in handles]
-        # which messages meet a preparation depends on the threads' timing; that some steps
-        # ran ahead does not (the lone group's), and the undoing itself is checked step by
-        # step below
-        assert sum(st.ahead_steps for st in _later_stages(gen)) > 0
+        # which of the later messages meet a preparation depends on the threads' timing; the
+        # undoing itself is checked step by step below
     assert [r.tokens for r in results] == alone
 
 
