@@ -48,6 +48,7 @@ from .special_tokens import decoder_start_id
 from .stage_hooks import (
     PassCtx,
     Payload,
+    around,
     bind,
     capture,
     inject,
@@ -131,11 +132,11 @@ class GenStage:
         self._pass_name = "decoder"
         self._idle: set[str] = set()  # passes this stage takes no part in
         for k, mod in unit_mods.items():
-            mod.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-            mod.register_forward_hook(self._post_hook)
+            inner = mod.forward  # the class's, or compiled_step's (owned decoder layers)
             if k not in self._owned and self._has_meta[k]:
                 runner = self._passthrough if k in self._layer_ids else self._shadow
-                mod.forward = bind(runner, mod)
+                inner = bind(runner, mod)
+            mod.forward = around(mod, inner, self._pre_hook, self._post_hook)
         self.groups: dict[int, GroupState] = {}
         self.timeline = Timeline()
         self.steps = 0

@@ -58,3 +58,51 @@ def test_meta_keys_of_other_objects_never_outlive_their_object():
     assert meta_key(shared) == meta_key(shared)  # the same object: a hit
     assert meta_key(Unhashable()) != meta_key(Unhashable())
     assert meta_key((torch.zeros(2, 3), 4)) == meta_key((torch.ones(2, 3), 4))
+
+
+class _Unit(torch.nn.Module):
+    def forward(self, hidden, mask=None, *rest, bias=None, scale=1.0, **extra):
+        return hidden
+
+
+class _NoVarargs(torch.nn.Module):
+    def forward(self, hidden, mask=None, bias=None):
+        return hidden
+
+
+@pytest.mark.parametrize("unit", [_Unit(), _NoVarargs()])
+def test_capture_and_inject_bind_as_the_signature_does(unit):
+    """capture / inject work out a call's parameter positions without ``Signature.bind`` (on
+    the token's path); they must find what binding finds, for positional, keyword, ``*args``
+    and ``**kwargs`` arguments alike."""
+    import inspect
+
+    from pipeline_core.stage_hooks import capture, inject
+
+    sig = inspect.signature(type(unit).forward)
+    names = list(sig.parameters)
+    h, m, b, other = (torch.full((1, 2), float(i)) for i in range(4))
+    produced = {id(t): t for t in (m, b)}  # earlier units made them; ``other`` they did not
+    calls = [((h, m), {"bias": b}), ((h,), {"mask": m, "bias": other}), ((), {"hidden": h})]
+    if isinstance(unit, _Unit):
+        calls += [((h, m, b, other), {"bias": b, "x": m, "scale": 2.0})]
+    for args, kwargs in calls:
+        bound = sig.bind(unit, *args, **kwargs).arguments
+        want = tuple(
+            (names.index(k), v)
+            for k, v in bound.items()
+            if isinstance(v, torch.Tensor) and (names.index(k) == 1 or id(v) in produced)
+        )
+        got = capture(unit, args, kwargs, produced)
+        assert [(p, id(t)) for p, t in got] == [(p, id(t)) for p, t in want]
+        new = tuple((p, t + 10) for p, t in got)
+        a2, k2 = inject(unit, args, kwargs, new)
+        after = sig.bind(unit, *a2, **k2).arguments
+        for p, t in new:
+            assert after[names[p]] is t
+        untouched = set(bound) - {names[p] for p, _ in new}
+        for k in untouched:
+            if isinstance(bound[k], torch.Tensor):
+                assert after[k] is bound[k]
+            elif isinstance(bound[k], tuple | dict):  # what *args / **kwargs took
+                assert len(after[k]) == len(bound[k])
