@@ -13,7 +13,9 @@ thread.  Each decode step of each stage is split into:
 * ``before``: a later stage's part before the previous stage's payload arrives -- what decode
   ahead (:mod:`pipeline_core.decode_ahead`) runs while the earlier stages compute (simulated by
   :func:`~pipeline_core.decode_ahead.decode_ahead` with a ``fetch`` that returns the ready
-  message); stage 0 has none;
+  message); stage 0's is what its scheduler prepares while the step is in flight
+  (:func:`~pipeline_core.decode_ahead.prepare_decode`, called after its step as the engine
+  does);
 * ``compute``: inside the units the stage owns (its step timing's ``compute``);
 * ``path``: the rest after the payload arrived, up to the message it sends on (sampling on the
   last stage included) -- the stage's own Python on the token's path.
@@ -38,7 +40,7 @@ import torch
 
 from bench.bench_generate import _prompt, build
 from pipeline_core import ModelSource, Policy, make_plan
-from pipeline_core.decode_ahead import Ahead, decode_ahead
+from pipeline_core.decode_ahead import Ahead, decode_ahead, prepare_decode
 from pipeline_core.gen_stage import GenStage
 from pipeline_core.ring_messages import Decode, Prefill, Tokens
 from pipeline_core.sampling import SamplingParams, encode_rows
@@ -62,28 +64,35 @@ def _step(
     """One decode step of ``stage`` on ``msg``, split into :data:`PARTS` (seconds)."""
     c0 = stage.timing.compute_s
     t0 = time.perf_counter()
-    arrived = t0
     if stage.is_first or stage.groups[msg.group].ahead_call is None:
         if prof is not None:
             prof.enable()
         out = run_step(stage, msg)
-    else:
-        ahead = Ahead(t0, time.time())
+        t1 = time.perf_counter()
+        if prof is not None:
+            prof.disable()
+        before = 0.0
+        if stage.is_first:  # what its scheduler does while the step is in flight
+            prepare_decode(stage, msg.group)
+            before = time.perf_counter() - t1  # the next step's (each step's alike)
+        compute = stage.timing.compute_s - c0
+        return out, {"before": before, "compute": compute, "path": t1 - t0 - compute}
+    arrived = t0
+    ahead = Ahead(t0, time.time())
 
-        def fetch() -> tuple[torch.Tensor, Any]:
-            nonlocal arrived
-            arrived = time.perf_counter()
-            if prof is not None:
-                prof.enable()
-            return msg.tokens, msg.payloads
+    def fetch() -> tuple[torch.Tensor, Any]:
+        nonlocal arrived
+        arrived = time.perf_counter()
+        if prof is not None:
+            prof.enable()
+        return msg.tokens, msg.payloads
 
-        ahead.result = decode_ahead(stage, msg.group, fetch)
-        assert ahead.result is not None, "the step run ahead missed its message"
-        out = run_step(stage, msg, ahead)
+    ahead.result = decode_ahead(stage, msg.group, fetch)
+    assert ahead.result is not None, "the step run ahead missed its message"
+    out = run_step(stage, msg, ahead)
     t1 = time.perf_counter()
     if prof is not None:
         prof.disable()
-    assert isinstance(out, Decode | Tokens), out
     compute = stage.timing.compute_s - c0
     return out, {"before": arrived - t0, "compute": compute, "path": t1 - arrived - compute}
 

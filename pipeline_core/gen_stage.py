@@ -157,6 +157,7 @@ class GenStage:
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.decoder_start = decoder_start_id(model) if self.enc_dec else None
         self.rules = LogitsRules(model) if self.is_last else None
+        self.prepares = self.is_first  # its decode steps' inputs, made ahead (decode_ahead)
 
     # ------------------------------------------------------------------ hooks
 
@@ -305,10 +306,11 @@ class GenStage:
             return ("skip",)
         return ("done", out)
 
-    def _model_inputs(self, g: GroupState, prefill: bool) -> dict[str, Any]:
-        kw = dict(g.kwargs)
+    def _model_inputs(
+        self, ids: torch.Tensor, kwargs: dict[str, Any], prefill: bool
+    ) -> dict[str, Any]:
         inputs = self.model.prepare_inputs_for_generation(
-            g.ids, next_sequence_length=None if prefill else 1, is_first_iteration=prefill, **kw
+            ids, next_sequence_length=None if prefill else 1, is_first_iteration=prefill, **kwargs
         )
         inputs["return_dict"] = True
         return inputs
@@ -382,6 +384,9 @@ class GenStage:
     ) -> tuple[list[Any], torch.Tensor | None]:
         """One decode step of group ``gid``: keep rows ``keep`` (None: all), append ``tokens``."""
         g = self.groups[gid]
+        inputs = g.take_prepared(keep, tokens)
+        if inputs is not None:
+            return self._decoder_pass(g, prefill=False, payloads=payloads, inputs=inputs)
         if keep is not None:
             self.select(gid, keep)
         g.kwargs = self.model._update_model_kwargs_for_generation(
@@ -404,10 +409,12 @@ class GenStage:
         prefill: bool,
         payloads: list[Any],
         ahead: tuple[int, Callable[[], Payload]] | None = None,
+        inputs: dict[str, Any] | None = None,
     ) -> tuple[list[Any], torch.Tensor | None]:
         slot = len(payloads) - 1
         dec = Payload.from_wire(payloads[slot], self.device)
-        inputs = self._model_inputs(g, prefill)
+        if inputs is None:
+            inputs = self._model_inputs(g.ids, dict(g.kwargs), prefill)
         res = self._run("decoder", dec, lambda: self.model(**inputs), ahead)
         if ahead is not None:
             dec = self._payload
