@@ -101,6 +101,7 @@ def prepare_decode(stage: GenStage, gid: int) -> bool:
     if not _generate_inputs(type(stage.model)):
         return False
     t0 = time.perf_counter()
+    stage._settle(g)  # the inputs may read the cache's length
     kwargs = stage.model._update_model_kwargs_for_generation({}, dict(g.kwargs))
     ids = torch.cat([g.ids, g.ids.new_zeros(g.rows, 1)], dim=-1)
     inputs = stage._model_inputs(ids, kwargs, prefill=False)

@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_map
 
 from .compiled_step import CompiledDecode, CompileSettings, attach
 from .errors import AheadMiss, PlanError, StageExit, StageSkip, UnsupportedModelError
-from .gen_group import GroupState, cache_bytes, merge_groups
+from .gen_group import GroupState, cache_bytes, merge_groups, select_rows
 from .gen_support import SUPPORTED_FAMILIES, check_supported, decoder_layers
 from .kv_cache import advance_phantoms, grow_in_place
 from .load import ReadStats
@@ -413,6 +413,7 @@ class GenStage:
     ) -> tuple[list[Any], torch.Tensor | None]:
         slot = len(payloads) - 1
         dec = Payload.from_wire(payloads[slot], self.device)
+        self._settle(g)
         if inputs is None:
             inputs = self._model_inputs(g.ids, dict(g.kwargs), prefill)
         res = self._run("decoder", dec, lambda: self.model(**inputs), ahead)
@@ -423,8 +424,8 @@ class GenStage:
         if not prefill and not self.is_first and not self.enc_dec:  # where the next comes in
             ok = dec is not None and all(p >= 0 for p, _ in dec.carry)
             g.ahead_call = dec.call if ok else None
-        n = int(g.ids.shape[1]) if prefill else 1
-        advance_phantoms(self._self_cache(g), self._phantoms, g.rows, n, self.device)
+        if self._phantoms:  # owed until the group is next used: off the token's path
+            g.phantom_debt = int(g.ids.shape[1]) if prefill else 1
         logits = None
         if res[0] == "exit":
             payloads = [*payloads[:slot], res[1].to_wire()]
@@ -441,23 +442,21 @@ class GenStage:
         return getattr(cache, "self_attention_cache", cache)
 
     def _cache_len(self, g: GroupState) -> int | None:
-        return self._self_cache(g).get_seq_length()
+        n = self._self_cache(g).get_seq_length()  # layer 0's (a phantom's may be owed)
+        return n + g.phantom_debt if 0 in self._phantom_set else n
+
+    def _settle(self, g: GroupState) -> None:
+        """Move the phantom layers on by the tokens of the last pass (see _decoder_pass)."""
+        if g.phantom_debt:
+            cache = self._self_cache(g)
+            advance_phantoms(cache, self._phantoms, g.rows, g.phantom_debt, self.device)
+            g.phantom_debt = 0
 
     def select(self, gid: int, keep: torch.Tensor) -> None:
         """Keep only rows ``keep`` of group ``gid`` (finished or cancelled rows leave)."""
         g = self.groups[gid]
-        keep = keep.to(self.device)
-        g.ids = g.ids[keep]
-        g.kwargs[self.cache_kw].batch_select_indices(keep)
-        for k in ("attention_mask", "position_ids"):
-            v = g.kwargs.get(k)
-            if isinstance(v, torch.Tensor) and v.shape[0] > 1:
-                g.kwargs[k] = v[keep]
-        enc = g.kwargs.get("encoder_outputs")
-        if enc is not None:
-            enc.last_hidden_state = enc.last_hidden_state[keep]
-        if g.sampling is not None:
-            g.sampling.select(keep.tolist())
+        self._settle(g)
+        select_rows(g, keep.to(self.device), self.cache_kw)
 
     @property
     def can_merge(self) -> bool:
@@ -475,6 +474,7 @@ class GenStage:
         joins a running batch).  The shorter group is left-padded: ids with 0, attention mask
         and position ids with 0, cache entries with zeros that the mask hides."""
         a, b = self.groups[dst], self.groups.pop(src)
+        self._settle(a), self._settle(b)
         merge_groups(a, b, self._self_cache(a), self._self_cache(b))
 
     def release(self, gid: int) -> None:
