@@ -106,3 +106,35 @@ def test_capture_and_inject_bind_as_the_signature_does(unit):
                 assert after[k] is bound[k]
             elif isinstance(bound[k], tuple | dict):  # what *args / **kwargs took
                 assert len(after[k]) == len(bound[k])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "t5"])
+def test_a_stage_stops_right_after_its_last_unit_once_learnt(tmp_path, monkeypatch, family):
+    """Where only the last owned unit's output goes on, a stage learns it at its first stop and
+    then stops right after that unit (not entering the next one: no capture); T5's decoder
+    layers also pass on a position bias, so its stages keep stopping at the next call.
+    Tokens stay ``generate``'s."""
+    import pipeline_core.gen_stage as gen_stage
+
+    model = lm_model(family)
+    ckpt = save_hf(model, tmp_path / family)
+    plan = make_plan(ModelSource(checkpoint=str(ckpt)), Policy.equal_size(3), trace=False)
+    captured: list[str] = []
+    capture = gen_stage.capture
+
+    def counted(mod, *args, **kwargs):
+        captured.append(type(mod).__name__)
+        return capture(mod, *args, **kwargs)
+
+    monkeypatch.setattr(gen_stage, "capture", counted)
+    params = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
+    want = hf_greedy_batch(model, [PROMPT], NEW)
+    with LocalGenerator(plan, in_process=True) as gen:
+        assert gen.generate([PROMPT], params) == want
+        assert captured  # the first stops
+        captured.clear()
+        assert gen.generate([PROMPT], params) == want
+    if family == "t5":
+        assert captured
+    else:
+        assert captured == []
