@@ -138,3 +138,21 @@ def test_a_stage_stops_right_after_its_last_unit_once_learnt(tmp_path, monkeypat
         assert captured
     else:
         assert captured == []
+
+
+def test_greedy_choice_is_torch_argmax():
+    """The last stage's greedy choice (numpy's argmax on the CPU, faster than torch's) picks
+    what ``torch.argmax`` picks: the first maximal index, ties and NaN included."""
+    from pipeline_core.sampling import _argmax
+
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(1, 32000, generator=g), torch.randn(4, 257, generator=g)]
+    tied = torch.zeros(3, 9)
+    tied[0, 2] = tied[0, 6] = 1.0
+    tied[2, 8] = 1.0
+    nan = torch.randn(2, 9, generator=g)
+    nan[1, 3] = nan[1, 5] = float("nan")
+    view = torch.randn(2, 3, 40, generator=g)[:, -1, :]  # the logits' last position: strided
+    for x in [*rows, tied, nan, view, tied.double()]:
+        got = _argmax(x)
+        assert got.dtype == torch.long and torch.equal(got, torch.argmax(x, dim=-1))
