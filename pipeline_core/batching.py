@@ -16,7 +16,27 @@ from .ring_messages import Prefill
 from .sampling import encode_rows
 from .stage_loop import prompt_cols
 
-__all__ = ["EngineLimits", "Group", "decoder_tokens", "group_size", "pad_cost", "prefill_message"]
+__all__ = [
+    "Counters",
+    "EngineLimits",
+    "Group",
+    "decoder_tokens",
+    "group_size",
+    "pad_cost",
+    "prefill_message",
+]
+
+
+@dataclass
+class Counters:
+    """What the scheduler has done so far (``GenerationEngine.counters``)."""
+
+    admitted: int = 0
+    finished: int = 0
+    tokens: int = 0
+    steps: int = 0
+    groups_max: int = 0
+    merges: int = 0
 
 
 @dataclass

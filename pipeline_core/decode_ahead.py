@@ -14,13 +14,15 @@ leaving, a merge, a control message) undoes the preparation -- the ids and model
 back; nothing else has changed: an owned unit never runs before the payload, the cache's
 phantom lengths advance only after a completed pass -- and the message is handled as usual.
 
-Only a lone group of a decoder-only model is run ahead (:meth:`GenStage.can_decode_ahead`);
-stage 0 waits for the tokens themselves and runs as before.  ``StageOptions.decode_ahead``
-(``PIPESERVE_DECODE_AHEAD=0``) turns it off.
+Only a lone group of a decoder-only model is run ahead (:meth:`GenStage.can_decode_ahead`).
+Stage 0 waits for the tokens themselves; its scheduler only makes the next step's model inputs
+while a lone group's step is in flight (:func:`prepare_decode`), its pass runs when they come.
+``StageOptions.decode_ahead`` (``PIPESERVE_DECODE_AHEAD=0``) turns both off.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -35,7 +37,7 @@ from .ring import Ring
 from .ring_messages import Decode, RingMessage
 from .stage_hooks import Payload
 
-__all__ = ["Ahead", "decode_ahead", "run_ahead"]
+__all__ = ["Ahead", "decode_ahead", "prepare_decode", "run_ahead"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,48 @@ def decode_ahead(
     except AheadMiss:
         g.ids, g.kwargs = ids, kwargs
         return None
+
+
+@functools.cache
+def _generate_inputs(cls: type) -> bool:
+    """Whether model class ``cls`` prepares its inputs with ``generate``'s own code."""
+    from transformers import GenerationMixin
+
+    own = cls.prepare_inputs_for_generation
+    return own is GenerationMixin.prepare_inputs_for_generation
+
+
+@torch.no_grad()
+def prepare_decode(stage: GenStage, gid: int) -> bool:
+    """Stage 0, while group ``gid``'s step is in flight: make its next decode step's model
+    inputs now -- the model kwargs moved on a token, the ids grown by a placeholder,
+    ``prepare_inputs_for_generation`` -- off the token's path (none of it depends on the
+    token's value, only on lengths; ~0.3 ms a token on a 2-core CPU).  The step
+    (:meth:`GenStage.decode`) writes the token in and runs the pass from there
+    (:meth:`GroupState.take_prepared`: rows leaving, a merge, any row change drop it and the
+    step runs as before).  Only for a decoder-only model with ``generate``'s own input
+    preparation (its ``input_ids`` are a copy of the ids' last column); returns whether it
+    prepared."""
+    g = stage.groups.get(gid)
+    if g is None or g.prepared is not None or not stage.prepares or stage.enc_dec:
+        return False
+    if not _generate_inputs(type(stage.model)):
+        return False
+    t0 = time.perf_counter()
+    stage._settle(g)  # the inputs may read the cache's length
+    kwargs = stage.model._update_model_kwargs_for_generation({}, dict(g.kwargs))
+    ids = torch.cat([g.ids, g.ids.new_zeros(g.rows, 1)], dim=-1)
+    inputs = stage._model_inputs(ids, kwargs, prefill=False)
+    tok = inputs.get("input_ids")
+    if not isinstance(tok, torch.Tensor) or tuple(tok.shape) != (g.rows, 1):
+        stage.prepares = False  # not generate's usual inputs: never again on this stage
+        return False
+    g.prepared = (g.ids, ids, kwargs, inputs)
+    if stage.timing.on:  # a step's own Python, run ahead (in stage 0's scheduler loop)
+        dt = time.perf_counter() - t0
+        stage.timing.step_s += dt
+        stage.timing.ahead_s += dt
+    return True
 
 
 @dataclass

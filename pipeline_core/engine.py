@@ -35,6 +35,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from .batching import (
+    Counters,
     EngineLimits,
     Group,
     decoder_tokens,
@@ -42,6 +43,7 @@ from .batching import (
     pad_cost,
     prefill_message,
 )
+from .decode_ahead import prepare_decode
 from .errors import GenerationFailed, RequestError, ResourceExhausted
 from .gen_stage import GenStage
 from .kv_budget import KVBudget
@@ -96,16 +98,6 @@ class RingLike(Protocol):
     def send(self, msg: RingMessage) -> None: ...
 
 
-@dataclass
-class _Counters:
-    admitted: int = 0
-    finished: int = 0
-    tokens: int = 0
-    steps: int = 0
-    groups_max: int = 0
-    merges: int = 0
-
-
 class GenerationEngine:
     """The scheduler on stage 0.  ``ring``: a :class:`Ring`, an in-process stand-in with its
     ``send``, ``inbox`` and ``timeout_s`` (:class:`~pipeline_core.local_generate.InProcessRing`),
@@ -116,10 +108,12 @@ class GenerationEngine:
         stage: GenStage,
         ring: RingLike | None,
         limits: EngineLimits | None = None,
+        ahead: bool = True,
     ) -> None:
         if stage.index != 0:
             raise ValueError("the scheduler runs on stage 0")
         self.stage, self.ring = stage, ring
+        stage.prepares = stage.prepares and ahead  # StageOptions.decode_ahead
         self.limits = limits or EngineLimits()
         self.num_stages = stage.num_stages
         self.max_groups = self.limits.max_groups or 2 * self.num_stages
@@ -140,7 +134,7 @@ class GenerationEngine:
         self._stats_waiters: deque[Future[list[dict[str, int]]]] = deque()
         self._broken: str | None = None
         self._stopped = threading.Event()
-        self.counters = _Counters()
+        self.counters = Counters()
         self._thread = threading.Thread(target=self._loop, name="pipeserve-engine", daemon=True)
         self._thread.start()
 
@@ -268,6 +262,7 @@ class GenerationEngine:
                         item = None
                 self._expire_pending()
                 self._admit()
+                self._prepare_next()
                 timing.looped(t0)
             except Exception as e:
                 log.exception("generation engine error")
@@ -343,6 +338,12 @@ class GenerationEngine:
             g.parked_on = target.gid  # joins ``target`` when it comes back; no step of its own
             return
         self._advance(g)
+
+    def _prepare_next(self) -> None:
+        """A lone group's step in flight, nothing else to do: make its next step's inputs."""
+        lone = [g for g in self._groups.values() if g.busy and g.parked_on is None]
+        if len(self._groups) == len(lone) == 1 and not self._pending and self.inbox.empty():
+            prepare_decode(self.stage, lone[0].gid)
 
     def _merge_target(self, g: Group) -> Group | None:
         """An in-flight group for ``g`` to join, if enough groups stay in flight without it."""

@@ -8,7 +8,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["GroupState", "cache_bytes", "cache_layers", "lpad", "merge_groups", "rows_of"]
+__all__ = [
+    "GroupState",
+    "cache_bytes",
+    "cache_layers",
+    "lpad",
+    "merge_groups",
+    "rows_of",
+    "select_rows",
+]
 
 
 @dataclass
@@ -24,10 +32,48 @@ class GroupState:
     ahead_call: int | None = None
     """The hooked call where this group's last decode step came in from the previous stage
     (None: not known, or its next step cannot be prepared ahead; see ``GenStage.decode_ahead``)."""
+    phantom_debt: int = 0
+    """Tokens the stage's phantom cache layers have yet to move on by: the last pass's, owed
+    until the group is next used (``GenStage._settle``), so that the send is not behind it."""
+    prepared: Any = None
+    """Stage 0: the next decode step's inputs, made while the step was in flight
+    (``GenStage.prepare_decode``); None: none."""
 
     @property
     def rows(self) -> int:
         return int(self.ids.shape[0])
+
+    def take_prepared(self, keep: torch.Tensor | None, tokens: torch.Tensor) -> Any:
+        """The model inputs of this decode step, made ahead (``decode_ahead.prepare_decode``),
+        with ``tokens`` written in (into the ids and into the model's ``input_ids``, a copy of
+        their last column); None: none made, rows leave (``keep``), or the ids they were made
+        from are no longer the group's (rows changed, a merge).  Used up either way."""
+        prep, self.prepared = self.prepared, None
+        if prep is None or keep is not None or prep[0] is not self.ids:
+            return None
+        _, ids, kwargs, inputs = prep
+        if tokens.numel() != ids.shape[0]:
+            return None
+        tok = tokens.to(ids.device).view(-1)
+        ids[:, -1] = tok
+        inputs["input_ids"][:, -1] = tok
+        self.ids, self.kwargs = ids, kwargs
+        return inputs
+
+
+def select_rows(g: GroupState, keep: torch.Tensor, cache_kw: str) -> None:
+    """Keep only rows ``keep`` of ``g`` (ids, cache, masks, encoder output, sampling)."""
+    g.ids = g.ids[keep]
+    g.kwargs[cache_kw].batch_select_indices(keep)
+    for k in ("attention_mask", "position_ids"):
+        v = g.kwargs.get(k)
+        if isinstance(v, torch.Tensor) and v.shape[0] > 1:
+            g.kwargs[k] = v[keep]
+    enc = g.kwargs.get("encoder_outputs")
+    if enc is not None:
+        enc.last_hidden_state = enc.last_hidden_state[keep]
+    if g.sampling is not None:
+        g.sampling.select(keep.tolist())
 
 
 def lpad(t: torch.Tensor, n: int, dim: int = 1) -> torch.Tensor:

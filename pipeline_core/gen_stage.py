@@ -33,30 +33,26 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from .compiled_step import CompiledDecode, CompileSettings, attach
 from .errors import AheadMiss, PlanError, StageExit, StageSkip, UnsupportedModelError
-from .gen_group import GroupState, cache_bytes, merge_groups
+from .gen_group import GroupState, cache_bytes, merge_groups, select_rows
 from .gen_support import SUPPORTED_FAMILIES, check_supported, decoder_layers
 from .kv_cache import advance_phantoms, grow_in_place
 from .load import ReadStats
 from .logits_rules import LogitsRules
 from .plan import Plan
+from .skipped_units import SkippedUnits
 from .source import build_skeleton, parse_dtype
 from .special_tokens import decoder_start_id
 from .stage_hooks import (
     PassCtx,
     Payload,
+    around,
     bind,
     capture,
     inject,
-    meta_buffers,
-    meta_experts,
-    meta_key,
     out_tensors,
-    to_meta,
-    unwrap,
 )
 from .step_fastpath import cache_module_list_slices
 from .step_timing import StepTimes
@@ -68,7 +64,7 @@ __all__ = ["SUPPORTED_FAMILIES", "GenStage", "GroupState", "StageExit", "Unsuppo
 log = logging.getLogger(__name__)
 
 
-class GenStage:
+class GenStage(SkippedUnits):
     """Stage ``index`` of ``plan`` built for KV-cached generation (see module docstring)."""
 
     def __init__(
@@ -130,12 +126,16 @@ class GenStage:
         self._call_map: dict[str, dict[int, int]] = {"encoder": {}, "decoder": {}}
         self._pass_name = "decoder"
         self._idle: set[str] = set()  # passes this stage takes no part in
+        self._stop_after: dict[str, int] = {}
+        """Per pass: the call of the owned unit whose output alone is what the call after it,
+        where the stage stops, takes (learnt at a stop; then the stage stops right after that
+        unit: not calling the next one saves ~50 us a step on the token's path)."""
         for k, mod in unit_mods.items():
-            mod.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-            mod.register_forward_hook(self._post_hook)
+            inner = mod.forward  # the class's, or compiled_step's (owned decoder layers)
             if k not in self._owned and self._has_meta[k]:
                 runner = self._passthrough if k in self._layer_ids else self._shadow
-                mod.forward = bind(runner, mod)
+                inner = bind(runner, mod)
+            mod.forward = around(mod, inner, self._pre_hook, self._post_hook)
         self.groups: dict[int, GroupState] = {}
         self.timeline = Timeline()
         self.steps = 0
@@ -156,6 +156,7 @@ class GenStage:
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.decoder_start = decoder_start_id(model) if self.enc_dec else None
         self.rules = LogitsRules(model) if self.is_last else None
+        self.prepares = self.is_first  # its decode steps' inputs, made ahead (decode_ahead)
 
     # ------------------------------------------------------------------ hooks
 
@@ -194,6 +195,14 @@ class GenStage:
                 # before ``wpe``, BART's ``embed_tokens`` before ``embed_positions``): the
                 # model combines them later, so the next stage needs it in place of its zeros
                 carry = (*carry, (-1 - ctx.last[0], ctx.last[1]))
+            elif (
+                ctx.last is not None
+                and ctx.last[0] == i - 1
+                and len(carry) == 1
+                and carry[0][0] == 1
+                and carry[0][1] is ctx.last[1]
+            ):  # only the last unit's output goes on: next time, stop right after that unit
+                self._stop_after[self._pass_name] = i - 1
             raise StageExit(i, carry)
         return None
 
@@ -214,58 +223,9 @@ class GenStage:
                 ctx.produced[id(t)] = t
             if id(mod) in self._owned and ts:
                 ctx.last = (call, ts[0])
+                if self._stop_after.get(self._pass_name) == call:  # as the next call takes it
+                    raise StageExit(call + 1, ((1, ts[0]),))
         return out if sent is not None else None
-
-    def _on_meta(self, mod: nn.Module, what: str, *args: Any, **kwargs: Any) -> Any:
-        """``mod``'s own forward run on the meta device (inputs, and for the run its real buffers
-        too: GPT-Neo's causal mask would otherwise meet meta activations); a failure is a clear
-        error naming the unit, never a guess."""
-        margs, mkwargs = tree_map(to_meta, (args, kwargs))
-        if "use_cache" in mkwargs:
-            mkwargs["use_cache"] = False
-        try:
-            with meta_buffers(mod), meta_experts(self.model):
-                return unwrap(mod)(mod, *margs, **mkwargs)
-        except Exception as e:
-            name = self._names.get(id(mod), type(mod).__name__)
-            raise UnsupportedModelError(
-                f"stage {self.index}: cannot work out {what} of {name} "
-                f"({type(mod).__name__}), which this stage skips: running it on the meta device "
-                f"failed with {type(e).__name__}: {e}. Put {name} on a stage with its "
-                f"neighbours (--split-at), or report the model"
-            ) from e
-
-    def _shadow(self, mod: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        """A module this stage does not own: zeros shaped like its output (meta, once a shape)."""
-        key = (id(mod), meta_key(args), meta_key(kwargs))
-        out = self._shadows.get(key)
-        if out is None:
-            if len(self._shadows) >= 256:  # keys that change every step (an int position)
-                self._shadows.clear()
-            out = self._shadows[key] = self._on_meta(mod, "the output shape", *args, **kwargs)
-        dev = self.device
-        if isinstance(out, torch.Tensor):  # the usual case; tree_map costs ~50 us
-            return torch.zeros(out.shape, dtype=out.dtype, device=dev)
-        return tree_map(
-            lambda t: (
-                torch.zeros(t.shape, dtype=t.dtype, device=dev)
-                if isinstance(t, torch.Tensor)
-                else t
-            ),
-            out,
-        )
-
-    def _passthrough(self, mod: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        """A layer this stage does not own: its input hidden states, in the layer's output
-        structure (a tensor, or a tuple whose other entries are None), learnt once per layer
-        class from a run on the meta device."""
-        n = self._structure.get(type(mod))
-        if n is None:
-            out = self._on_meta(mod, "the output structure", *args, **kwargs)
-            n = len(out) if isinstance(out, tuple) else 0
-            self._structure[type(mod)] = n
-        hidden = args[0] if args else next(iter(kwargs.values()))
-        return hidden if n == 0 else (hidden, *([None] * (n - 1)))
 
     # ------------------------------------------------------------------ passes
 
@@ -304,10 +264,11 @@ class GenStage:
             return ("skip",)
         return ("done", out)
 
-    def _model_inputs(self, g: GroupState, prefill: bool) -> dict[str, Any]:
-        kw = dict(g.kwargs)
+    def _model_inputs(
+        self, ids: torch.Tensor, kwargs: dict[str, Any], prefill: bool
+    ) -> dict[str, Any]:
         inputs = self.model.prepare_inputs_for_generation(
-            g.ids, next_sequence_length=None if prefill else 1, is_first_iteration=prefill, **kw
+            ids, next_sequence_length=None if prefill else 1, is_first_iteration=prefill, **kwargs
         )
         inputs["return_dict"] = True
         return inputs
@@ -381,6 +342,9 @@ class GenStage:
     ) -> tuple[list[Any], torch.Tensor | None]:
         """One decode step of group ``gid``: keep rows ``keep`` (None: all), append ``tokens``."""
         g = self.groups[gid]
+        inputs = g.take_prepared(keep, tokens)
+        if inputs is not None:
+            return self._decoder_pass(g, prefill=False, payloads=payloads, inputs=inputs)
         if keep is not None:
             self.select(gid, keep)
         g.kwargs = self.model._update_model_kwargs_for_generation(
@@ -403,10 +367,13 @@ class GenStage:
         prefill: bool,
         payloads: list[Any],
         ahead: tuple[int, Callable[[], Payload]] | None = None,
+        inputs: dict[str, Any] | None = None,
     ) -> tuple[list[Any], torch.Tensor | None]:
         slot = len(payloads) - 1
         dec = Payload.from_wire(payloads[slot], self.device)
-        inputs = self._model_inputs(g, prefill)
+        self._settle(g)
+        if inputs is None:
+            inputs = self._model_inputs(g.ids, dict(g.kwargs), prefill)
         res = self._run("decoder", dec, lambda: self.model(**inputs), ahead)
         if ahead is not None:
             dec = self._payload
@@ -415,8 +382,8 @@ class GenStage:
         if not prefill and not self.is_first and not self.enc_dec:  # where the next comes in
             ok = dec is not None and all(p >= 0 for p, _ in dec.carry)
             g.ahead_call = dec.call if ok else None
-        n = int(g.ids.shape[1]) if prefill else 1
-        advance_phantoms(self._self_cache(g), self._phantoms, g.rows, n, self.device)
+        if self._phantoms:  # owed until the group is next used: off the token's path
+            g.phantom_debt = int(g.ids.shape[1]) if prefill else 1
         logits = None
         if res[0] == "exit":
             payloads = [*payloads[:slot], res[1].to_wire()]
@@ -433,23 +400,21 @@ class GenStage:
         return getattr(cache, "self_attention_cache", cache)
 
     def _cache_len(self, g: GroupState) -> int | None:
-        return self._self_cache(g).get_seq_length()
+        n = self._self_cache(g).get_seq_length()  # layer 0's (a phantom's may be owed)
+        return n + g.phantom_debt if 0 in self._phantom_set else n
+
+    def _settle(self, g: GroupState) -> None:
+        """Move the phantom layers on by the tokens of the last pass (see _decoder_pass)."""
+        if g.phantom_debt:
+            cache = self._self_cache(g)
+            advance_phantoms(cache, self._phantoms, g.rows, g.phantom_debt, self.device)
+            g.phantom_debt = 0
 
     def select(self, gid: int, keep: torch.Tensor) -> None:
         """Keep only rows ``keep`` of group ``gid`` (finished or cancelled rows leave)."""
         g = self.groups[gid]
-        keep = keep.to(self.device)
-        g.ids = g.ids[keep]
-        g.kwargs[self.cache_kw].batch_select_indices(keep)
-        for k in ("attention_mask", "position_ids"):
-            v = g.kwargs.get(k)
-            if isinstance(v, torch.Tensor) and v.shape[0] > 1:
-                g.kwargs[k] = v[keep]
-        enc = g.kwargs.get("encoder_outputs")
-        if enc is not None:
-            enc.last_hidden_state = enc.last_hidden_state[keep]
-        if g.sampling is not None:
-            g.sampling.select(keep.tolist())
+        self._settle(g)
+        select_rows(g, keep.to(self.device), self.cache_kw)
 
     @property
     def can_merge(self) -> bool:
@@ -467,6 +432,8 @@ class GenStage:
         joins a running batch).  The shorter group is left-padded: ids with 0, attention mask
         and position ids with 0, cache entries with zeros that the mask hides."""
         a, b = self.groups[dst], self.groups.pop(src)
+        for g in (a, b):
+            self._settle(g)
         merge_groups(a, b, self._self_cache(a), self._self_cache(b))
 
     def release(self, gid: int) -> None:

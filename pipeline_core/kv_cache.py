@@ -143,10 +143,19 @@ def advance_phantoms(
     When every phantom is an initialized :class:`PhantomLayer` of ``rows`` rows and one
     length (every step after the first, until rows change), they all become one view of one
     zeros buffer kept on the cache; otherwise (the first step, after a row selection or a
-    merge, another layer kind) each layer appends through the cache as usual."""
+    merge, another layer kind) each layer appends through the cache as usual.  When the
+    phantoms are still as the last call left them (the same view object, which nothing else
+    assigns), only a new view is made: no tensor attribute is read on the token's path
+    (~50 us a step in situ, with the CPU caches cold after the layers' matmuls)."""
     if n <= 0 or not phantoms:
         return
     layers = cache.layers
+    state = cache.__dict__.get("_pipeserve_phantom_state")  # (view, buffer, rows, used, cap)
+    if state is not None and state[2] == rows and state[3] + n <= state[4]:
+        view = state[0]
+        if all(layers[i].keys is view and layers[i].values is view for i in phantoms):
+            _set_phantoms(cache, layers, phantoms, state[1], rows, state[3] + n, state[4])
+            return
     phantom = _classes()[2]
     first = layers[phantoms[0]]
     used = -1
@@ -159,6 +168,7 @@ def advance_phantoms(
                 used = -1
                 break
     if used < 0:
+        cache.__dict__.pop("_pipeserve_phantom_state", None)
         z = torch.zeros(rows, 1, n, 1, device=device)
         for i in phantoms:
             cache.update(z, z, i)
@@ -175,6 +185,19 @@ def advance_phantoms(
         cap = need + max(MIN_SPARE, need // 8)
         buf = first.keys.new_zeros((rows, 1, cap, 1))
         cache.__dict__["_pipeserve_phantoms"] = buf
-    view = buf[..., :need, :]
+    _set_phantoms(cache, layers, phantoms, buf, rows, need, int(buf.shape[-2]))
+
+
+def _set_phantoms(
+    cache: Any,
+    layers: Any,
+    phantoms: Sequence[int],
+    buf: torch.Tensor,
+    rows: int,
+    need: int,
+    cap: int,
+) -> None:
+    view = buf.narrow(-2, 0, need)
+    cache.__dict__["_pipeserve_phantom_state"] = (view, buf, rows, need, cap)
     for i in phantoms:
         layers[i].keys = layers[i].values = view

@@ -184,7 +184,7 @@ class LocalGenerator:
                     )
                     self.stage_info.append(probe.report(stats))
                 ring = InProcessRing(stages[1:], ahead=opts.decode_ahead) if n > 1 else None
-                self.engine = GenerationEngine(stages[0], ring, limits)
+                self.engine = GenerationEngine(stages[0], ring, limits, opts.decode_ahead)
             except BaseException:
                 torch.set_num_threads(self._saved_threads)
                 raise
@@ -215,7 +215,7 @@ class LocalGenerator:
             ring = None
             if n > 1:
                 ring = Ring(self.store, 0, n, devices[0], timeout_s, cuda_ipc=opts.cuda_ipc)
-            self.engine = GenerationEngine(stage, ring, limits)
+            self.engine = GenerationEngine(stage, ring, limits, opts.decode_ahead)
         except BaseException:
             self._kill()
             torch.set_num_threads(self._saved_threads)

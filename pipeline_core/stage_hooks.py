@@ -18,6 +18,7 @@ from torch import nn
 __all__ = [
     "PassCtx",
     "Payload",
+    "around",
     "bind",
     "capture",
     "inject",
@@ -92,9 +93,56 @@ def _signature(cls: type) -> tuple[inspect.Signature, dict[str, int]]:
     return sig, {name: i for i, name in enumerate(sig.parameters)}
 
 
+@functools.cache
+def _slots(cls: type) -> tuple[int, dict[str, int], tuple[str, ...]] | None:
+    """How a call of ``cls.forward`` binds, worked out once per class, so that :func:`capture`
+    and :func:`inject` need not run ``Signature.bind`` (~50 us a call on the token's path, where
+    the CPU caches are cold after the layers' matmuls): ``(n, keywords, names)`` -- positional
+    arguments ``1..n-1`` (0 is ``self``) bind to the parameters of those positions, a keyword
+    argument to ``keywords[name]`` (absent: it goes into ``**kwargs``), ``names[pos]`` is
+    position ``pos``'s name.  None: a signature the fast path does not cover (a positional-only
+    parameter after ``self``), which binds as before."""
+    sig, _ = _signature(cls)
+    kinds = inspect.Parameter
+    names = tuple(sig.parameters)
+    n = 0
+    keywords: dict[str, int] = {}
+    for i, p in enumerate(sig.parameters.values()):
+        if p.kind is kinds.POSITIONAL_ONLY and i > 0:
+            return None
+        if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD):
+            n = i + 1
+        if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY):
+            keywords[p.name] = i
+    return n, keywords, names
+
+
 def bind(fn: Callable[..., Any], mod: nn.Module) -> Callable[..., Any]:
     def forward(*args: Any, **kwargs: Any) -> Any:
         return fn(mod, *args, **kwargs)
+
+    return forward
+
+
+def around(
+    mod: nn.Module,
+    inner: Callable[..., Any],
+    pre: Callable[[nn.Module, tuple, dict], tuple[tuple, dict] | None],
+    post: Callable[[nn.Module, tuple, Any], Any],
+) -> Callable[..., Any]:
+    """``mod``'s forward: ``inner`` between ``pre`` and ``post``, which act as a forward
+    pre-hook (with kwargs) and a forward hook would (``pre`` may return new ``(args, kwargs)``,
+    ``post`` a new output), without registering hooks: a module with hooks takes
+    ``nn.Module``'s slow call path, ~15-25 us more per unit call on the token's path (issue 23;
+    a stage calls every unit of the model each step)."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        got = pre(mod, args, kwargs)
+        if got is not None:
+            args, kwargs = got
+        out = inner(*args, **kwargs)
+        got = post(mod, args, out)
+        return out if got is None else got
 
     return forward
 
@@ -179,20 +227,41 @@ def out_tensors(out: Any) -> list[torch.Tensor]:
 def capture(
     mod: nn.Module, args: tuple, kwargs: dict, produced: dict[int, torch.Tensor]
 ) -> tuple[tuple[int, torch.Tensor], ...]:
-    """The arguments of this call that earlier units of the pass produced (always the first)."""
-    sig, index = _signature(type(mod))
-    bound = sig.bind(mod, *args, **kwargs)
-    out = []
-    for name, v in bound.arguments.items():
-        pos = index[name]
-        if isinstance(v, torch.Tensor) and (pos == 1 or id(v) in produced):
-            out.append((pos, v))
-    return tuple(out)
+    """The arguments of this call that earlier units of the pass produced (always the first),
+    by parameter position, in the signature's order."""
+    slots = _slots(type(mod))
+    if slots is None:
+        sig, index = _signature(type(mod))
+        bound = sig.bind(mod, *args, **kwargs)
+        pairs = [(index[name], v) for name, v in bound.arguments.items()]
+    else:
+        n, keywords, _ = slots
+        pairs = [(j, v) for j, v in enumerate(args[: n - 1], start=1)]
+        pairs += [(keywords[k], v) for k, v in kwargs.items() if k in keywords]
+        pairs.sort(key=lambda pv: pv[0])
+    return tuple(
+        (pos, v)
+        for pos, v in pairs
+        if isinstance(v, torch.Tensor) and (pos == 1 or id(v) in produced)
+    )
 
 
 def inject(
     mod: nn.Module, args: tuple, kwargs: dict, carry: tuple[tuple[int, torch.Tensor], ...]
 ) -> tuple[tuple, dict]:
+    """This call's arguments with ``carry`` (see :func:`capture`) put in their places."""
+    slots = _slots(type(mod))
+    if slots is not None:
+        n, _, names = slots
+        new_args, new_kwargs = list(args), dict(kwargs)
+        for pos, t in carry:
+            if pos < 0:  # an earlier unit's output (see PassCtx.outputs)
+                continue
+            if pos - 1 < len(new_args) and pos < n:
+                new_args[pos - 1] = t
+            else:  # a keyword parameter (capture never gives one of *args / **kwargs)
+                new_kwargs[names[pos]] = t
+        return tuple(new_args), new_kwargs
     sig, _ = _signature(type(mod))
     bound = sig.bind(mod, *args, **kwargs)
     names = list(sig.parameters)

@@ -177,7 +177,7 @@ class StageJob:
         self.ring = ring
         if req.stage == 0:
             ring_ = ring if req.world_size > 1 else None
-            self.engine = GenerationEngine(self.stage, ring_, self.limits)
+            self.engine = GenerationEngine(self.stage, ring_, self.limits, opts.decode_ahead)
             self.tokenizer = hf_tokenizer(self.plan.source.checkpoint)
             self.state = "ready"
             self.on_ready()

@@ -114,7 +114,7 @@ def _run_torchrun(args, plan, ids, params, tok) -> int:  # type: ignore[no-untyp
         serve_generation(stage, ring, ahead=opts.decode_ahead)
         dist.destroy_process_group()
         return 0
-    engine = GenerationEngine(stage, ring)
+    engine = GenerationEngine(stage, ring, ahead=opts.decode_ahead)
     try:
         return _generate_and_print(engine.submit, args, ids, params, tok)
     finally:
