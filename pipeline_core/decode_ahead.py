@@ -66,8 +66,7 @@ def decode_ahead(
         g.ids[:, -1] = got[0].to(stage.device)
         return dec
 
-    g.kwargs = stage.model._update_model_kwargs_for_generation({}, dict(kwargs))
-    g.ids = torch.cat([ids, ids.new_zeros(g.rows, 1)], dim=-1)
+    g.ids, g.kwargs = stage.grown(g)
     try:
         return stage._decoder_pass(g, prefill=False, payloads=[None], ahead=(call, arrive))
     except AheadMiss:
@@ -102,8 +101,7 @@ def prepare_decode(stage: GenStage, gid: int) -> bool:
         return False
     t0 = time.perf_counter()
     stage._settle(g)  # the inputs may read the cache's length
-    kwargs = stage.model._update_model_kwargs_for_generation({}, dict(g.kwargs))
-    ids = torch.cat([g.ids, g.ids.new_zeros(g.rows, 1)], dim=-1)
+    ids, kwargs = stage.grown(g)
     inputs = stage._model_inputs(ids, kwargs, prefill=False)
     tok = inputs.get("input_ids")
     if not isinstance(tok, torch.Tensor) or tuple(tok.shape) != (g.rows, 1):

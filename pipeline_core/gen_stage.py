@@ -347,11 +347,20 @@ class GenStage(SkippedUnits):
             return self._decoder_pass(g, prefill=False, payloads=payloads, inputs=inputs)
         if keep is not None:
             self.select(gid, keep)
-        g.kwargs = self.model._update_model_kwargs_for_generation(
-            {}, g.kwargs, is_encoder_decoder=self.enc_dec
-        )
-        g.ids = torch.cat([g.ids, tokens.to(self.device).view(-1, 1)], dim=-1)
+        g.ids, g.kwargs = self.grown(g, tokens)
         return self._decoder_pass(g, prefill=False, payloads=payloads)
+
+    def grown(
+        self, g: GroupState, tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Group ``g``'s ids and model kwargs one decode step on, ``tokens`` appended (None: a
+        zero placeholder, for a step made before its tokens come: :mod:`.decode_ahead`);
+        ``g`` itself is left as it was."""
+        kwargs = self.model._update_model_kwargs_for_generation(
+            {}, dict(g.kwargs), is_encoder_decoder=self.enc_dec
+        )
+        new = g.ids.new_zeros(g.rows, 1) if tokens is None else tokens.to(self.device)
+        return torch.cat([g.ids, new.view(-1, 1)], dim=-1), kwargs
 
     def can_decode_ahead(self, gid: int) -> bool:
         """Whether group ``gid``'s next decode step can be run ahead of its message

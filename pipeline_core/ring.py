@@ -77,7 +77,7 @@ class Ring:
         self._thread: threading.Thread | None = None
         self._posted: Posted | None = None
         """A later stage over gloo: its next message's receive, posted (see module docstring)."""
-        self._plain_in = False
+        plain_in = False
         if num_stages == 1:
             return
         device = torch.device(device)
@@ -99,8 +99,8 @@ class Ring:
                 self._out = ch
             if edge == in_edge:
                 self._in = ch
-                self._plain_in = kind in (EdgeKind.GLOO, EdgeKind.LOCAL)
-        if index > 0 and self._plain_in:
+                plain_in = kind in (EdgeKind.GLOO, EdgeKind.LOCAL)
+        if index > 0 and plain_in:
             assert isinstance(self._in, Channel)
             self._posted = self._in.post(0)  # the sender is rank 0 of the inbound edge
         else:
