@@ -76,6 +76,7 @@ class GenStage(SkippedUnits):
         stats: ReadStats | None = None,
         step_timing: bool = False,
         compile_decode: CompileSettings | bool | None = None,
+        huge_pages: bool = True,
     ) -> None:
         if not 0 <= index < plan.num_stages:
             raise PlanError(f"stage {index} does not exist; the plan has {plan.num_stages} stages")
@@ -102,7 +103,7 @@ class GenStage(SkippedUnits):
             unit_mods.setdefault(id(m), m)
             self._names.setdefault(id(m), u["name"])
         self._owned = {id(model.get_submodule(n)) for n in names}
-        load_units(model, plan, names, self.device, self.stats, index)
+        load_units(model, plan, names, self.device, self.stats, index, huge_pages=huge_pages)
         self._has_meta: dict[int, bool] = {
             k: any(p.is_meta for p in m.parameters()) for k, m in unit_mods.items()
         }

@@ -27,10 +27,14 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
+from .host_arena import HostArena, arena_bytes
 
 __all__ = ["CheckpointIndex", "Merge", "ReadStats", "read_tensors"]
 
 log = logging.getLogger(__name__)
+
+Buffer = Callable[[str, int, torch.dtype], torch.Tensor]
+"""(stored name, bytes, stored dtype) -> the uint8 tensor a reader reads that tensor into."""
 
 _LAYOUTS = (
     ("model.safetensors.index.json", "model.safetensors", "safetensors"),
@@ -165,6 +169,8 @@ def read_tensors(
     wanted: dict[str, tuple[str, list[int] | None, torch.dtype | None]],
     device: torch.device | str = "cpu",
     stats: ReadStats | None = None,
+    *,
+    huge_pages: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Read exactly the ``wanted`` tensors onto ``device``.
 
@@ -173,18 +179,57 @@ def read_tensors(
             Floating tensors are cast to ``dtype``; other dtypes must match exactly.  A name
             in ``index.merges`` is read as its pieces, combined.
         stats: filled with the bytes read per file.
+        huge_pages: on the CPU, put all the tensors in one region backed by huge pages
+            (:mod:`.host_arena`, [Note: huge pages for host weights]); False: each in its own
+            allocation.
 
     Raises:
         CheckpointError: missing file, missing tensor, shape or dtype mismatch, corrupt file.
     """
     stats = stats if stats is not None else ReadStats()
+    arena = _arena_for(wanted, device) if huge_pages else None
+    out = _read(index, wanted, device, stats, arena)
+    if arena is not None:
+        arena.release()
+    return out
+
+
+def _arena_for(
+    wanted: dict[str, tuple[str, list[int] | None, torch.dtype | None]],
+    device: torch.device | str,
+) -> HostArena | None:
+    """A region for all of ``wanted`` on the CPU, once per stored tensor (tied names share
+    one); None off the CPU, or when a shape or dtype is not known up front.  A region smaller
+    than a huge page gets none, but costs nothing either: every stage loads the same way."""
+    if torch.device(device).type != "cpu":
+        return None
+    sizes: dict[str, int] = {}
+    for stored, shape, dtype in wanted.values():
+        if shape is None or dtype is None:
+            return None
+        numel = 1
+        for s in shape:
+            numel *= s
+        sizes[stored] = numel * dtype.itemsize
+    total = arena_bytes(sizes.values())
+    return HostArena(total) if total else None
+
+
+def _read(
+    index: CheckpointIndex,
+    wanted: dict[str, tuple[str, list[int] | None, torch.dtype | None]],
+    device: torch.device | str,
+    stats: ReadStats,
+    arena: HostArena | None,
+) -> dict[str, torch.Tensor]:
     merged = {t: w for t, w in wanted.items() if w[0] in index.merges}
     if merged:
         wanted = {t: w for t, w in wanted.items() if t not in merged}
-        out = read_tensors(index, wanted, device, stats)
+        out = _read(index, wanted, device, stats, arena)
         for target, (stored, shape, dtype) in merged.items():
-            out[target] = _read_merged(index, stored, shape, dtype, device, stats)
+            out[target] = _read_merged(index, stored, shape, dtype, device, stats, arena)
         return out
+    buffer = _buffers(wanted, arena)
     by_file: dict[str, list[str]] = defaultdict(list)
     same: dict[str, list[str]] = defaultdict(list)  # stored name -> targets (tied names)
     for target, (stored, _shape, _dtype) in wanted.items():
@@ -201,7 +246,7 @@ def read_tensors(
                 f"checkpoint file {path} is listed in the index but missing; re-download or "
                 "re-save the checkpoint"
             )
-        for target, tensor in _read_file(path, index.format, targets, wanted):
+        for target, tensor in _read_file(path, index.format, targets, wanted, buffer):
             stored, shape, dtype = wanted[target]
             if shape is not None and list(tensor.shape) != list(shape):
                 raise CheckpointError(
@@ -211,7 +256,8 @@ def read_tensors(
                 )
             stats.bytes_by_file[fname] += tensor.numel() * tensor.element_size()
             stats.tensors.append(stored)
-            tensor = _cast(tensor, dtype, device, False, f"tensor {stored!r} in {fname}")
+            what = f"tensor {stored!r} in {fname}"
+            tensor = _cast(tensor, dtype, device, False, what, arena)
             for alias in same[stored]:  # tied names share one tensor, read once
                 out[alias] = tensor
     return out
@@ -223,14 +269,18 @@ def _cast(
     device: torch.device | str,
     copy: bool,
     what: str,
+    arena: HostArena | None = None,
 ) -> torch.Tensor:
     """``tensor`` on ``device``: a floating tensor cast to a floating ``dtype``, any other
-    dtype exactly as expected (None: as stored, for the pieces of a merged tensor)."""
+    dtype exactly as expected (None: as stored, for the pieces of a merged tensor); with an
+    ``arena`` (the CPU), in it: where it was read into it, as it is; else copied in."""
     if dtype is None or (tensor.is_floating_point() and dtype.is_floating_point):
+        if arena is not None:
+            return arena.place(tensor, dtype)
         return tensor.to(device=device, dtype=dtype, copy=copy)
     if tensor.dtype != dtype:
         raise CheckpointError(f"{what} is {tensor.dtype}, expected {dtype}")
-    return tensor.to(device=device, copy=copy)
+    return arena.place(tensor) if arena is not None else tensor.to(device=device, copy=copy)
 
 
 def _read_merged(
@@ -240,13 +290,14 @@ def _read_merged(
     dtype: torch.dtype,
     device: torch.device | str,
     stats: ReadStats,
+    arena: HostArena | None,
 ) -> torch.Tensor:
     merge = index.merges[name]
     keys = [k for ks in merge.pieces.values() for k in ks]
     missing = [k for k in keys if k not in index.weight_map]
     if missing:
         raise CheckpointError(f"pieces of {name!r} are not in the checkpoint index: {missing}")
-    raw = read_tensors(index, {k: (k, None, None) for k in keys}, "cpu", stats)
+    raw = read_tensors(index, {k: (k, None, None) for k in keys}, "cpu", stats, huge_pages=False)
     try:
         tensor = merge.combine({p: [raw.pop(k) for k in ks] for p, ks in merge.pieces.items()})
     except Exception as e:
@@ -256,7 +307,7 @@ def _read_merged(
             f"the {len(keys)} pieces of {name!r} merge to shape {list(tensor.shape)}, but the "
             f"model expects {list(shape)}; the checkpoint does not match the config"
         )
-    return _cast(tensor, dtype, device, False, f"the tensor merged into {name!r}")
+    return _cast(tensor, dtype, device, False, f"the tensor merged into {name!r}", arena)
 
 
 _ST_DTYPES = {
@@ -290,7 +341,7 @@ def _safetensors_header(f: Any, path: Path, size: int) -> tuple[dict[str, Any], 
     return header, 8 + n
 
 
-def _read_safetensors(path: Path, names: list[str]) -> Iterator[torch.Tensor]:
+def _read_safetensors(path: Path, names: list[str], buffer: Buffer) -> Iterator[torch.Tensor]:
     size = path.stat().st_size
     with open(path, "rb", buffering=0) as f:
         header, start = _safetensors_header(f, path, size)
@@ -313,14 +364,15 @@ def _read_safetensors(path: Path, names: list[str]) -> Iterator[torch.Tensor]:
                     f"cannot read {path}: tensor {name!r} has an inconsistent byte range "
                     "(truncated or corrupt file)"
                 )
-            buf = _read_range(f, path, start + begin, nbytes, name)
+            buf = _read_range(f, path, start + begin, name, buffer(name, nbytes, dtype))
             yield buf.view(dtype).reshape(shape)
 
 
-def _read_range(f: Any, path: Path, offset: int, nbytes: int, name: str) -> torch.Tensor:
-    """``nbytes`` at ``offset`` of an open file, read into a new buffer (``readinto``: no
-    mapping, no page of the file counted in this process's memory, no second copy)."""
-    buf = torch.empty(nbytes, dtype=torch.uint8)
+def _read_range(f: Any, path: Path, offset: int, name: str, buf: torch.Tensor) -> torch.Tensor:
+    """``buf``'s length in bytes at ``offset`` of an open file, read into ``buf`` (uint8;
+    ``readinto``: no mapping, no page of the file counted in this process's memory, no second
+    copy)."""
+    nbytes = buf.numel()
     view, done = memoryview(buf.numpy()), 0
     f.seek(offset)
     while done < nbytes:
@@ -331,7 +383,7 @@ def _read_range(f: Any, path: Path, offset: int, nbytes: int, name: str) -> torc
     return buf
 
 
-def _read_bin(path: Path, names: list[str]) -> Iterator[torch.Tensor]:
+def _read_bin(path: Path, names: list[str], buffer: Buffer) -> Iterator[torch.Tensor]:
     """The named tensors of a ``torch.save`` zip file, each read from its byte range.
 
     [Note: .bin shards without mmap]
@@ -363,13 +415,36 @@ def _read_bin(path: Path, names: list[str]) -> Iterator[torch.Tensor]:
                     f"cannot read {path}: tensor {name!r} lies past the end of the file "
                     "(truncated or corrupt file)"
                 )
-            flat = _read_range(f, path, begin, span * item, name).view(t.dtype)
+            compact = span == t.numel() and t.is_contiguous()
+            buf = (buffer if compact else _new)(name, span * item, t.dtype)
+            flat = _read_range(f, path, begin, name, buf).view(t.dtype)
             out = flat.as_strided(t.shape, t.stride())
-            yield out if span == t.numel() and out.is_contiguous() else out.clone()
+            yield out if compact else out.clone()
         del state
 
 
-def _read_file(path, fmt, targets, wanted):  # type: ignore[no-untyped-def]
+def _new(_stored: str, nbytes: int, _dtype: torch.dtype) -> torch.Tensor:
+    """A new buffer of ``nbytes`` (a :data:`Buffer`)."""
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
+def _buffers(
+    wanted: dict[str, tuple[str, list[int] | None, torch.dtype | None]], arena: HostArena | None
+) -> Buffer:
+    """Where a stored tensor is read: its place in ``arena`` when it stays there as read (the
+    plan's dtype is the stored one), else a new buffer."""
+    if arena is None:
+        return _new
+    as_read = {stored: dtype for stored, _shape, dtype in wanted.values()}
+
+    def buffer(stored: str, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+        slot = arena.take(nbytes) if as_read.get(stored) == dtype else None
+        return slot if slot is not None else _new(stored, nbytes, dtype)
+
+    return buffer
+
+
+def _read_file(path, fmt, targets, wanted, buffer):  # type: ignore[no-untyped-def]
     stored = [wanted[t][0] for t in targets]
     reader = _read_safetensors if fmt == "safetensors" else _read_bin
-    yield from zip(targets, reader(path, stored), strict=False)
+    yield from zip(targets, reader(path, stored, buffer), strict=False)

@@ -66,6 +66,7 @@ def _stage_main(
             stats=stats,
             step_timing=options.step_timing,
             compile_decode=options.compile_decode,
+            huge_pages=options.huge_pages,
         )
 
     stage = build_and_report(store, index, build)
@@ -180,6 +181,7 @@ class LocalGenerator:
                             stats=stats,
                             step_timing=opts.step_timing,
                             compile_decode=opts.compile_decode,
+                            huge_pages=opts.huge_pages,
                         )
                     )
                     self.stage_info.append(probe.report(stats))
@@ -209,6 +211,7 @@ class LocalGenerator:
                 stats=stats,
                 step_timing=opts.step_timing,
                 compile_decode=opts.compile_decode,
+                huge_pages=opts.huge_pages,
             )
             remote = self.stage_procs.wait_ready()
             self.stage_info = [probe.report(stats), *(remote[k] for k in sorted(remote))]

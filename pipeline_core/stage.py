@@ -84,10 +84,12 @@ def build_stage(
     *,
     stats: ReadStats | None = None,
     on_traced: Callable[[], None] | None = None,
+    huge_pages: bool = True,
 ) -> Stage:
     """Materialize stage ``index`` of ``plan`` on ``device`` from the checkpoint.
 
     ``on_traced`` is called after tracing, just before the checkpoint is read (memory probes).
+    ``huge_pages``: weights on the CPU in one huge-page region (:mod:`.host_arena`).
 
     Raises:
         PlanError: index out of range or the plan does not match the traced model.
@@ -101,7 +103,8 @@ def build_stage(
     del t.pipeline.modules[:]  # other stages' graphs (fake tensors) are not needed
     if on_traced is not None:
         on_traced()
-    return _load_stage(gm, plan, index, t, device, stats if stats is not None else ReadStats())
+    stats = stats if stats is not None else ReadStats()
+    return _load_stage(gm, plan, index, t, device, stats, huge_pages)
 
 
 def build_stages(plan: Plan, device: torch.device | str = "cpu") -> list[Stage]:
@@ -116,10 +119,16 @@ def build_stages(plan: Plan, device: torch.device | str = "cpu") -> list[Stage]:
 
 
 def _load_stage(
-    gm: fx.GraphModule, plan: Plan, index: int, t: Traced, device: torch.device, stats: ReadStats
+    gm: fx.GraphModule,
+    plan: Plan,
+    index: int,
+    t: Traced,
+    device: torch.device,
+    stats: ReadStats,
+    huge_pages: bool = True,
 ) -> Stage:
     traced = t.pipeline
-    _materialize(gm, plan, index, traced.prefix, t, device, stats)
+    _materialize(gm, plan, index, traced.prefix, t, device, stats, huge_pages)
     _compiled_python(gm)
     log.info("[stage %d] loaded %d bytes from %s", index, stats.total_bytes, plan.source.checkpoint)
     return Stage(
@@ -182,6 +191,7 @@ def _materialize(
     traced: Traced,
     device: torch.device,
     stats: ReadStats,
+    huge_pages: bool = True,
 ) -> None:
     skeleton_buffers = traced.buffers
     ckpt = CheckpointIndex.open(plan.source.checkpoint)
@@ -213,7 +223,7 @@ def _materialize(
             raise CheckpointError(f"buffer {model_name!r} has no value in checkpoint or model")
         else:
             _set_tensor(gm, name, b.to(device))
-    for name, t in read_tensors(ckpt, wanted, device, stats).items():
+    for name, t in read_tensors(ckpt, wanted, device, stats, huge_pages=huge_pages).items():
         _set_tensor(gm, name, t)
     for mod_name, mod in gm.named_modules():
         for attr, val in list(vars(mod).items()):

@@ -21,10 +21,13 @@ def load_units(
     device: torch.device,
     stats: ReadStats,
     index: int,
+    *,
+    huge_pages: bool = True,
 ) -> None:
     """Load units ``names`` of stage ``index`` of ``plan`` into ``model`` (the HF skeleton, on
     meta) from the checkpoint: only their tensors are read, a tied tensor once for every slot;
-    real buffers go to ``device``.  Raises :class:`CheckpointError` if a tensor stays empty."""
+    real buffers go to ``device`` (weights on the CPU in huge pages unless ``huge_pages`` is
+    False: :mod:`.host_arena`).  Raises :class:`CheckpointError` if a tensor stays empty."""
     ckpt = CheckpointIndex.open(plan.source.checkpoint)
     hf_checkpoint_keys(model, ckpt)
     wanted: dict[str, tuple[str, list[int], torch.dtype]] = {}
@@ -41,7 +44,7 @@ def load_units(
                     first[id(p)] = pname
                     aliases = plan.tied.get(pname, [])
                     wanted[pname] = (ckpt.resolve(pname, aliases), list(p.shape), p.dtype)
-    loaded = read_tensors(ckpt, wanted, device, stats)
+    loaded = read_tensors(ckpt, wanted, device, stats, huge_pages=huge_pages)
     for pid, pname in first.items():
         param = nn.Parameter(loaded[pname], requires_grad=False)
         for mod, attr in slots[pid]:

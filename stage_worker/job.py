@@ -107,7 +107,9 @@ class StageJob:
     def _run_forward(self) -> None:
         """Traced stage of any model; the last stage hosts the driver (fill-drain)."""
         req, n = self.req, self.req.world_size
-        self.stage = build_stage(self.plan, req.stage, self.device, stats=self.stats)
+        self.stage = build_stage(
+            self.plan, req.stage, self.device, stats=self.stats, huge_pages=self.options.huge_pages
+        )
         self.state = "joining"
         ranks = RankMap(n, driver_hosts_last=True)
         if req.stage == n - 1:
@@ -168,6 +170,7 @@ class StageJob:
             stats=self.stats,
             step_timing=opts.step_timing,
             compile_decode=opts.compile_decode,
+            huge_pages=opts.huge_pages,
         )
         self.state = "joining"
         store = self._store()

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from pipeline_core import ModelSource, Policy, make_plan
 from pipeline_core.cost import Workload
 from pipeline_core.gen_stage import GenStage
+from pipeline_core.host_arena import HUGE_PAGE, arena_bytes
 from pipeline_core.load import CheckpointIndex, read_tensors
 from pipeline_core.local_generate import LocalGenerator
 from pipeline_core.sampling import SamplingParams
@@ -119,7 +120,15 @@ def test_bin_tensors_are_read_from_their_byte_ranges(tmp_path):
         json.dumps({"weight_map": dict.fromkeys(state, "pytorch_model-00001-of-00001.bin")})
     )
     index = CheckpointIndex.open(tmp_path / "ck")
-    out = read_tensors(index, {k: (k, list(v.shape), v.dtype) for k, v in state.items()})
+    wanted = {k: (k, list(v.shape), v.dtype) for k, v in state.items()}
+    out = read_tensors(index, wanted, huge_pages=False)
     for k, v in state.items():
         assert torch.equal(out[k], v) and out[k].dtype == v.dtype
     assert out["row"].untyped_storage().nbytes() == 6 * 4  # not the whole shared storage
+    packed = read_tensors(index, wanted)  # default: one region for all (host_arena)
+    for k, v in state.items():
+        assert torch.equal(packed[k], v) and packed[k].dtype == v.dtype
+    region = {t.untyped_storage().data_ptr() for t in packed.values()}
+    assert len(region) == 1
+    own = arena_bytes(v.numel() * v.element_size() for v in state.values())
+    assert packed["a"].untyped_storage().nbytes() <= own + HUGE_PAGE  # each once, compact

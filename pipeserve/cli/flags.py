@@ -188,6 +188,7 @@ STEP_TIMING_ENV = "PIPESERVE_STEP_TIMING"
 CUDA_IPC_ENV = "PIPESERVE_CUDA_IPC"
 COMPILE_DECODE_ENV = "PIPESERVE_COMPILE_DECODE"
 DECODE_AHEAD_ENV = "PIPESERVE_DECODE_AHEAD"
+HUGE_PAGES_ENV = "PIPESERVE_HUGE_PAGES"
 
 
 def stage_options_from_env(env: Mapping[str, str] | None = None) -> StageOptions:
@@ -195,7 +196,8 @@ def stage_options_from_env(env: Mapping[str, str] | None = None) -> StageOptions
     breakdown; default off) and ``PIPESERVE_CUDA_IPC`` (``0``: no CUDA IPC between two stages
     sharing a GPU; default on) and ``PIPESERVE_COMPILE_DECODE`` (``N``: compile the decode
     steps of ``N`` rows or more, ``1`` all of them; default off) and ``PIPESERVE_DECODE_AHEAD``
-    (``0``: later stages wait for each decode step before starting it; default on)."""
+    (``0``: later stages wait for each decode step before starting it; default on) and
+    ``PIPESERVE_HUGE_PAGES`` (``0``: a stage's CPU weights in ordinary pages; default on)."""
     env = os.environ if env is None else env
     timing = env.get(STEP_TIMING_ENV, "").strip().lower() in ("1", "true", "yes", "on")
     return StageOptions(
@@ -203,6 +205,7 @@ def stage_options_from_env(env: Mapping[str, str] | None = None) -> StageOptions
         cuda_ipc=env.get(CUDA_IPC_ENV, "1").strip() != "0",
         compile_decode=compile_settings(env.get(COMPILE_DECODE_ENV, "")),
         decode_ahead=env.get(DECODE_AHEAD_ENV, "1").strip() != "0",
+        huge_pages=env.get(HUGE_PAGES_ENV, "1").strip() != "0",
     )
 
 

@@ -108,7 +108,13 @@ def _run_torchrun(args, plan, ids, params, tok) -> int:  # type: ignore[no-untyp
     dist.init_process_group("gloo")
     store = dist.PrefixStore("pipeserve-run", dist.distributed_c10d._get_default_store())
     opts = stage_options_from_env()
-    stage = GenStage(plan, rank, step_timing=opts.step_timing, compile_decode=opts.compile_decode)
+    stage = GenStage(
+        plan,
+        rank,
+        step_timing=opts.step_timing,
+        compile_decode=opts.compile_decode,
+        huge_pages=opts.huge_pages,
+    )
     ring = Ring(store, rank, world, cuda_ipc=opts.cuda_ipc)
     if rank != 0:
         serve_generation(stage, ring, ahead=opts.decode_ahead)
