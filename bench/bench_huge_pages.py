@@ -1,0 +1,166 @@
+"""Stage weights in huge pages vs ordinary pages (issue 23; :mod:`pipeline_core.host_arena`).
+
+    python -m bench.bench_huge_pages                 # 2 and 4 stages, 6 rounds of 64 tokens
+    python -m bench.bench_huge_pages --rounds 3 --stages 2
+
+Two pipelines of the same plan run side by side, one loading its stages' weights into one
+huge-page region (the default), one with ``StageOptions(huge_pages=False)`` (each tensor in
+its own allocation, as before); HF ``generate`` runs in the same rounds twice, on its own
+weights and on a copy moved into huge pages.  All four are interleaved in every round (the
+order reverses every other round), so drift of this VM's speed over minutes cancels in the
+paired ratios.  The model and rules are ``bench_decode``'s: random 134M Llama, fp32, a 16-token
+prompt, ``(time for N+1 new tokens - time for 1) / N``, one torch thread per process.
+
+Writes ``bench/results/huge_pages.json`` and ``huge_pages.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.bench_decode import _hf_round, _ours_round, _UnitClock, _units, in_huge_pages, load
+from bench.bench_generate import _hf_generate_s, _prompt, build
+from bench.harness import code_state, machine, write_results
+from pipeline_core import LocalGenerator, ModelSource, Policy, SamplingParams, make_plan
+from pipeline_core.stage_options import StageOptions
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SIDES = ("huge", "hf", "plain", "hf_huge")
+
+
+def _compute(r: dict[str, Any]) -> float:
+    return sum(st["compute"] for st in r["stages"]) if "stages" in r else r["compute_ms"]
+
+
+def compare(ckpt: Path, model: Any, stages: int, new: int, rounds: int) -> dict[str, Any]:
+    prompt = _prompt(16, 2)
+    huge_model = in_huge_pages(model)
+    clocks = {"hf": _UnitClock(_units(model)), "hf_huge": _UnitClock(_units(huge_model))}
+    models = {"hf": model, "hf_huge": huge_model}
+    plan = make_plan(ModelSource(checkpoint=str(ckpt)), Policy.equal_size(stages), trace=False)
+    got: dict[str, list[dict[str, Any]]] = {s: [] for s in SIDES}
+    loads = []
+    try:
+        with (
+            LocalGenerator(plan, options=StageOptions(step_timing=True)) as huge,
+            LocalGenerator(plan, options=StageOptions(step_timing=True, huge_pages=False)) as plain,
+        ):
+            gens = {"huge": huge, "plain": plain}
+            for g in gens.values():
+                g.generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))
+            for m in models.values():
+                _hf_generate_s(m, prompt, 4)
+            for i in range(rounds):
+                loads.append(load())
+                for side in SIDES if i % 2 == 0 else SIDES[::-1]:
+                    if side in gens:
+                        got[side].append(_ours_round(gens[side], prompt, new))
+                    else:
+                        got[side].append(_hf_round(models[side], prompt, new, clocks[side]))
+    finally:
+        for c in clocks.values():
+            c.remove()
+
+    def paired(a: str, b: str) -> float:
+        return statistics.median(
+            x["s_per_token"] / y["s_per_token"] for x, y in zip(got[a], got[b], strict=True)
+        )
+
+    out = {
+        side: {
+            "ms": statistics.median(r["s_per_token"] for r in got[side]) * 1e3,
+            "compute_ms": statistics.median(_compute(r) for r in got[side]),
+        }
+        for side in SIDES
+    }
+    out["stages_huge_vs_plain"] = paired("huge", "plain")
+    out["hf_huge_vs_plain"] = paired("hf_huge", "hf")
+    out["stages_huge_vs_hf"] = paired("huge", "hf")
+    out["stages_plain_vs_hf"] = paired("plain", "hf")
+    out["load"] = loads
+    print(f"[huge pages] {stages} stage(s): {out}", flush=True)
+    return out
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    rows = []
+    for n, r in sorted((int(k), v) for k, v in res["stages"].items()):
+        rows += [
+            f"| per token, {n} stage(s): weights in huge pages vs ordinary pages | (reference) | "
+            f"{r['huge']['ms']:.2f} ms | {r['plain']['ms']:.2f} ms | "
+            f"{r['stages_huge_vs_plain']:.3f}x |",
+            f"| the same stages' compute (inside their units) | (reference) | "
+            f"{r['huge']['compute_ms']:.2f} ms | {r['plain']['compute_ms']:.2f} ms | "
+            f"{r['huge']['compute_ms'] / r['plain']['compute_ms']:.3f}x |",
+            f"| per token, HF `generate` in the same rounds: weights moved into huge pages vs "
+            f"its own | (reference) | {r['hf_huge']['ms']:.2f} ms | {r['hf']['ms']:.2f} ms | "
+            f"{r['hf_huge_vs_plain']:.3f}x |",
+            f"| per token, {n} stage(s) vs HF `generate` (huge pages / ordinary pages) | "
+            f"(reference) | {r['huge']['ms']:.2f} / {r['plain']['ms']:.2f} ms | "
+            f"{r['hf']['ms']:.2f} ms | {r['stages_huge_vs_hf']:.3f}x / "
+            f"{r['stages_plain_vs_hf']:.3f}x |",
+        ]
+    loads = "; ".join(
+        f"{k} stage(s): " + ", ".join(f"{x:.1f}" for x in v["load"])
+        for k, v in sorted(res["stages"].items())
+    )
+    return "\n".join(
+        [
+            "# Stage weights in huge pages",
+            "",
+            f"Machine: {m['cpu']}, {m['usable_cores']} usable cores, torch {m['torch']}.  "
+            f"Random Llama, 134M parameters, fp32; 16-token prompt, {res['new_tokens']} new "
+            f"tokens; medians of {res['rounds']} rounds, ratios paired per round.  Two "
+            "pipelines of the same plan (`StageOptions(huge_pages=True)`, the default, and "
+            "`huge_pages=False`) and HF `generate` on its own weights and on a copy moved into "
+            "huge pages, all four interleaved in every round.  Date: "
+            f"{res['date']}.  Command: `python -m bench.bench_huge_pages`.",
+            "",
+            "| metric | goal | measured | baseline | ratio |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+            f"1-minute load average at each round's start: {loads}.  Kernel THP mode: "
+            f"`{res['thp']}`.",
+            "",
+        ]
+    )
+
+
+def _thp_mode() -> str:
+    try:
+        return Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--stages", default="2,4")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--new", type=int, default=64)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    res: dict[str, Any] = {"machine": machine(), "code": code_state(), "thp": _thp_mode()}
+    res.update(rounds=args.rounds, new_tokens=args.new, stages={})
+    with tempfile.TemporaryDirectory() as d:
+        model, ckpt = build(Path(d) / "llama")
+        for n in (int(x) for x in args.stages.split(",")):
+            res["stages"][n] = compare(ckpt, model, n, args.new, args.rounds)
+    res["date"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    res["wall_s"] = time.perf_counter() - t0
+    print(write_results(Path(args.out), "huge_pages", res, markdown))
+
+
+if __name__ == "__main__":
+    main()
