@@ -21,6 +21,7 @@ ORDER = [
     "balance",
     "generate",
     "decode",
+    "huge_pages",
     "compiled_decode",
     "generate_16core",
     "generate_gpu",
@@ -41,6 +42,8 @@ BASELINES = {
     "generate": "HF `generate` in one process; PiPPy-style recompute; the model on 1 stage",
     "decode": "HF `generate` in one process, interleaved in the same rounds; one gloo hop "
     "measured alone",
+    "huge_pages": "the same plan's stages with their weights in ordinary pages, and HF `generate` "
+    "on both layouts, interleaved in every round",
     "compiled_decode": "the same in-process stage(s) eager (`compile_decode` off), run alternately "
     "in the same rounds",
     "generate_16core": "as `generate`, on the 16-core host of the GPU machine (CPU only, one "

@@ -5,10 +5,11 @@ Decode on a CPU reads every weight of a stage once per token, so it is bound by 
 core streams them from memory.  In 4 KiB pages every 4 KiB of a weight needs its own TLB entry;
 a 28 MB layer is ~7000 of them, far past what the TLB holds, so each token walks the page
 tables again, and the hardware prefetchers stop at every page boundary.  In 2 MiB pages the same
-layer is 14 entries.  Measured on a 2-core AMD EPYC VM (``bench/results/decode.md``):
-``transformers`` ``generate`` of the 134M Llama, fp32, one thread, with its weights moved into
-huge pages, ran 0.87x-0.89x the per-token time of the same model in ordinary pages (8 paired
-rounds, twice); the weights' speed also moved less from one process to another.
+layer is 14 entries.  Measured on a 2-core AMD EPYC VM (``bench/results/huge_pages.md``, two
+pipelines of one plan interleaved in every round): 2 stages of the 134M Llama, fp32, ran
+0.89x the per-token time with their weights in huge pages than in ordinary pages (paired
+median of 6 rounds); at 4 stages 0.98x, within the noise.  HF ``generate`` of the same model
+on a copy of its weights moved into huge pages ran 0.89x-0.96x its own time in the same runs.
 
 The kernel gives huge pages to anonymous memory only where asked (``madvise`` mode, Debian's and
 Ubuntu's default; ``always`` gives them anyway, ``never`` not at all), and only to 2 MiB-aligned
