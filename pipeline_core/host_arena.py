@@ -14,8 +14,9 @@ on a copy of its weights moved into huge pages ran 0.89x-0.96x its own time in t
 The kernel gives huge pages to anonymous memory only where asked (``madvise`` mode, Debian's and
 Ubuntu's default; ``always`` gives them anyway, ``never`` not at all), and only to 2 MiB-aligned
 stretches faulted in after the advice.  torch's allocator asks only under
-``THP_MEM_ALLOC_ENABLE=1``, and even then glibc serves most allocations below 32 MiB from heap
-pages that are already faulted in.  So the loader asks itself: one private anonymous mapping
+``THP_MEM_ALLOC_ENABLE=1``, and even then a stage process measured here held none (its large
+regions eligible, not backed: most likely glibc serving allocations below 32 MiB from heap
+pages already faulted in, not confirmed).  So the loader asks itself: one private anonymous mapping
 per stage, sized for all its tensors up front (the plan knows every shape), aligned to 2 MiB,
 advised ``MADV_HUGEPAGE`` before any byte is touched; each tensor is read straight into its
 place (or cast into it, where the checkpoint's dtype is not the plan's), so loading holds no
