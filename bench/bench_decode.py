@@ -34,6 +34,8 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +141,16 @@ def in_huge_pages(model: Any) -> Any:
     return model
 
 
+def interleaved_round(
+    i: int, runs: dict[str, Callable[[], Any]], got: dict[str, list[Any]]
+) -> None:
+    """Round ``i`` of every side in ``runs``, each result appended to ``got[side]``: in order
+    in even rounds, reversed in odd ones, so a machine speeding up or slowing down over a round
+    favours no side in the paired ratios' median."""
+    for side in list(runs) if i % 2 == 0 else list(runs)[::-1]:
+        got[side].append(runs[side]())
+
+
 def latency(model: Any, ckpt: Path, stages: list[int], new: int, rounds: int) -> dict[str, Any]:
     """Per-token time and per-stage breakdown of each stage count, HF interleaved: HF
     ``generate`` as it runs (the goal's baseline) and on its weights moved into huge pages."""
@@ -155,17 +167,14 @@ def latency(model: Any, ckpt: Path, stages: list[int], new: int, rounds: int) ->
                 gen.generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))
                 _hf_generate_s(model, prompt, 4)
                 _hf_generate_s(huge, prompt, 4)
-                order = ["ours", "hf", "hf_huge"]
+                runs = {
+                    "ours": partial(_ours_round, gen, prompt, new),
+                    "hf": partial(_hf_round, model, prompt, new, clock),
+                    "hf_huge": partial(_hf_round, huge, prompt, new, clock_huge),
+                }
                 for i in range(rounds):
                     loads.append(load())
-                    # the order reverses every other round: a machine speeding up or slowing
-                    # down over a round favours no side in the paired ratios' median
-                    for side in order if i % 2 == 0 else order[::-1]:
-                        if side == "ours":
-                            got[side].append(_ours_round(gen, prompt, new))
-                        else:
-                            m, c = (model, clock) if side == "hf" else (huge, clock_huge)
-                            got[side].append(_hf_round(m, prompt, new, c))
+                    interleaved_round(i, runs, got)
             ours, hf, hfh = got["ours"], got["hf"], got["hf_huge"]
             o = statistics.median(r["s_per_token"] for r in ours)
             h = statistics.median(r["s_per_token"] for r in hf)

@@ -21,12 +21,21 @@ import json
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.bench_decode import _hf_round, _ours_round, _UnitClock, _units, in_huge_pages, load
+from bench.bench_decode import (
+    _hf_round,
+    _ours_round,
+    _UnitClock,
+    _units,
+    in_huge_pages,
+    interleaved_round,
+    load,
+)
 from bench.bench_generate import _hf_generate_s, _prompt, build
 from bench.harness import code_state, machine, write_results
 from pipeline_core import LocalGenerator, ModelSource, Policy, SamplingParams, make_plan
@@ -60,13 +69,15 @@ def compare(ckpt: Path, model: Any, stages: int, new: int, rounds: int) -> dict[
                 g.generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))
             for m in models.values():
                 _hf_generate_s(m, prompt, 4)
+            runs = {
+                side: partial(_ours_round, gens[side], prompt, new)
+                if side in gens
+                else partial(_hf_round, models[side], prompt, new, clocks[side])
+                for side in SIDES
+            }
             for i in range(rounds):
                 loads.append(load())
-                for side in SIDES if i % 2 == 0 else SIDES[::-1]:
-                    if side in gens:
-                        got[side].append(_ours_round(gens[side], prompt, new))
-                    else:
-                        got[side].append(_hf_round(models[side], prompt, new, clocks[side]))
+                interleaved_round(i, runs, got)
     finally:
         for c in clocks.values():
             c.remove()
