@@ -1,8 +1,9 @@
 """Decode overhead (issue 23): where a batch-1 decode step's time goes, per stage.
 
-    python -m bench.bench_decode            # full: 1, 2, 4 stages, 3 rounds of 64 tokens
+    python -m bench.bench_decode            # full: 1, 2, 4 stages, 3 draws x 3 rounds of 64 tokens
     python -m bench.bench_decode --short    # 2 rounds of 32 tokens (a few minutes)
     python -m bench.bench_decode --rounds 7 # more rounds: this VM's speed drifts 5-10%
+    python -m bench.bench_decode --draws 5  # more fresh allocations per side (see latency())
 
 The model and the fairness rules are ``bench_generate``'s: the random 134M Llama (hidden 768,
 12 layers, fp32), a 16-token prompt, per-token time ``(time for N+1 new tokens - time for 1)
@@ -35,6 +36,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ import torch
 
 from bench.bench_generate import _hf_generate_s, _prompt, build
 from bench.bench_hop import hop_costs
+from bench.decode_report import markdown
 from bench.harness import code_state, machine, write_results
 from pipeline_core import LocalGenerator, ModelSource, Policy, SamplingParams, make_plan
 from pipeline_core.host_arena import HostArena, arena_bytes
@@ -51,8 +54,6 @@ from pipeline_core.step_timing import CATEGORIES, TIMING_FIELDS, breakdown
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-GOALS = {2: 1.05, 4: 1.10}
-"""Per-token time vs HF ``generate``, by number of stages."""
 HOP_GAP_MS = 20.0
 """Compute between hops in the hop measured as the pipeline meets it (a later stage's share
 of a token here is ~15-35 ms)."""
@@ -118,7 +119,7 @@ def _ours_round(gen: LocalGenerator, prompt: list[int], new: int) -> dict[str, A
 
 
 def _median_stages(rounds: list[list[dict[str, float]]]) -> list[dict[str, float]]:
-    keys = [*CATEGORIES, "total"]
+    keys = [*CATEGORIES, "total", *(["compute_cpu"] if "compute_cpu" in rounds[0][0] else [])]
     return [
         {k: statistics.median(r[i][k] for r in rounds) for k in keys} for i in range(len(rounds[0]))
     ]
@@ -151,250 +152,116 @@ def interleaved_round(
         got[side].append(runs[side]())
 
 
-def latency(model: Any, ckpt: Path, stages: list[int], new: int, rounds: int) -> dict[str, Any]:
+def _sides(
+    model: Any, plan: Any, prompt: list[int], new: int, draw: int, stack: ExitStack
+) -> dict[str, Callable[[], Any]]:
+    """One draw of memory: a fresh pipeline of ``plan`` and fresh copies of HF's model (its
+    ordinary pages, as ``from_pretrained`` gives, and huge pages), warmed up; the pipeline
+    allocates first in even draws, HF in odd ones, so neither side always gets later memory."""
+    hf: list[Any] = []
+    gen = None
+    for first in ("ours", "hf") if draw % 2 == 0 else ("hf", "ours"):
+        if first == "ours":
+            opts = StageOptions(step_timing=True)
+            gen = stack.enter_context(LocalGenerator(plan, options=opts))
+            gen.generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))
+        else:
+            hf = [copy.deepcopy(model), in_huge_pages(model)]
+    runs: dict[str, Callable[[], Any]] = {f"ours/{draw}": partial(_ours_round, gen, prompt, new)}
+    for side, m in zip(("hf", "hf_huge"), hf, strict=True):
+        clock = _UnitClock(_units(m))
+        stack.callback(clock.remove)
+        _hf_generate_s(m, prompt, 4)
+        runs[f"{side}/{draw}"] = partial(_hf_round, m, prompt, new, clock)
+    return runs
+
+
+def latency(
+    model: Any, ckpt: Path, stages: list[int], new: int, rounds: int, draws: int = 1
+) -> dict[str, Any]:
     """Per-token time and per-stage breakdown of each stage count, HF interleaved: HF
-    ``generate`` as it runs (the goal's baseline) and on its weights moved into huge pages."""
+    ``generate`` as it runs (the goal's baseline) and on its weights moved into huge pages.
+
+    [Note: draws of memory] on this VM the same weights stream at speeds up to ~13% apart
+    depending on the memory they landed in (six huge-page copies of one model in one process,
+    interleaved: 64-73 ms of compute per token; chunks of one allocation: up to 35% apart, each
+    steady over a run).  A pipeline's stages and HF's model each draw their memory once, so
+    one draw per side made the ratio partly a lottery (two pipelines of one plan, interleaved:
+    65 vs 83 ms of compute per token).  So each side runs on ``draws`` fresh allocations --
+    pipelines and HF copies -- all kept alive and interleaved in every round."""
     prompt = _prompt(16, 2)
-    huge = in_huge_pages(model)
-    clock, clock_huge = _UnitClock(_units(model)), _UnitClock(_units(huge))
     out: dict[str, Any] = {}
-    try:
-        for n in stages:
-            plan = make_plan(ModelSource(checkpoint=str(ckpt)), Policy.equal_size(n), trace=False)
-            got: dict[str, list[Any]] = {"ours": [], "hf": [], "hf_huge": []}
-            loads = []
-            with LocalGenerator(plan, options=StageOptions(step_timing=True)) as gen:
-                gen.generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))
-                _hf_generate_s(model, prompt, 4)
-                _hf_generate_s(huge, prompt, 4)
-                runs = {
-                    "ours": partial(_ours_round, gen, prompt, new),
-                    "hf": partial(_hf_round, model, prompt, new, clock),
-                    "hf_huge": partial(_hf_round, huge, prompt, new, clock_huge),
-                }
-                for i in range(rounds):
-                    loads.append(load())
-                    interleaved_round(i, runs, got)
-            ours, hf, hfh = got["ours"], got["hf"], got["hf_huge"]
-            o = statistics.median(r["s_per_token"] for r in ours)
-            h = statistics.median(r["s_per_token"] for r in hf)
-            hh = statistics.median(r["s_per_token"] for r in hfh)
-            out[n] = {
-                "split": plan.split_points,
-                "ours_ms": o * 1e3,
-                "hf_ms": h * 1e3,
-                "ratio": o / h,
-                "ratios": [
-                    a["s_per_token"] / b["s_per_token"] for a, b in zip(ours, hf, strict=True)
-                ],
-                "hf_huge_ms": hh * 1e3,
-                "ratio_huge": o / hh,
-                "ratios_huge": [
-                    a["s_per_token"] / b["s_per_token"] for a, b in zip(ours, hfh, strict=True)
-                ],
-                "stages": _median_stages([r["stages"] for r in ours]),
-                "hf_compute_ms": statistics.median(r["compute_ms"] for r in hf),
-                "hf_python_ms": statistics.median(r["python_ms"] for r in hf),
-                "hf_huge_compute_ms": statistics.median(r["compute_ms"] for r in hfh),
-                "hf_huge_python_ms": statistics.median(r["python_ms"] for r in hfh),
-                "load": loads,
-            }
-            print(
-                f"[latency] {n} stage(s): {o * 1e3:.2f} ms/token vs HF {h * 1e3:.2f}: "
-                f"{o / h:.3f}x; vs HF in huge pages {hh * 1e3:.2f}: {o / hh:.3f}x "
-                f"(load {loads})",
-                flush=True,
-            )
-            for i, st in enumerate(out[n]["stages"]):
-                print(f"    stage {i}: " + ", ".join(f"{k} {v:.2f}" for k, v in st.items()))
-    finally:
-        clock.remove()
-        clock_huge.remove()
+    for n in stages:
+        plan = make_plan(ModelSource(checkpoint=str(ckpt)), Policy.equal_size(n), trace=False)
+        got: dict[str, list[Any]] = {}
+        loads = []
+        with ExitStack() as stack:
+            runs: dict[str, Callable[[], Any]] = {}
+            for d in range(draws):
+                runs |= _sides(model, plan, prompt, new, d, stack)
+            got = {k: [] for k in runs}
+            for i in range(rounds):
+                loads.append(load())
+                interleaved_round(i, runs, got)
+            del runs
+
+        def pooled(side: str, got: dict[str, list[Any]] = got) -> list[Any]:
+            return [x for d in range(draws) for x in got[f"{side}/{d}"]]
+
+        def by_draw(side: str, key: Callable[[Any], float], got: dict = got) -> list[float]:
+            return [statistics.median(key(x) for x in got[f"{side}/{d}"]) for d in range(draws)]
+
+        ours, hf, hfh = pooled("ours"), pooled("hf"), pooled("hf_huge")
+        o = statistics.median(r["s_per_token"] for r in ours)
+        h = statistics.median(r["s_per_token"] for r in hf)
+        hh = statistics.median(r["s_per_token"] for r in hfh)
+        out[n] = {
+            "split": plan.split_points,
+            "ours_ms": o * 1e3,
+            "hf_ms": h * 1e3,
+            "ratio": o / h,
+            "ratios": [a["s_per_token"] / b["s_per_token"] for a, b in zip(ours, hf, strict=True)],
+            "hf_huge_ms": hh * 1e3,
+            "ratio_huge": o / hh,
+            "ratios_huge": [
+                a["s_per_token"] / b["s_per_token"] for a, b in zip(ours, hfh, strict=True)
+            ],
+            "stages": _median_stages([r["stages"] for r in ours]),
+            "hf_compute_ms": statistics.median(r["compute_ms"] for r in hf),
+            "hf_python_ms": statistics.median(r["python_ms"] for r in hf),
+            "hf_huge_compute_ms": statistics.median(r["compute_ms"] for r in hfh),
+            "hf_huge_python_ms": statistics.median(r["python_ms"] for r in hfh),
+            "load": [ld for _ in range(draws) for ld in loads],
+            "draw_compute_ms": {
+                "ours": by_draw("ours", lambda r: sum(st["compute"] for st in r["stages"])),
+                "hf": by_draw("hf", lambda r: r["compute_ms"]),
+                "hf_huge": by_draw("hf_huge", lambda r: r["compute_ms"]),
+            },
+        }
+        print(
+            f"[latency] {n} stage(s): {o * 1e3:.2f} ms/token vs HF {h * 1e3:.2f}: "
+            f"{o / h:.3f}x; vs HF in huge pages {hh * 1e3:.2f}: {o / hh:.3f}x "
+            f"(load {loads}); compute by draw {out[n]['draw_compute_ms']}",
+            flush=True,
+        )
+        for i, st in enumerate(out[n]["stages"]):
+            print(f"    stage {i}: " + ", ".join(f"{k} {v:.2f}" for k, v in st.items()))
     return out
 
 
-def bench(tmp: Path, short: bool, stages: list[int], rounds: int | None) -> dict[str, Any]:
+def bench(
+    tmp: Path, short: bool, stages: list[int], rounds: int | None, draws: int | None
+) -> dict[str, Any]:
     model, ckpt = build(tmp / "llama")
     res: dict[str, Any] = {"hidden": model.config.hidden_size}
     res["params"] = sum(p.numel() for p in model.parameters())
-    new, default = (32, 2) if short else (64, 3)
-    rounds = rounds or default
-    res["new_tokens"], res["rounds"] = new, rounds
+    new, default, default_draws = (32, 2, 1) if short else (64, 3, 3)
+    rounds, draws = rounds or default, draws or default_draws
+    res["new_tokens"], res["rounds"], res["draws"] = new, rounds, draws
     res["hop"] = hop_costs(model.config.hidden_size, 200 if short else 500) | {"load": load()}
     res["hop_gap"] = hop_costs(model.config.hidden_size, 60 if short else 150, gap_ms=HOP_GAP_MS)
-    res["latency"] = latency(model, ckpt, stages, new, rounds)
+    res["latency"] = latency(model, ckpt, stages, new, rounds, draws)
     return res
-
-
-def _shown(st: dict[str, float], c: str) -> float:
-    """A stage's figure as the table shows it: stage Python includes what ran ahead."""
-    if c == "stage_py":
-        return st["stage_py"] + st.get("ahead", 0.0)
-    return st.get(c, 0.0)
-
-
-def _f(x: float) -> str:
-    return f"{x:.2f}"
-
-
-def markdown(res: dict[str, Any]) -> str:
-    m = res["machine"]
-    lat = {int(k): v for k, v in res["latency"].items()}
-    rows = []
-    for n, r in sorted(lat.items()):
-        goal = GOALS.get(n)
-        verdict = ("PASS" if r["ratio"] <= goal else "FAIL") if goal else "n/a"
-        rows.append(
-            f"| batch-1 latency per token, {n} stage(s) vs one-process HF generate | "
-            + (f"<= {goal}x" if goal else "(reference)")
-            + f" | {_f(r['ours_ms'])} ms | {_f(r['hf_ms'])} ms (HF) | {r['ratio']:.3f}x | "
-            f"{verdict} |"
-        )
-        if "hf_huge_ms" in r:
-            rows.append(
-                f"| the same vs HF generate with its weights in huge pages, as the stages keep "
-                f"theirs | (reference) | {_f(r['ours_ms'])} ms | {_f(r['hf_huge_ms'])} ms "
-                f"(HF, huge pages) | {r['ratio_huge']:.3f}x | |"
-            )
-    hop = res["hop"]
-    lines = [
-        "# Decode overhead",
-        "",
-        f"Machine: {m['cpu']}, {m['usable_cores']} usable cores, torch {m['torch']}, "
-        f"transformers {m['transformers']}.  Model: random Llama, {res['params'] / 1e6:.0f}M "
-        f"parameters, fp32, hidden {res['hidden']}; 16-token prompt, {res['new_tokens']} new "
-        f"tokens, median of {res['rounds']} rounds, HF `generate` interleaved in the same "
-        "rounds (after the pipeline in even rounds, before it in odd ones).  "
-        "One torch thread in every process (HF: one process; the pipeline: one per "
-        f"stage, one computing at a time at batch 1).  Date: {res['date']}.  "
-        "Command: `python -m bench.bench_decode"
-        + (" --short" if res.get("short") else "")
-        + (f" --rounds {res['rounds']}" if res["rounds"] not in (2, 3) else "")
-        + "`.",
-        "",
-        "| metric | goal | measured | baseline | ratio | |",
-        "|---|---|---|---|---|---|",
-        *rows,
-        "",
-        "Read the ratios with the load: on an idle machine both sides have one thread "
-        "computing, but under load from other processes the pipeline's S processes get up to "
-        "S shares of the cores while HF's one process gets one (and a stage that slept wakes "
-        "with the scheduler's priority), so ratios measured under load favour the pipeline; "
-        "the 1-stage row (HF's work in one process) is the control, and only a run at a "
-        "1-minute load average well below 1 checks the goals.  "
-        "The median of each round's own ratio (paired, so drift of the machine's speed "
-        "between rounds cancels): "
-        + ", ".join(
-            f"{n} stage(s) {statistics.median(r['ratios']):.3f}x" for n, r in sorted(lat.items())
-        )
-        + ".  "
-        + _layout_note(lat)
-        + ", ".join(f"{n} stage(s) {_structural(r):.3f}x" for n, r in sorted(lat.items()))
-        + ".  "
-        "Ratios of each round (1-minute load average at its start): "
-        + "; ".join(
-            f"{n} stage(s): "
-            + ", ".join(f"{x:.3f} ({ld:.1f})" for x, ld in zip(r["ratios"], r["load"], strict=True))
-            for n, r in sorted(lat.items())
-        )
-        + ".",
-        "",
-        "## Where a decode step's time goes (ms per token, per stage)",
-        "",
-        "| stages | stage | compute | stage Python | of it, ahead | sampling | send | "
-        "receive-wait | scheduler | sum |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for n, r in sorted(lat.items()):
-        lines.append(
-            f"| HF generate | - | {_f(r['hf_compute_ms'])} | {_f(r['hf_python_ms'])} "
-            "(all outside the units) | | | | | | "
-            f"{_f(r['hf_compute_ms'] + r['hf_python_ms'])} |"
-        )
-        if "hf_huge_compute_ms" in r:
-            lines.append(
-                f"| HF generate, huge pages | - | {_f(r['hf_huge_compute_ms'])} | "
-                f"{_f(r['hf_huge_python_ms'])} (all outside the units) | | | | | | "
-                f"{_f(r['hf_huge_compute_ms'] + r['hf_huge_python_ms'])} |"
-            )
-        for i, st in enumerate(r["stages"]):
-            lines.append(
-                f"| {n} | {i} | "
-                + " | ".join(_f(_shown(st, c)) for c in CATEGORIES)
-                + f" | {_f(st['total'])} |"
-            )
-    lines += [
-        "",
-        "Compute: inside the units the stage owns (embeddings, decoder layers, norm, head -- "
-        "the model's own modules); stage Python: the rest of its step (the model's code "
-        "outside the units, hooks, passthroughs, phantom cache layers, packing); of it, "
-        "ahead: the part a later stage ran before the step's message came (decode ahead: "
-        "`pipeline_core/decode_ahead.py`), while earlier stages computed -- off the token's "
-        "path unless the message came first; receive-wait: blocked for the next message (the "
-        "other stages' work and the hops); "
-        "scheduler: stage 0's loop outside its steps and sends.  Each stage's row sums to its "
-        "wall time per token.",
-        "",
-        f"## One hop between two processes ({hop['bytes']} B activation, load {hop['load']:.1f})",
-        "",
-        *_hop_table(hop, res.get("hop_gap")),
-        "",
-        "gloo: one tensor send/recv; channel: `Channel` with a decode message; ring: `Ring` "
-        "(the channel; stage 0's end receives on a thread into its scheduler's queue, a later "
-        "stage's end receives itself), what each stage boundary costs per token; a token "
-        "crosses S hops with S stages (the last stage's tokens go back to stage 0).  Back to "
-        "back, both processes stay awake; after computing, every message lands on a process "
-        "that slept while the other computed, as in the pipeline (`bench/bench_hop.py`).",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _layout_note(lat: dict[int, Any]) -> str:
-    """What the report says about the weights' pages, and the lead-in to the structural
-    figures (results from before the stages' weights moved to huge pages lack the reference)."""
-    if not any("ratios_huge" in r for r in lat.values()):
-        return (
-            "The units' compute itself moves from one stage process's weights to another's by "
-            "more than these goals (the 1-stage control's compute, the same units in one "
-            "process, has measured 1% below to 8% above HF's between runs); with HF's compute "
-            "in place of the pipeline's (the pipeline's time outside its units, plus HF's "
-            "compute, over HF's time): "
-        )
-    paired = ", ".join(
-        f"{n} stage(s) {statistics.median(r['ratios_huge']):.3f}x" for n, r in sorted(lat.items())
-    )
-    return (
-        "Stages keep their weights in huge pages (`pipeline_core/host_arena.py`); HF "
-        "`generate` keeps the ordinary pages its allocator gives, so the goal rows compare with "
-        "HF as users run it, and the reference rows with a copy of the same model whose weights "
-        "were moved into huge pages the same way (all three interleaved in every round).  "
-        f"Paired medians vs HF in huge pages: {paired}.  With HF's compute (in huge pages) in "
-        "place of the pipeline's (the pipeline's time outside its units, plus HF's compute, "
-        "over HF's time): "
-    )
-
-
-def _structural(r: dict[str, Any]) -> float:
-    """Per-token time with HF's compute in place of the pipeline's, over HF's: what the
-    pipeline adds outside the model's units (stages' compute runs one at a time at batch 1)."""
-    ours_compute = sum(st["compute"] for st in r["stages"])
-    if "hf_huge_ms" in r:  # the same memory layout as the stages'
-        return (r["ours_ms"] - ours_compute + r["hf_huge_compute_ms"]) / r["hf_huge_ms"]
-    return (r["ours_ms"] - ours_compute + r["hf_compute_ms"]) / r["hf_ms"]
-
-
-def _hop_table(hop: dict[str, Any], gap: dict[str, Any] | None) -> list[str]:
-    head = "| layer | back to back: median | 10th percentile |"
-    if gap:
-        head += f" after {gap['gap_ms']:g} ms computing: median | 10th percentile |"
-    rows = [head, "|---" * head.count(" | ") + "|---|"]
-    for k in ("gloo", "channel", "ring"):
-        row = f"| {k} | {hop[k]['hop_ms']:.3f} ms | {hop[k]['hop_p10_ms']:.3f} ms |"
-        if gap:
-            row += f" {gap[k]['hop_ms']:.3f} ms | {gap[k]['hop_p10_ms']:.3f} ms |"
-        rows.append(row)
-    return rows
 
 
 def main() -> None:
@@ -403,6 +270,9 @@ def main() -> None:
     ap.add_argument("--short", action="store_true", help="2 rounds of 32 tokens")
     ap.add_argument("--stages", default="1,2,4", help="stage counts (comma-separated)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds (default 3; --short 2)")
+    ap.add_argument(
+        "--draws", type=int, default=None, help="fresh allocations per side (default 3; --short 1)"
+    )
     ap.add_argument("--name", default="decode", help="results file stem")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
@@ -416,7 +286,7 @@ def main() -> None:
     res: dict[str, Any] = {"machine": machine(), "code": code_state(), "short": args.short}
     with tempfile.TemporaryDirectory(prefix="bench_decode_") as d:
         stages = [int(x) for x in args.stages.split(",")]
-        res.update(bench(Path(d), args.short, stages, args.rounds))
+        res.update(bench(Path(d), args.short, stages, args.rounds, args.draws))
     res["total_s"] = time.perf_counter() - t0
     res["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     print(write_results(out, args.name, res, markdown))

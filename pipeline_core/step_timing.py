@@ -18,8 +18,12 @@ up:
 * ``sched``: stage 0's scheduler, outside its own steps and sends (retiring rows, admitting,
   building the next step's message).
 
-Every second of a stage's wall time falls in exactly one of them, so a stage's row sums to its
-time per step.  Off, the only cost is one attribute test per hook call and per step.
+Beside them, ``compute_cpu``: the thread's CPU time inside the units (``compute`` less the time
+the stage was preempted or its vCPU taken) -- so slow compute reads as slow execution or as
+waiting for a core.
+
+Every second of a stage's wall time falls in exactly one of the categories, so a stage's row
+sums to its time per step.  Off, the only cost is one attribute test per hook call and per step.
 ``GenerationEngine.stats`` carries the totals of every stage (microseconds, in
 :data:`TIMING_FIELDS`), and :func:`breakdown` turns two snapshots into per-step figures.
 """
@@ -42,6 +46,7 @@ TIMING_FIELDS = (
     "t_wait_us",
     "t_loop_us",
     "t_ahead_us",
+    "t_compute_cpu_us",
 )
 """Integer totals a stage reports with its cache figures (``cache_stats``)."""
 
@@ -62,14 +67,19 @@ class StepTimes:
     """Stage 0: the scheduler loop while not waiting (its steps and sends included)."""
     ahead_s: float = 0.0
     """Of ``step_s``: run before the step's message came (``GenStage.decode_ahead``)."""
+    compute_cpu_s: float = 0.0
+    """Of ``compute_s``: this thread's CPU time (the rest: preempted, or the vCPU stolen)."""
     _unit_t0: float = 0.0
+    _unit_c0: float = 0.0
 
     def unit_start(self) -> None:
         self._unit_t0 = time.perf_counter()
+        self._unit_c0 = time.thread_time()
 
     def unit_end(self) -> None:
         if self._unit_t0:
             self.compute_s += time.perf_counter() - self._unit_t0
+            self.compute_cpu_s += time.thread_time() - self._unit_c0
             self._unit_t0 = 0.0
 
     def waited(self, since: float) -> float:
@@ -98,6 +108,7 @@ class StepTimes:
             self.wait_s,
             self.loop_s,
             self.ahead_s,
+            self.compute_cpu_s,
         ]
         return dict(zip(TIMING_FIELDS, [self.steps, *(int(x * 1e6) for x in us)], strict=True))
 
@@ -123,5 +134,6 @@ def breakdown(before: dict[str, Any], after: dict[str, Any], steps: int | None =
         "sched": max(0.0, loop - ms["t_step_us"] - ms["t_send_us"]) if loop else 0.0,
     }
     out["total"] = sum(out[c] for c in CATEGORIES)
+    out["compute_cpu"] = ms.get("t_compute_cpu_us", 0.0)
     out["steps"] = n
     return out

@@ -47,6 +47,8 @@ def test_timing_counts_every_step_in_process(tmp_path):
     for s in (first, last):
         assert s["t_steps"] == s["steps"] == first["steps"] >= NEW  # every step, counted once
         assert 0 < s["t_compute_us"] < s["t_step_us"]
+        # CPU time inside the units: some, and never more than their wall time (one thread)
+        assert 0 < s["t_compute_cpu_us"] <= s["t_compute_us"] + 1000
     assert last["t_sample_us"] > 0 and first["t_sample_us"] == 0
     assert first["t_loop_us"] >= first["t_step_us"]  # stage 0's loop holds its steps
 
@@ -68,6 +70,7 @@ def test_breakdown_accounts_for_wall_time(tmp_path):
         d = breakdown(a, b, steps=41)
         assert set(CATEGORIES) <= set(d)
         assert d["compute"] > 0 and d["stage_py"] > 0
+        assert 0 < d["compute_cpu"] <= d["compute"] * 1.01 + 0.05
         assert d["total"] == pytest.approx(per_step_ms, rel=0.25)
     assert breakdown(s0[0], s1[0], steps=41)["wait"] > 0  # stage 0 waits for stage 1
 
