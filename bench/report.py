@@ -40,8 +40,8 @@ BASELINES = {
     "core": "`torch.distributed.pipelining` ScheduleGPipe, same split; load peak vs shard bytes",
     "balance": "one process with the whole model; GPipe split at the middle",
     "generate": "HF `generate` in one process; PiPPy-style recompute; the model on 1 stage",
-    "decode": "HF `generate` in one process, interleaved in the same rounds; one gloo hop "
-    "measured alone",
+    "decode": "HF `generate` in one process, interleaved in the same rounds, each side on 3 "
+    "fresh allocations of its weights; one gloo hop measured alone",
     "huge_pages": "the same plan's stages with their weights in ordinary pages, and HF `generate` "
     "on both layouts, interleaved in every round",
     "compiled_decode": "the same in-process stage(s) eager (`compile_decode` off), run alternately "
