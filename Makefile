@@ -21,12 +21,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/pipeserve local --http-port 8000
 
-# everything but the container-image test (CI runs that one too: make test-container); worksteal:
-# a worker that runs out of tests takes queued ones from the other, so the suite does not end
-# with one core idle behind a 90-s test
+# everything but the container-image test (CI runs that one too: make test-container)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -n 2 --dist worksteal -q -m "not container" --durations=25
+	$(PY) -m pytest -n 2 -q -m "not container" --durations=25
 
 # builds deploy/docker/Dockerfile and runs the cluster in a real engine (needs DOCKER_HOST or
 # root with dockerd + mmdebstrap; skips with the reason otherwise); .ci/run starts the engine
