@@ -119,7 +119,7 @@ def _ours_round(gen: LocalGenerator, prompt: list[int], new: int) -> dict[str, A
 
 
 def _median_stages(rounds: list[list[dict[str, float]]]) -> list[dict[str, float]]:
-    keys = [*CATEGORIES, "total", *(["compute_cpu"] if "compute_cpu" in rounds[0][0] else [])]
+    keys = [*CATEGORIES, "total", "compute_cpu"]
     return [
         {k: statistics.median(r[i][k] for r in rounds) for k in keys} for i in range(len(rounds[0]))
     ]
@@ -160,8 +160,8 @@ def _sides(
     allocates first in even draws, HF in odd ones, so neither side always gets later memory."""
     hf: list[Any] = []
     gen = None
-    for first in ("ours", "hf") if draw % 2 == 0 else ("hf", "ours"):
-        if first == "ours":
+    for side in ("ours", "hf") if draw % 2 == 0 else ("hf", "ours"):
+        if side == "ours":
             opts = StageOptions(step_timing=True)
             gen = stack.enter_context(LocalGenerator(plan, options=opts))
             gen.generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))
@@ -176,6 +176,16 @@ def _sides(
     return runs
 
 
+def _draws_of(got: dict[str, list[Any]], side: str) -> list[list[Any]]:
+    """``side``'s results of each draw, in draw order (``got`` is keyed ``side/draw``)."""
+    return [rs for k, rs in got.items() if k.split("/")[0] == side]
+
+
+def _by_draw(got: dict[str, list[Any]], side: str, key: Callable[[Any], float]) -> list[float]:
+    """The median of ``key`` over each draw's results of ``side``."""
+    return [statistics.median(map(key, rs)) for rs in _draws_of(got, side)]
+
+
 def latency(
     model: Any, ckpt: Path, stages: list[int], new: int, rounds: int, draws: int = 1
 ) -> dict[str, Any]:
@@ -184,34 +194,30 @@ def latency(
 
     [Note: draws of memory] on this VM the same weights stream at speeds up to ~13% apart
     depending on the memory they landed in (six huge-page copies of one model in one process,
-    interleaved: 64-73 ms of compute per token; chunks of one allocation: up to 35% apart, each
-    steady over a run).  A pipeline's stages and HF's model each draw their memory once, so
-    one draw per side made the ratio partly a lottery (two pipelines of one plan, interleaved:
-    65 vs 83 ms of compute per token).  So each side runs on ``draws`` fresh allocations --
-    pipelines and HF copies -- all kept alive and interleaved in every round."""
+    interleaved: 64-73 ms of compute per token; 256 MB huge-page chunks allocated one after
+    another: 0.88x-1.45x a reference chunk, each steady over a run).  A pipeline's stages and
+    HF's model each draw their memory once, so one draw per side made the ratio partly a
+    lottery (two pipelines of one plan, interleaved: 65 vs 83 ms of compute per token).  So
+    each side runs on ``draws`` fresh allocations -- pipelines and HF copies -- all kept alive
+    and interleaved in every round."""
     prompt = _prompt(16, 2)
     out: dict[str, Any] = {}
     for n in stages:
         plan = make_plan(ModelSource(checkpoint=str(ckpt)), Policy.equal_size(n), trace=False)
-        got: dict[str, list[Any]] = {}
         loads = []
         with ExitStack() as stack:
             runs: dict[str, Callable[[], Any]] = {}
             for d in range(draws):
                 runs |= _sides(model, plan, prompt, new, d, stack)
-            got = {k: [] for k in runs}
+            got: dict[str, list[Any]] = {k: [] for k in runs}
             for i in range(rounds):
                 loads.append(load())
                 interleaved_round(i, runs, got)
-            del runs
+            del runs  # the HF copies go now, not when the next stage count's draws are made
 
-        def pooled(side: str, got: dict[str, list[Any]] = got) -> list[Any]:
-            return [x for d in range(draws) for x in got[f"{side}/{d}"]]
-
-        def by_draw(side: str, key: Callable[[Any], float], got: dict = got) -> list[float]:
-            return [statistics.median(key(x) for x in got[f"{side}/{d}"]) for d in range(draws)]
-
-        ours, hf, hfh = pooled("ours"), pooled("hf"), pooled("hf_huge")
+        ours, hf, hfh = (
+            [r for rs in _draws_of(got, side) for r in rs] for side in ("ours", "hf", "hf_huge")
+        )
         o = statistics.median(r["s_per_token"] for r in ours)
         h = statistics.median(r["s_per_token"] for r in hf)
         hh = statistics.median(r["s_per_token"] for r in hfh)
@@ -233,9 +239,9 @@ def latency(
             "hf_huge_python_ms": statistics.median(r["python_ms"] for r in hfh),
             "load": [ld for _ in range(draws) for ld in loads],
             "draw_compute_ms": {
-                "ours": by_draw("ours", lambda r: sum(st["compute"] for st in r["stages"])),
-                "hf": by_draw("hf", lambda r: r["compute_ms"]),
-                "hf_huge": by_draw("hf_huge", lambda r: r["compute_ms"]),
+                "ours": _by_draw(got, "ours", lambda r: sum(st["compute"] for st in r["stages"])),
+                "hf": _by_draw(got, "hf", lambda r: r["compute_ms"]),
+                "hf_huge": _by_draw(got, "hf_huge", lambda r: r["compute_ms"]),
             },
         }
         print(

@@ -134,6 +134,6 @@ def breakdown(before: dict[str, Any], after: dict[str, Any], steps: int | None =
         "sched": max(0.0, loop - ms["t_step_us"] - ms["t_send_us"]) if loop else 0.0,
     }
     out["total"] = sum(out[c] for c in CATEGORIES)
-    out["compute_cpu"] = ms.get("t_compute_cpu_us", 0.0)
+    out["compute_cpu"] = ms["t_compute_cpu_us"]
     out["steps"] = n
     return out
