@@ -77,9 +77,9 @@ class StepTimes:
         self._unit_c0 = time.thread_time()
 
     def unit_end(self) -> None:
-        if self._unit_t0:
-            self.compute_s += time.perf_counter() - self._unit_t0
+        if self._unit_t0:  # the CPU clock read inside the wall clock's interval at both ends
             self.compute_cpu_s += time.thread_time() - self._unit_c0
+            self.compute_s += time.perf_counter() - self._unit_t0
             self._unit_t0 = 0.0
 
     def waited(self, since: float) -> float:
