@@ -161,7 +161,14 @@ def test_errors_have_status_codes_and_leave_others_unharmed(cluster):
         )
     )
     assert status == C.INVALID_ARGUMENT and "does not exist" in msg
-    req = pb.GenerateRequest(model="small", token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=900)
+    # ignore_eos: the small model's greedy tokens reach EOS after 31, which a fast machine
+    # streams within the deadline; 900 tokens it cannot
+    req = pb.GenerateRequest(
+        model="small",
+        token_ids=pb.TokenIds(ids=PROMPT),
+        max_new_tokens=900,
+        sampling=pb.SamplingParameters(ignore_eos=True),
+    )
     assert code(lambda: list(cluster.inference.Generate(req, timeout=0.3)))[0] == (
         C.DEADLINE_EXCEEDED
     )
