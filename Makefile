@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) -m bench.bench_balance
 	$(PY) -m bench.bench_generate
 	$(PY) -m bench.bench_decode
+	$(PY) -m bench.bench_alternation
 	$(PY) -m bench.bench_grpc
 	$(PY) -m bench.bench_gateway
 	$(PY) -m bench.bench_reliability

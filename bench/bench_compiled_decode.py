@@ -130,10 +130,11 @@ def markdown(res: dict[str, Any]) -> str:
             f"{'PASS' if r['tokens_equal'] else 'FAIL'} |"
         )
     for r in res["runs"]:
+        word = "faster" if r["speedup"] >= 1 else "the speed (slower)"
         lines.append(
             f"| per-token time, compiled, {r['rows']} row(s) (best round each) | (measured) | "
             f"{r['compiled']['ms_per_token']:.1f} ms | {r['eager']['ms_per_token']:.1f} ms "
-            f"(eager) | {r['speedup']:.2f}x faster | n/a |"
+            f"(eager) | {r['speedup']:.2f}x {word} | n/a |"
         )
         lines.append(
             f"| eager / compiled per round, {r['rows']} row(s) (median) | (measured) | "

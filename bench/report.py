@@ -21,6 +21,7 @@ ORDER = [
     "balance",
     "generate",
     "decode",
+    "alternation",
     "huge_pages",
     "compiled_decode",
     "generate_16core",
@@ -42,6 +43,8 @@ BASELINES = {
     "generate": "HF `generate` in one process; PiPPy-style recompute; the model on 1 stage",
     "decode": "HF `generate` in one process, interleaved in the same rounds, each side on 3 "
     "fresh allocations of its weights; one gloo hop measured alone",
+    "alternation": "the same 12 decoder layers back to back in one thread (no pipeline code in "
+    "any layout)",
     "huge_pages": "the same plan's stages with their weights in ordinary pages, and HF `generate` "
     "on both layouts, interleaved in every round",
     "compiled_decode": "the same in-process stage(s) eager (`compile_decode` off), run alternately "
