@@ -1,15 +1,17 @@
 """Stage weights in huge pages vs ordinary pages (issue 23; :mod:`pipeline_core.host_arena`).
 
-    python -m bench.bench_huge_pages                 # 2 and 4 stages, 6 rounds of 64 tokens
-    python -m bench.bench_huge_pages --rounds 3 --stages 2
+    python -m bench.bench_huge_pages             # 2 and 4 stages, 3 draws x 3 rounds of 64 tokens
+    python -m bench.bench_huge_pages --draws 1 --rounds 3 --stages 2
 
 Two pipelines of the same plan run side by side, one loading its stages' weights into one
 huge-page region (the default), one with ``StageOptions(huge_pages=False)`` (each tensor in
 its own allocation, as before); HF ``generate`` runs in the same rounds twice, on its own
 weights and on a copy moved into huge pages.  All four are interleaved in every round (the
 order reverses every other round), so drift of this VM's speed over minutes cancels in the
-paired ratios.  The model and rules are ``bench_decode``'s: random 134M Llama, fp32, a 16-token
-prompt, ``(time for N+1 new tokens - time for 1) / N``, one torch thread per process.
+paired ratios.  Every side is allocated afresh on each of ``--draws`` draws (on this VM the
+same weights stream up to ~13% apart with the memory they land in), rounds pooled.  The model
+and rules are ``bench_decode``'s: random 134M Llama, fp32, a 16-token prompt,
+``(time for N+1 new tokens - time for 1) / N``, one torch thread per process.
 
 Writes ``bench/results/huge_pages.json`` and ``huge_pages.md``.
 """
@@ -17,10 +19,13 @@ Writes ``bench/results/huge_pages.json`` and ``huge_pages.md``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -51,36 +56,48 @@ def _compute(r: dict[str, Any]) -> float:
     return sum(st["compute"] for st in r["stages"]) if "stages" in r else r["compute_ms"]
 
 
-def compare(ckpt: Path, model: Any, stages: int, new: int, rounds: int) -> dict[str, Any]:
+def _sides(
+    plan: Any, model: Any, prompt: list[int], new: int, draw: int, stack: ExitStack
+) -> dict[str, Callable[[], Any]]:
+    """One draw of memory: two fresh pipelines of ``plan`` (huge pages / ordinary pages) and
+    fresh copies of HF's model (its own pages / huge pages), warmed up; the pipelines allocate
+    first in even draws, HF in odd ones (as ``bench_decode``'s draws)."""
+    gens: dict[str, Any] = {}
+    models: dict[str, Any] = {}
+    warm = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    for part in ("ours", "hf") if draw % 2 == 0 else ("hf", "ours"):
+        if part == "ours":
+            for side, huge in (("huge", True), ("plain", False)):
+                opts = StageOptions(step_timing=True, huge_pages=huge)
+                gens[side] = stack.enter_context(LocalGenerator(plan, options=opts))
+                gens[side].generate([prompt], warm)
+        else:
+            models = {"hf": copy.deepcopy(model), "hf_huge": in_huge_pages(model)}
+    runs: dict[str, Callable[[], Any]] = {}
+    for side in SIDES:
+        if side in gens:
+            runs[side] = partial(_ours_round, gens[side], prompt, new)
+        else:
+            clock = _UnitClock(_units(models[side]))
+            stack.callback(clock.remove)
+            _hf_generate_s(models[side], prompt, 4)
+            runs[side] = partial(_hf_round, models[side], prompt, new, clock)
+    return runs
+
+
+def compare(
+    ckpt: Path, model: Any, stages: int, new: int, rounds: int, draws: int
+) -> dict[str, Any]:
     prompt = _prompt(16, 2)
-    huge_model = in_huge_pages(model)
-    clocks = {"hf": _UnitClock(_units(model)), "hf_huge": _UnitClock(_units(huge_model))}
-    models = {"hf": model, "hf_huge": huge_model}
     plan = make_plan(ModelSource(checkpoint=str(ckpt)), Policy.equal_size(stages), trace=False)
     got: dict[str, list[dict[str, Any]]] = {s: [] for s in SIDES}
     loads = []
-    try:
-        with (
-            LocalGenerator(plan, options=StageOptions(step_timing=True)) as huge,
-            LocalGenerator(plan, options=StageOptions(step_timing=True, huge_pages=False)) as plain,
-        ):
-            gens = {"huge": huge, "plain": plain}
-            for g in gens.values():
-                g.generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))
-            for m in models.values():
-                _hf_generate_s(m, prompt, 4)
-            runs = {
-                side: partial(_ours_round, gens[side], prompt, new)
-                if side in gens
-                else partial(_hf_round, models[side], prompt, new, clocks[side])
-                for side in SIDES
-            }
+    for d in range(draws):
+        with ExitStack() as stack:
+            runs = _sides(plan, model, prompt, new, d, stack)
             for i in range(rounds):
                 loads.append(load())
                 interleaved_round(i, runs, got)
-    finally:
-        for c in clocks.values():
-            c.remove()
 
     def paired(a: str, b: str) -> float:
         return statistics.median(
@@ -134,7 +151,9 @@ def markdown(res: dict[str, Any]) -> str:
             "",
             f"Machine: {m['cpu']}, {m['usable_cores']} usable cores, torch {m['torch']}.  "
             f"Random Llama, 134M parameters, fp32; 16-token prompt, {res['new_tokens']} new "
-            f"tokens; medians of {res['rounds']} rounds, ratios paired per round.  Two "
+            f"tokens; medians of {res['rounds']} rounds on each of {res.get('draws', 1)} "
+            "draw(s) of memory (fresh pipelines and fresh HF copies per draw, pooled), ratios "
+            "paired per round.  Two "
             "pipelines of the same plan (`StageOptions(huge_pages=True)`, the default, and "
             "`huge_pages=False`) and HF `generate` on its own weights and on a copy moved into "
             "huge pages, all four interleaved in every round.  Date: "
@@ -162,7 +181,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--stages", default="2,4")
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds on each draw")
+    ap.add_argument("--draws", type=int, default=3, help="fresh allocations of every side")
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--report-only", action="store_true", help="markdown from the JSON")
     args = ap.parse_args()
@@ -173,11 +193,11 @@ def main() -> None:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     res: dict[str, Any] = {"machine": machine(), "code": code_state(), "thp": _thp_mode()}
-    res.update(rounds=args.rounds, new_tokens=args.new, stages={})
+    res.update(rounds=args.rounds, draws=args.draws, new_tokens=args.new, stages={})
     with tempfile.TemporaryDirectory() as d:
         model, ckpt = build(Path(d) / "llama")
         for n in (int(x) for x in args.stages.split(",")):
-            res["stages"][n] = compare(ckpt, model, n, args.new, args.rounds)
+            res["stages"][n] = compare(ckpt, model, n, args.new, args.rounds, args.draws)
     res["date"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     res["wall_s"] = time.perf_counter() - t0
     print(write_results(Path(args.out), "huge_pages", res, markdown))

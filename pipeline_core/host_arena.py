@@ -6,10 +6,11 @@ core streams them from memory.  In 4 KiB pages every 4 KiB of a weight needs its
 a 28 MB layer is ~7000 of them, far past what the TLB holds, so each token walks the page
 tables again, and the hardware prefetchers stop at every page boundary.  In 2 MiB pages the same
 layer is 14 entries.  Measured on a 2-core AMD EPYC VM (``bench/results/huge_pages.md``, two
-pipelines of one plan interleaved in every round): 2 stages of the 134M Llama, fp32, ran
-0.89x the per-token time with their weights in huge pages than in ordinary pages (paired
-median of 6 rounds); at 4 stages 0.98x, within the noise.  HF ``generate`` of the same model
-on a copy of its weights moved into huge pages ran 0.89x-0.96x its own time in the same runs.
+pipelines of one plan interleaved in every round, 3 fresh allocations x 3 rounds): 2 stages of
+the 134M Llama, fp32, ran 0.94x the per-token time with their weights in huge pages than in
+ordinary pages (paired median), 4 stages 0.96x (an earlier one-allocation run: 0.89x / 0.98x).
+HF ``generate`` of the same model on a copy of its weights moved into huge pages ran
+0.94x-0.97x its own time in the same runs.
 
 The kernel gives huge pages to anonymous memory only where asked (``madvise`` mode, Debian's and
 Ubuntu's default; ``always`` gives them anyway, ``never`` not at all), and only to 2 MiB-aligned
