@@ -8,7 +8,8 @@ token at a time from an empty cache, laid out three ways, interleaved in every r
 
 * one thread running all 12 layers back to back (what HF ``generate`` does);
 * k processes, each running 12/k layers, handing the hidden state on through
-  ``multiprocessing`` pipes -- a pipeline reduced to the bare hand-over;
+  ``multiprocessing`` pipes -- a pipeline reduced to the bare hand-over (this process feeds
+  the first and reads the last: k+1 hops a token, where a ring of stages has k);
 * k threads of one process, the same hand-over through queues (no address-space switch).
 
 Layer i has the same weights in every layout, and every layout must end with the same hidden
