@@ -162,6 +162,7 @@ class Threads:
             else:
                 h = self.parts[i].step(h)
             self.qs[i + 1].put(h)
+        self.qs[i + 1].put(None)  # the next thread ends too
 
     def run(self, tokens: int, h: torch.Tensor) -> torch.Tensor:
         self.qs[0].put("reset")

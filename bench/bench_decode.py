@@ -153,26 +153,36 @@ def interleaved_round(
 
 
 def _sides(
-    model: Any, plan: Any, prompt: list[int], new: int, draw: int, stack: ExitStack
+    model: Any,
+    plan: Any,
+    prompt: list[int],
+    new: int,
+    draw: int,
+    stack: ExitStack,
+    pipelines: dict[str, StageOptions] | None = None,
 ) -> dict[str, Callable[[], Any]]:
-    """One draw of memory: a fresh pipeline of ``plan`` and fresh copies of HF's model (its
-    ordinary pages, as ``from_pretrained`` gives, and huge pages), warmed up; the pipeline
-    allocates first in even draws, HF in odd ones, so neither side always gets later memory."""
+    """One draw of memory: fresh pipelines of ``plan`` (``pipelines``: name -> options; default
+    one, ``ours``, timed) and fresh copies of HF's model (``hf``: its ordinary pages, as
+    ``from_pretrained`` gives; ``hf_huge``: huge pages), warmed up; the pipelines allocate
+    first in even draws, HF in odd ones, so neither side always gets later memory."""
+    pipelines = pipelines or {"ours": StageOptions(step_timing=True)}
+    gens: dict[str, LocalGenerator] = {}
     hf: list[Any] = []
-    gen = None
     for side in ("ours", "hf") if draw % 2 == 0 else ("hf", "ours"):
         if side == "ours":
-            opts = StageOptions(step_timing=True)
-            gen = stack.enter_context(LocalGenerator(plan, options=opts))
-            gen.generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))
+            for name, opts in pipelines.items():
+                gens[name] = stack.enter_context(LocalGenerator(plan, options=opts))
+                gens[name].generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))
         else:
             hf = [copy.deepcopy(model), in_huge_pages(model)]
-    runs: dict[str, Callable[[], Any]] = {f"ours/{draw}": partial(_ours_round, gen, prompt, new)}
+    runs: dict[str, Callable[[], Any]] = {
+        name: partial(_ours_round, gen, prompt, new) for name, gen in gens.items()
+    }
     for side, m in zip(("hf", "hf_huge"), hf, strict=True):
         clock = _UnitClock(_units(m))
         stack.callback(clock.remove)
         _hf_generate_s(m, prompt, 4)
-        runs[f"{side}/{draw}"] = partial(_hf_round, m, prompt, new, clock)
+        runs[side] = partial(_hf_round, m, prompt, new, clock)
     return runs
 
 
@@ -208,7 +218,8 @@ def latency(
         with ExitStack() as stack:
             runs: dict[str, Callable[[], Any]] = {}
             for d in range(draws):
-                runs |= _sides(model, plan, prompt, new, d, stack)
+                sides = _sides(model, plan, prompt, new, d, stack)
+                runs |= {f"{side}/{d}": run for side, run in sides.items()}
             got: dict[str, list[Any]] = {k: [] for k in runs}
             for i in range(rounds):
                 loads.append(load())

@@ -19,70 +19,35 @@ Writes ``bench/results/huge_pages.json`` and ``huge_pages.md``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from contextlib import ExitStack
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.bench_decode import (
-    _hf_round,
-    _ours_round,
-    _UnitClock,
-    _units,
-    in_huge_pages,
-    interleaved_round,
-    load,
-)
-from bench.bench_generate import _hf_generate_s, _prompt, build
+from bench.bench_decode import _sides, interleaved_round, load
+from bench.bench_generate import _prompt, build
 from bench.harness import code_state, machine, write_results
-from pipeline_core import LocalGenerator, ModelSource, Policy, SamplingParams, make_plan
+from pipeline_core import ModelSource, Policy, make_plan
 from pipeline_core.stage_options import StageOptions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIDES = ("huge", "hf", "plain", "hf_huge")
+PIPELINES = {
+    "huge": StageOptions(step_timing=True),
+    "plain": StageOptions(step_timing=True, huge_pages=False),
+}
+"""The two pipelines of one plan each draw makes (``bench_decode._sides`` adds HF's two)."""
 GOAL = 1.0
 """The default layout must not be slower than the one it replaced."""
 
 
 def _compute(r: dict[str, Any]) -> float:
     return sum(st["compute"] for st in r["stages"]) if "stages" in r else r["compute_ms"]
-
-
-def _sides(
-    plan: Any, model: Any, prompt: list[int], new: int, draw: int, stack: ExitStack
-) -> dict[str, Callable[[], Any]]:
-    """One draw of memory: two fresh pipelines of ``plan`` (huge pages / ordinary pages) and
-    fresh copies of HF's model (its own pages / huge pages), warmed up; the pipelines allocate
-    first in even draws, HF in odd ones (as ``bench_decode``'s draws)."""
-    gens: dict[str, Any] = {}
-    models: dict[str, Any] = {}
-    warm = SamplingParams(max_new_tokens=4, ignore_eos=True)
-    for part in ("ours", "hf") if draw % 2 == 0 else ("hf", "ours"):
-        if part == "ours":
-            for side, huge in (("huge", True), ("plain", False)):
-                opts = StageOptions(step_timing=True, huge_pages=huge)
-                gens[side] = stack.enter_context(LocalGenerator(plan, options=opts))
-                gens[side].generate([prompt], warm)
-        else:
-            models = {"hf": copy.deepcopy(model), "hf_huge": in_huge_pages(model)}
-    runs: dict[str, Callable[[], Any]] = {}
-    for side in SIDES:
-        if side in gens:
-            runs[side] = partial(_ours_round, gens[side], prompt, new)
-        else:
-            clock = _UnitClock(_units(models[side]))
-            stack.callback(clock.remove)
-            _hf_generate_s(models[side], prompt, 4)
-            runs[side] = partial(_hf_round, models[side], prompt, new, clock)
-    return runs
 
 
 def compare(
@@ -94,7 +59,8 @@ def compare(
     loads = []
     for d in range(draws):
         with ExitStack() as stack:
-            runs = _sides(plan, model, prompt, new, d, stack)
+            sides = _sides(model, plan, prompt, new, d, stack, PIPELINES)
+            runs = {side: sides[side] for side in SIDES}
             for i in range(rounds):
                 loads.append(load())
                 interleaved_round(i, runs, got)
