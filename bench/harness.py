@@ -76,6 +76,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_detail() -> str:
+    """Family/model, torch's vector ISA and the L3 size: VMs often name every CPU generation
+    alike ("AMD EPYC"), and results from two generations must not read as one machine's."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    parts = []
+    if "cpu family" in fields and "model" in fields:
+        parts.append(f"family {fields['cpu family']} model {fields['model']}")
+    parts.append(torch.backends.cpu.get_cpu_capability())
+    try:
+        l3 = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        parts.append(f"L3 {l3}")
+    except OSError:
+        pass
+    return ", ".join(parts)
+
+
 def machine() -> dict[str, Any]:
     import transformers
 
@@ -83,7 +105,7 @@ def machine() -> dict[str, Any]:
 
     cpu = cpu_name()
     return {
-        "cpu": cpu,
+        "cpu": f"{cpu} ({cpu_detail()})",
         "cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB, 1),
