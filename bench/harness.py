@@ -79,13 +79,9 @@ def free_port() -> int:
 def cpu_detail() -> str:
     """Family/model, torch's vector ISA and the L3 size: VMs often name every CPU generation
     alike ("AMD EPYC"), and results from two generations must not read as one machine's."""
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
+    from pipeline_core.cost import cpu_fields
+
+    fields = cpu_fields()
     parts = []
     if "cpu family" in fields and "model" in fields:
         parts.append(f"family {fields['cpu family']} model {fields['model']}")

@@ -53,6 +53,7 @@ __all__ = [
     "PROFILE_CACHE_ENV",
     "UnitCost",
     "Workload",
+    "cpu_fields",
     "cpu_name",
     "device_flops",
     "device_name",
@@ -148,15 +149,21 @@ def device_name(device: str | torch.device) -> str:
     return f"{device.type}:{cpu_name()}"
 
 
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+def cpu_fields() -> dict[str, str]:
+    """``/proc/cpuinfo``'s fields as the first CPU lists them (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    return fields
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    return cpu_fields().get("model name") or platform.processor() or platform.machine() or "unknown"
 
 
 def _key(device: str, dtype: torch.dtype, threads: int, what: str) -> str:
