@@ -160,18 +160,21 @@ def _sides(
     draw: int,
     stack: ExitStack,
     pipelines: dict[str, StageOptions] | None = None,
+    in_process: frozenset[str] = frozenset(),
 ) -> dict[str, Callable[[], Any]]:
     """One draw of memory: fresh pipelines of ``plan`` (``pipelines``: name -> options; default
-    one, ``ours``, timed) and fresh copies of HF's model (``hf``: its ordinary pages, as
-    ``from_pretrained`` gives; ``hf_huge``: huge pages), warmed up; the pipelines allocate
-    first in even draws, HF in odd ones, so neither side always gets later memory."""
+    one, ``ours``, timed; those named in ``in_process``: every stage a thread of this process)
+    and fresh copies of HF's model (``hf``: its ordinary pages, as ``from_pretrained`` gives;
+    ``hf_huge``: huge pages), warmed up; the pipelines allocate first in even draws, HF in odd
+    ones, so neither side always gets later memory."""
     pipelines = pipelines or {"ours": StageOptions(step_timing=True)}
     gens: dict[str, LocalGenerator] = {}
     hf: list[Any] = []
     for side in ("ours", "hf") if draw % 2 == 0 else ("hf", "ours"):
         if side == "ours":
             for name, opts in pipelines.items():
-                gens[name] = stack.enter_context(LocalGenerator(plan, options=opts))
+                gen = LocalGenerator(plan, options=opts, in_process=name in in_process)
+                gens[name] = stack.enter_context(gen)
                 gens[name].generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))
         else:
             hf = [copy.deepcopy(model), in_huge_pages(model)]
@@ -196,6 +199,33 @@ def _by_draw(got: dict[str, list[Any]], side: str, key: Callable[[Any], float]) 
     return [statistics.median(map(key, rs)) for rs in _draws_of(got, side)]
 
 
+THREADS = frozenset({"threads"})
+"""The sides whose stages run as threads of this process (:class:`~pipeline_core.
+local_generate.InProcessRing`): the same stage loop and step code, no address space per stage."""
+
+
+def _pipelines(n: int) -> dict[str, StageOptions]:
+    """The pipelines of ``n`` stages each draw builds: the stage processes (the goal's side)
+    and, split, the same stages as threads of one process (the reference that separates what
+    S processes alternating on this machine's cores cost from what the stages' code costs)."""
+    sides = {"ours": StageOptions(step_timing=True)}
+    if n > 1:
+        sides["threads"] = StageOptions(step_timing=True)
+    return sides
+
+
+def _side_figures(ours: list[Any], hf: list[Any], hfh: list[Any]) -> dict[str, Any]:
+    """A pipeline side's pooled figures against HF's, paired round by round."""
+    o = statistics.median(r["s_per_token"] for r in ours)
+    return {
+        "ms": o * 1e3,
+        "ratio": o / statistics.median(r["s_per_token"] for r in hf),
+        "ratios": [a["s_per_token"] / b["s_per_token"] for a, b in zip(ours, hf, strict=True)],
+        "ratio_huge": o / statistics.median(r["s_per_token"] for r in hfh),
+        "stages": _median_stages([r["stages"] for r in ours]),
+    }
+
+
 def latency(
     model: Any, ckpt: Path, stages: list[int], new: int, rounds: int, draws: int = 1
 ) -> dict[str, Any]:
@@ -218,7 +248,7 @@ def latency(
         with ExitStack() as stack:
             runs: dict[str, Callable[[], Any]] = {}
             for d in range(draws):
-                sides = _sides(model, plan, prompt, new, d, stack)
+                sides = _sides(model, plan, prompt, new, d, stack, _pipelines(n), THREADS)
                 runs |= {f"{side}/{d}": run for side, run in sides.items()}
             got: dict[str, list[Any]] = {k: [] for k in runs}
             for i in range(rounds):
@@ -249,6 +279,11 @@ def latency(
             "hf_huge_compute_ms": statistics.median(r["compute_ms"] for r in hfh),
             "hf_huge_python_ms": statistics.median(r["python_ms"] for r in hfh),
             "load": [ld for _ in range(draws) for ld in loads],
+            **(
+                {"threads": _side_figures(threads, hf, hfh)}
+                if (threads := [r for rs in _draws_of(got, "threads") for r in rs])
+                else {}
+            ),
             "draw_compute_ms": {
                 "ours": _by_draw(got, "ours", lambda r: sum(st["compute"] for st in r["stages"])),
                 "hf": _by_draw(got, "hf", lambda r: r["compute_ms"]),
@@ -263,6 +298,9 @@ def latency(
         )
         for i, st in enumerate(out[n]["stages"]):
             print(f"    stage {i}: " + ", ".join(f"{k} {v:.2f}" for k, v in st.items()))
+        if "threads" in out[n]:
+            t = out[n]["threads"]
+            print(f"    as threads: {t['ms']:.2f} ms/token, {t['ratio']:.3f}x HF", flush=True)
     return out
 
 

@@ -44,6 +44,14 @@ def markdown(res: dict[str, Any]) -> str:
                 f"theirs | (reference) | {_f(r['ours_ms'])} ms | {_f(r['hf_huge_ms'])} ms "
                 f"(HF, huge pages) | {r['ratio_huge']:.3f}x | |"
             )
+        if "threads" in r:
+            t = r["threads"]
+            rows.append(
+                "| the same stages as threads of one process (`LocalGenerator(in_process=True)`: "
+                f"no address space per stage) vs one-process HF generate | (reference) | "
+                f"{_f(t['ms'])} ms | {_f(r['hf_ms'])} ms (HF) | {t['ratio']:.3f}x "
+                f"(paired {statistics.median(t['ratios']):.3f}x) | |"
+            )
     hop = res["hop"]
     lines = [
         "# Decode overhead",
@@ -111,12 +119,13 @@ def markdown(res: dict[str, Any]) -> str:
                 f"{_f(r['hf_huge_python_ms'])} (all outside the units) | | | | | | "
                 f"{_f(r['hf_huge_compute_ms'] + r['hf_huge_python_ms'])} |"
             )
-        for i, st in enumerate(r["stages"]):
-            lines.append(
-                f"| {n} | {i} | "
-                + " | ".join(_f(_shown(st, c)) for c in CATEGORIES)
-                + f" | {_f(st['total'])} |"
-            )
+        for label, stages in ((f"{n}", r["stages"]), (f"{n}, threads", _threads(r))):
+            for i, st in enumerate(stages):
+                lines.append(
+                    f"| {label} | {i} | "
+                    + " | ".join(_f(_shown(st, c)) for c in CATEGORIES)
+                    + f" | {_f(st['total'])} |"
+                )
     lines += [
         "",
         "Compute: inside the units the stage owns (embeddings, decoder layers, norm, head -- "
@@ -127,7 +136,10 @@ def markdown(res: dict[str, Any]) -> str:
         "path unless the message came first; receive-wait: blocked for the next message (the "
         "other stages' work and the hops); "
         "scheduler: stage 0's loop outside its steps and sends.  Each stage's row sums to its "
-        "wall time per token." + _cpu_note(lat),
+        "wall time per token.  Rows `S, threads`: the same stages as threads of one process "
+        "(stage 0's scheduler in the main thread, each later stage on its own thread, "
+        "messages encoded and decoded as over the wire but handed on through queues)."
+        + _cpu_note(lat),
         "",
         f"## One hop between two processes ({hop['bytes']} B activation, load {hop['load']:.1f})",
         "",
@@ -142,6 +154,10 @@ def markdown(res: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _threads(r: dict[str, Any]) -> list[dict[str, float]]:
+    return r["threads"]["stages"] if "threads" in r else []
 
 
 def _draws_note(draws: int) -> str:
