@@ -10,7 +10,10 @@ token at a time from an empty cache, laid out three ways, interleaved in every r
 * k processes, each running 12/k layers, handing the hidden state on through
   ``multiprocessing`` pipes -- a pipeline reduced to the bare hand-over (this process feeds
   the first and reads the last: k+1 hops a token, where a ring of stages has k);
-* k threads of one process, the same hand-over through queues (no address-space switch).
+* k threads of one process, the same hand-over through queues (no address-space switch);
+* k processes as above, all bound to one core (the feeding process left free): a hand-over
+  never leaves a core idle or moves a process, so what remains of the per-layer cost above
+  the one thread's is neither a vCPU waking from halt nor a move between cores.
 
 Layer i has the same weights in every layout, and every layout must end with the same hidden
 state as the one thread, bitwise (the goal rows: the layouts do the same work).  Each layout
@@ -84,11 +87,16 @@ class Part:
         return h
 
     def per_layer_ms(self) -> float:
-        return self.compute_s / self.steps / len(self.layers) * 1e3
+        """Compute per layer since the last call (the counters start again from zero)."""
+        ms = self.compute_s / self.steps / len(self.layers) * 1e3
+        self.compute_s, self.steps = 0.0, 0
+        return ms
 
 
-def _serve_process(lo: int, hi: int, rx: Any, tx: Any) -> None:
+def _serve_process(lo: int, hi: int, rx: Any, tx: Any, core: int | None) -> None:
     torch.set_num_threads(1)
+    if core is not None:
+        os.sched_setaffinity(0, {core})
     part = Part(lo, hi)
     while True:
         b = rx.recv_bytes()
@@ -106,15 +114,17 @@ def _serve_process(lo: int, hi: int, rx: Any, tx: Any) -> None:
 
 
 class Processes:
-    """k processes on a ring of pipes; this process only feeds the first and reads the last."""
+    """k processes on a ring of pipes; this process only feeds the first and reads the last.
+    ``core``: every one of them bound to that core."""
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, core: int | None = None) -> None:
         ctx = mp.get_context("spawn")
         per = LAYERS // k
         pipes = [ctx.Pipe(duplex=False) for _ in range(k + 1)]  # (receive end, send end)
         self.procs = [
             ctx.Process(
-                target=_serve_process, args=(i * per, (i + 1) * per, pipes[i][0], pipes[i + 1][1])
+                target=_serve_process,
+                args=(i * per, (i + 1) * per, pipes[i][0], pipes[i + 1][1], core),
             )
             for i in range(k)
         ]
@@ -199,16 +209,20 @@ class OneThread:
 def run(stages: list[int], rounds: int, tokens: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     layouts: dict[str, Any] = {"one thread": OneThread()}
+    cores = sorted(os.sched_getaffinity(0))
     for k in stages:
         layouts[f"{k} processes"] = Processes(k)
         layouts[f"{k} threads"] = Threads(k)
+        if len(cores) > 1:  # one core of several: the others stay free for the feeding process
+            layouts[f"{k} processes, one core"] = Processes(k, core=cores[-1])
     h = torch.randn(1, 1, HIDDEN, generator=torch.Generator().manual_seed(0)) * 0.1
     ms: dict[str, list[float]] = {name: [] for name in layouts}
     out: dict[str, torch.Tensor] = {}
     load = []
     try:
-        for lay in layouts.values():  # warm-up (and the processes' start)
+        for lay in layouts.values():  # warm-up (and the processes' start), not counted
             lay.run(8, h)
+            lay.per_layer_ms()
         for r in range(rounds):
             load.append(os.getloadavg()[0])
             for name in list(layouts) if r % 2 == 0 else list(layouts)[::-1]:
@@ -285,7 +299,9 @@ def markdown(res: dict[str, Any]) -> str:
         "(pipe or queue, the wake-up of the next process or thread) is not in it: what it "
         "shows above 1 is the same layers executing slower when decode alternates between "
         "processes or threads instead of running back to back in one -- the floor under "
-        "`bench_decode`'s stage compute on this machine.  Per layer, each process or thread: "
+        "`bench_decode`'s stage compute on this machine.  `one core`: the k processes bound "
+        "to one core, so that a hand-over between them never idles a core or moves a process.  "
+        "Per layer, each process or thread: "
         + "; ".join(f"{n}: " + ", ".join(f"{x:.3f}" for x in r["layer_ms"]) for n, r in lay.items())
         + f" ms.  1-minute load average at each round's start: {loads}.",
         "",
