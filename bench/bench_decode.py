@@ -214,14 +214,25 @@ def _pipelines(n: int) -> dict[str, StageOptions]:
     return sides
 
 
+def _pooled(got: dict[str, list[Any]], side: str) -> list[Any]:
+    """``side``'s results of every draw, in one list."""
+    return [r for rs in _draws_of(got, side) for r in rs]
+
+
 def _side_figures(ours: list[Any], hf: list[Any], hfh: list[Any]) -> dict[str, Any]:
-    """A pipeline side's pooled figures against HF's, paired round by round."""
+    """A pipeline side's pooled figures against HF's (``hf``) and HF in huge pages (``hfh``),
+    paired round by round."""
     o = statistics.median(r["s_per_token"] for r in ours)
+
+    def paired(base: list[Any]) -> list[float]:
+        return [a["s_per_token"] / b["s_per_token"] for a, b in zip(ours, base, strict=True)]
+
     return {
         "ms": o * 1e3,
         "ratio": o / statistics.median(r["s_per_token"] for r in hf),
-        "ratios": [a["s_per_token"] / b["s_per_token"] for a, b in zip(ours, hf, strict=True)],
+        "ratios": paired(hf),
         "ratio_huge": o / statistics.median(r["s_per_token"] for r in hfh),
+        "ratios_huge": paired(hfh),
         "stages": _median_stages([r["stages"] for r in ours]),
     }
 
@@ -256,34 +267,24 @@ def latency(
                 interleaved_round(i, runs, got)
             del runs  # the HF copies go now, not when the next stage count's draws are made
 
-        ours, hf, hfh = (
-            [r for rs in _draws_of(got, side) for r in rs] for side in ("ours", "hf", "hf_huge")
+        ours, hf, hfh, threads = (
+            _pooled(got, side) for side in ("ours", "hf", "hf_huge", "threads")
         )
-        o = statistics.median(r["s_per_token"] for r in ours)
         h = statistics.median(r["s_per_token"] for r in hf)
         hh = statistics.median(r["s_per_token"] for r in hfh)
+        fig = _side_figures(ours, hf, hfh)
         out[n] = {
             "split": plan.split_points,
-            "ours_ms": o * 1e3,
+            "ours_ms": fig.pop("ms"),
             "hf_ms": h * 1e3,
-            "ratio": o / h,
-            "ratios": [a["s_per_token"] / b["s_per_token"] for a, b in zip(ours, hf, strict=True)],
             "hf_huge_ms": hh * 1e3,
-            "ratio_huge": o / hh,
-            "ratios_huge": [
-                a["s_per_token"] / b["s_per_token"] for a, b in zip(ours, hfh, strict=True)
-            ],
-            "stages": _median_stages([r["stages"] for r in ours]),
+            **fig,
             "hf_compute_ms": statistics.median(r["compute_ms"] for r in hf),
             "hf_python_ms": statistics.median(r["python_ms"] for r in hf),
             "hf_huge_compute_ms": statistics.median(r["compute_ms"] for r in hfh),
             "hf_huge_python_ms": statistics.median(r["python_ms"] for r in hfh),
             "load": [ld for _ in range(draws) for ld in loads],
-            **(
-                {"threads": _side_figures(threads, hf, hfh)}
-                if (threads := [r for rs in _draws_of(got, "threads") for r in rs])
-                else {}
-            ),
+            **({"threads": _side_figures(threads, hf, hfh)} if threads else {}),
             "draw_compute_ms": {
                 "ours": _by_draw(got, "ours", lambda r: sum(st["compute"] for st in r["stages"])),
                 "hf": _by_draw(got, "hf", lambda r: r["compute_ms"]),
@@ -291,8 +292,8 @@ def latency(
             },
         }
         print(
-            f"[latency] {n} stage(s): {o * 1e3:.2f} ms/token vs HF {h * 1e3:.2f}: "
-            f"{o / h:.3f}x; vs HF in huge pages {hh * 1e3:.2f}: {o / hh:.3f}x "
+            f"[latency] {n} stage(s): {out[n]['ours_ms']:.2f} ms/token vs HF {h * 1e3:.2f}: "
+            f"{fig['ratio']:.3f}x; vs HF in huge pages {hh * 1e3:.2f}: {fig['ratio_huge']:.3f}x "
             f"(load {loads}); compute by draw {out[n]['draw_compute_ms']}",
             flush=True,
         )
