@@ -10,10 +10,12 @@ import time
 import pytest
 import torch
 
+import pipeline_core.engine as engine_module
 from pipeline_core import ModelSource, Policy, make_plan
 from pipeline_core.decode_ahead import decode_ahead
 from pipeline_core.gen_stage import GenStage
 from pipeline_core.local_generate import LocalGenerator
+from pipeline_core.ring_messages import Decode
 from pipeline_core.sampling import SamplingParams
 from pipeline_core.stage_options import StageOptions
 
@@ -22,13 +24,29 @@ from .models import hf_greedy_batch, lm_model, save_hf
 PROMPTS = [[5, 6, 7, 8, 9], [11, 3, 12], [2, 14, 9, 8, 21, 30, 4]]
 
 
+@pytest.fixture
+def slow_first_stage(monkeypatch):
+    """Stage 0 sleeps 20 ms before each decode step, so that a later stage, done with its
+    step, always looks for the next message before it can exist -- whether a stage runs
+    ahead then does not hang on how the threads happened to be scheduled (on a loaded machine
+    a thread could lose the core right after its send, and find the next message waiting)."""
+    step = engine_module.run_step
+
+    def slow(stage, msg):
+        if isinstance(msg, Decode):
+            time.sleep(0.02)
+        return step(stage, msg)
+
+    monkeypatch.setattr(engine_module, "run_step", slow)
+
+
 def _later_stages(gen: LocalGenerator) -> list:
     assert gen.engine is not None and gen.engine.ring is not None
     return gen.engine.ring.stages
 
 
 @pytest.mark.parametrize(("family", "stages"), [("llama", 4), ("gpt2", 3), ("bloom", 2)])
-def test_steps_run_ahead_give_generates_tokens(tmp_path, family, stages):
+def test_steps_run_ahead_give_generates_tokens(tmp_path, family, stages, slow_first_stage):
     model = lm_model(family)
     plan = make_plan(
         ModelSource(checkpoint=str(save_hf(model, tmp_path / family))),
@@ -46,7 +64,7 @@ def test_steps_run_ahead_give_generates_tokens(tmp_path, family, stages):
     assert got == hf_greedy_batch(model, [PROMPTS[0]], new)
 
 
-def test_other_messages_undo_the_preparation(tmp_path):
+def test_other_messages_undo_the_preparation(tmp_path, slow_first_stage):
     """Requests arriving mid-flight (a second group, merges, rows leaving at different
     lengths) and stats requests (a control message around the ring) meet stages that
     prepared a step ahead: each is undone and handled as usual; every request's tokens stay
@@ -143,7 +161,7 @@ def test_off_switch(tmp_path):
     assert got == hf_greedy_batch(model, [PROMPTS[2]], 8)
 
 
-def test_the_last_stage_sees_the_real_tokens(tmp_path):
+def test_the_last_stage_sees_the_real_tokens(tmp_path, slow_first_stage):
     """The ids are prepared with a placeholder for the new token; the last stage's logits
     rules read their values (a repetition penalty): they must be the tokens that came."""
 
