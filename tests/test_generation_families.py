@@ -8,7 +8,8 @@
   that checkpoints leave out) absolute positions: prompts of different lengths in one batch
   each get the tokens ``generate`` gives them alone (encoder inputs are right-padded).
 * A mixture-of-experts model (Mixtral), whose checkpoint stores every expert apart.
-* Decoder-only families nobody wrote code for (Mistral, Qwen2, Falcon, GPT-J).
+* Decoder-only families nobody wrote code for (Mistral, Qwen2, Falcon, GPT-J, Gemma 2,
+  GPT-NeoX, Phi-3, Cohere, DeepSeek-V3).
 * bfloat16 stages.
 * The model's own decoding rules (``generation_config``: forced EOS, n-gram bans, ...) and the
   repetition penalty, applied to each request's own tokens as ``generate`` applies them.
@@ -105,7 +106,10 @@ def test_the_models_own_decoding_rules(family, tmp_path):
         assert any(len(w) == NEW and w[-1] == gc.eos_token_id for w in want)  # forced EOS
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "falcon", "gptj"])
+@pytest.mark.parametrize(
+    "family",
+    ["mistral", "qwen2", "falcon", "gptj", "gemma2", "gpt_neox", "phi3", "cohere", "deepseek_v3"],
+)
 def test_more_decoder_families(family, tmp_path):
     model = lm_model(family)
     _, got = _generate(model, tmp_path, Policy.equal_size(2), PROMPTS)
