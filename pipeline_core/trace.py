@@ -370,7 +370,7 @@ def call_order(
     except Exception as e:
         raise TraceError(
             f"running {type(model).__name__} on fake example inputs failed: "
-            f"{type(e).__name__}: {e}; check the example inputs"
+            f"{type(e).__name__}: {e}; {_why(e)}"
         ) from e
     finally:
         for h in hooks:
@@ -390,6 +390,22 @@ def call_order(
     counts = counter.get_flop_counts()
     flops = {n: int(sum(counts.get(root + n, {}).values())) for n in names}
     return [names[i] for i in order], calls, flops
+
+
+def _why(e: Exception) -> str:
+    """What to tell the user about a failed pass on fake tensors."""
+    from torch._subclasses.fake_tensor import (
+        DataDependentOutputException,
+        DynamicOutputShapeException,
+    )
+
+    if isinstance(e, DataDependentOutputException | DynamicOutputShapeException):
+        return (
+            "its forward reads the values of its own tensors (`if mask.any():`, `.item()`, "
+            "`nonzero`), which the planner's pass on fake tensors (no weights in memory) "
+            "cannot answer, so this model cannot be planned"
+        )
+    return "check the example inputs"
 
 
 def _wiring(pipe: Pipe, input_names: list[str]) -> TracedPipeline:

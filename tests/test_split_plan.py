@@ -191,3 +191,29 @@ def test_nccl_only_between_distinct_gpus():
 def test_save_helper_roundtrip(tmp_path):
     save_safetensors_sharded({"a": torch.ones(2), "b": torch.zeros(3)}, tmp_path, per_file=1)
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+class _ReadsItsData(torch.nn.Module):
+    """Branches on a value of its own activations, as LED's ``if mask.any():`` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.b = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(h) if h.sum() > 0 else h
+
+
+def test_a_model_that_reads_its_own_data_is_refused_saying_why():
+    """The planner runs the model on fake tensors (no weights in memory), which have no values
+    to branch on: the refusal says so, not "check the example inputs"."""
+    from pipeline_core.errors import TraceError
+    from pipeline_core.trace import call_order
+
+    with torch.device("meta"):
+        model = _ReadsItsData()
+    with pytest.raises(TraceError, match="reads the values of its own tensors") as err:
+        call_order(model, [InputSpec(name="x", shape=[2, 4])], ["a", "b"], is_hf=False)
+    assert "check the example inputs" not in str(err.value)
