@@ -108,21 +108,9 @@ HF_CONFIGS = {
         rotary_dim=4,
         n_positions=128,
     ),
-    # families with their own twists: alternating sliding-window layers and soft-capped logits
-    # (Gemma 2), parallel residual with partial rotary (GPT-NeoX), fused qkv (Phi-3), a logit
-    # scale (Cohere), latent attention with a dense first layer before MoE layers (DeepSeek-V3)
-    "gemma2": dict(
-        model_type="gemma2",
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        sliding_window=4,
-        tie_word_embeddings=False,  # tied, greedy decoding of the tiny model repeats its input
-    ),
+    # families with their own twists (Gemma 2, Phi-3 and Cohere below, from Llama's): parallel
+    # residual with partial rotary (GPT-NeoX), latent attention with a dense first layer
+    # before MoE layers (DeepSeek-V3)
     "gpt_neox": dict(
         model_type="gpt_neox",
         vocab_size=VOCAB,
@@ -131,30 +119,6 @@ HF_CONFIGS = {
         num_hidden_layers=4,
         num_attention_heads=4,
         max_position_embeddings=128,
-    ),
-    "phi3": dict(
-        model_type="phi3",
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=1,
-    ),
-    "cohere": dict(
-        model_type="cohere",
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=1,
     ),
     "deepseek_v3": dict(
         model_type="deepseek_v3",
@@ -262,6 +226,18 @@ HF_CONFIGS["marian"] = dict(
 # no decoder_start_token_id: the decoder starts from BOS, as generate does
 HF_CONFIGS["mbart"] = dict(HF_CONFIGS["bart"], model_type="mbart")
 HF_CONFIGS["pegasus"] = dict(HF_CONFIGS["bart"], model_type="pegasus")
+# alternating sliding-window layers, soft-capped logits; untied: tied, greedy decoding of the
+# tiny model repeats its input
+HF_CONFIGS["gemma2"] = dict(
+    HF_CONFIGS["llama"],
+    model_type="gemma2",
+    head_dim=8,
+    sliding_window=4,
+    tie_word_embeddings=False,
+)
+_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=1)  # inside the tiny vocabulary
+HF_CONFIGS["phi3"] = dict(HF_CONFIGS["llama"], model_type="phi3", tie_word_embeddings=False, **_IDS)
+HF_CONFIGS["cohere"] = dict(HF_CONFIGS["llama"], model_type="cohere", **_IDS)  # a logit scale
 
 
 def clip_model() -> nn.Module:
