@@ -74,8 +74,7 @@ class Part:
         self.layers = list(in_huge_pages(layers.eval()))
         self.rope = LlamaRotaryEmbedding(self.cfg)
         self.new_cache = lambda: DynamicCache(config=self.cfg)
-        self.compute_s, self.steps = 0.0, 0
-        self.layer_s = [0.0] * len(self.layers)
+        self._clear()
         self.reset()
 
     def view(self, lo: int, hi: int) -> Part:
@@ -83,9 +82,13 @@ class Part:
         memory) with a cache and counters of their own."""
         part = copy.copy(self)
         part.layers = self.layers[lo:hi]
-        part.compute_s, part.steps, part.layer_s = 0.0, 0, [0.0] * (hi - lo)
+        part._clear()
         part.reset()
         return part
+
+    def _clear(self) -> None:
+        """The timing counters back to zero."""
+        self.compute_s, self.steps, self.layer_s = 0.0, 0, [0.0] * len(self.layers)
 
     def reset(self) -> None:
         self.cache, self.pos = self.new_cache(), 0
@@ -111,7 +114,7 @@ class Part:
         hand-over)."""
         ms = [self.compute_s / self.steps / len(self.layers) * 1e3]
         ms += [s / self.steps * 1e3 for s in self.layer_s]
-        self.compute_s, self.steps, self.layer_s = 0.0, 0, [0.0] * len(self.layers)
+        self._clear()
         return ms
 
 
@@ -125,6 +128,18 @@ def _decode(b: bytes) -> list[list[float]]:
 
 def _hidden(b: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(b), dtype=torch.float32).view(1, 1, HIDDEN)
+
+
+def _bytes(h: torch.Tensor) -> bytes:
+    return h.numpy().tobytes()
+
+
+def _end(procs: list[Any]) -> None:
+    """Wait for processes told to stop; kill one that does not."""
+    for p in procs:
+        p.join(30)
+        if p.is_alive():
+            p.kill()
 
 
 def _serve_process(
@@ -147,7 +162,7 @@ def _serve_process(
             tx.send_bytes(b)
             return
         else:
-            tx.send_bytes(part.step(_hidden(b)).numpy().tobytes())
+            tx.send_bytes(_bytes(part.step(_hidden(b))))
 
 
 class Processes:
@@ -176,7 +191,7 @@ class Processes:
 
     def run(self, tokens: int, h: torch.Tensor) -> torch.Tensor:
         self._through(b"reset")
-        b = h.numpy().tobytes()
+        b = _bytes(h)
         for _ in range(tokens):
             b = self._through(b)
         return _hidden(b)
@@ -186,10 +201,7 @@ class Processes:
 
     def close(self) -> None:
         self._through(b"quit")
-        for p in self.procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
+        _end(self.procs)
 
 
 def _serve_spinning(i: int, k: int, rx: Any, tx: Any, ctl: Any, core: int) -> None:
@@ -216,7 +228,7 @@ def _serve_spinning(i: int, k: int, rx: Any, tx: Any, ctl: Any, core: int) -> No
                 h = receive()
             h = part.step(h)
             if i < k - 1 or t < tokens - 1:
-                tx.send_bytes(h.numpy().tobytes())
+                tx.send_bytes(_bytes(h))
         ctl.send(h if i == k - 1 else None)
 
 
@@ -249,11 +261,9 @@ class Spinning:
         return [end.recv() for end, _ in self.ctl]
 
     def close(self) -> None:
-        for (end, _), p in zip(self.ctl, self.procs, strict=True):
+        for end, _ in self.ctl:
             end.send(None)
-            p.join(30)
-            if p.is_alive():
-                p.kill()
+        _end(self.procs)
 
 
 class Threads:
@@ -387,7 +397,7 @@ def markdown(res: dict[str, Any]) -> str:
     for name, r in lay.items():
         if name == "one thread":
             continue
-        per = statistics.mean(x[0] for x in r["layer_ms"])
+        per = _per_layer(r)
         lines.append(
             f"| per-layer compute, {name} (mean of theirs) | (measured) | {per:.3f} ms | "
             f"{one:.3f} ms (one thread) | {per / one:.3f}x | n/a |"
@@ -432,9 +442,14 @@ def markdown(res: dict[str, Any]) -> str:
     for name, r in lay.items():
         if name != "one thread":
             first, rest = _turn_ratios([x[1:] for x in r["layer_ms"]], base)
-            per = statistics.mean(x[0] for x in r["layer_ms"]) / one
+            per = _per_layer(r) / one
             lines.append(f"| {name} | {first:.3f}x | {rest:.3f}x | {per:.3f}x |")
     return "\n".join([*lines, ""])
+
+
+def _per_layer(r: dict[str, Any]) -> float:
+    """A layout's compute per layer (ms), the mean over its processes or threads."""
+    return statistics.mean(x[0] for x in r["layer_ms"])
 
 
 def _turn_ratios(parts: list[list[float]], one: list[float]) -> tuple[float, float]:

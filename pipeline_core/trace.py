@@ -25,7 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensor,
+    FakeTensorMode,
+)
 from torch.utils._pytree import tree_map
 
 if TYPE_CHECKING:
@@ -394,11 +399,6 @@ def call_order(
 
 def _why(e: Exception) -> str:
     """What to tell the user about a failed pass on fake tensors."""
-    from torch._subclasses.fake_tensor import (
-        DataDependentOutputException,
-        DynamicOutputShapeException,
-    )
-
     if isinstance(e, DataDependentOutputException | DynamicOutputShapeException):
         return (
             "its forward reads the values of its own tensors (`if mask.any():`, `.item()`, "
