@@ -58,9 +58,10 @@ class Fleet:
         common = ["--host", "127.0.0.1", "--advertise-host", "127.0.0.1"]
         return self.procs.start(name, *args, *common)
 
-    def add_worker(self, n: int = 1) -> None:
+    def add_worker(self, n: int = 1, *, may_serve: bool = False) -> None:
         """Start ``n`` workers together (their start-ups overlap) and wait until each is
-        registered and idle."""
+        registered and idle -- or, with ``may_serve`` (a model is waiting for a worker), in any
+        state but lost: the coordinator may put it to work before a status poll sees it idle."""
         ports: list[int] = []
         while len(ports) < n:  # distinct: each is bound only once its worker starts
             if (p := free_port()) not in ports and p not in self.workers:
@@ -70,10 +71,14 @@ class Fleet:
                 "worker", "--coordinator", self.address, "--port", str(port)
             )
 
-        def idle(st: pb.ClusterStatusResponse) -> set[int]:
-            return {int(w.address.rsplit(":", 1)[1]) for w in st.workers if w.state == "idle"}
+        def seen(st: pb.ClusterStatusResponse) -> set[int]:
+            return {
+                int(w.address.rsplit(":", 1)[1])
+                for w in st.workers
+                if w.state == "idle" or (may_serve and w.state != "lost")
+            }
 
-        self.wait(lambda st: set(ports) <= idle(st))
+        self.wait(lambda st: set(ports) <= seen(st))
 
     def load(self, checkpoint: Path, stages: int) -> None:
         """Load ``checkpoint`` as model "m" in ``stages`` equal-size stages; returns when it is

@@ -94,7 +94,7 @@ def test_worker_loss_is_survived(tmp_path):
             )
         )
         assert code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - t0 < 10, msg
-        fleet.add_worker()
+        fleet.add_worker(may_serve=True)  # the model takes it at once, maybe before a poll
         fleet.wait(lambda st: fleet.model().state == pb.MODEL_STATE_READY, 120)
         out: list[int] = []
         fleet.stream(prompts[0], out, errors)
